@@ -1,0 +1,220 @@
+"""Parsing and formatting of clusterd's line protocol, with its stable error codes.
+
+Everything here is pure: a protocol hands a framed line in and gets a request (or a
+:class:`WireError`) out, and formats replies with the helpers below. The verbs, replies and codes
+are documented in ``docs/PROTOCOL.md``; change both together.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from clusterd import PROTOCOL_VERSION, __version__
+
+__all__ = [
+    "ErrorCode",
+    "WireError",
+    "Request",
+    "JobRequest",
+    "parse_request",
+    "parse_job_request",
+    "parse_json",
+    "parse_json_object",
+    "dumps",
+    "format_error",
+    "format_greeting",
+    "parse_greeting",
+    "CLIENT_VERBS",
+    "WORKER_VERBS",
+    "JOB_OPTIONS",
+]
+
+
+class ErrorCode:
+    """Stable error codes: clients may match on these, so never rename one."""
+
+    UNKNOWN_VERB = "UNKNOWN_VERB"
+    BAD_REQUEST = "BAD_REQUEST"
+    BAD_JSON = "BAD_JSON"
+    BAD_ENCODING = "BAD_ENCODING"
+    LINE_TOO_LONG = "LINE_TOO_LONG"
+    UNKNOWN_TASK = "UNKNOWN_TASK"
+    UNKNOWN_JOB = "UNKNOWN_JOB"
+    BAD_INPUT = "BAD_INPUT"
+    TOO_MANY_SUBTASKS = "TOO_MANY_SUBTASKS"
+    WRONG_ROLE = "WRONG_ROLE"
+    NOT_FINISHED = "NOT_FINISHED"
+    # Codes a FAILED reply carries (why a job failed):
+    TASK_ERROR = "TASK_ERROR"
+    COMBINE_ERROR = "COMBINE_ERROR"
+
+
+class WireError(Exception):
+    """A request the server refuses: becomes ``ERR <code> <sentence>`` on the wire."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+CLIENT_VERBS: dict[str, str] = {
+    "RUN": "RUN <task> <input-json> [<options-json>]  submit a job and wait for its result",
+    "SUBMIT": "SUBMIT <task> <input-json> [<options-json>]  submit a job; replies OK <job-id> at once",
+    "WAIT": "WAIT <job-id>  wait for a job's result",
+    "STATUS": "STATUS <job-id>  a job's state and progress",
+    "WATCH": "WATCH <job-id>  PROGRESS lines until the job ends, then its result",
+    "CANCEL": "CANCEL <job-id>  cancel a job",
+    "JOBS": "JOBS  all jobs the server holds",
+    "WORKERS": "WORKERS  connected workers",
+    "TASKS": "TASKS  tasks the server knows, and how many worker slots can run each",
+    "STATS": "STATS  server counters",
+    "PING": "PING  liveness check; replies OK PONG",
+    "HELP": "HELP  this list",
+    "QUIT": "QUIT  close the connection",
+}
+
+WORKER_VERBS: dict[str, str] = {
+    "REGISTER": 'REGISTER {"name":..., "tasks":[...], "slots":N, "protocol":1}  become a worker',
+    "DONE": 'DONE {"job":..., "index":N, "result":...}  a sub-task finished',
+    "ERROR": 'ERROR {"job":..., "index":N, "type":..., "message":...}  a sub-task raised',
+}
+
+JOB_OPTIONS = {"chunks"}
+
+_decoder = json.JSONDecoder(parse_constant=lambda name: _reject_constant(name))
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request line: an upper-cased verb and the rest of the line, unparsed."""
+
+    verb: str
+    rest: str
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    task: str
+    input: Any
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def chunks(self) -> int | None:
+        return self.options.get("chunks")
+
+
+def parse_request(line: bytes) -> Request | None:
+    """Decode one framed line; ``None`` for a blank line (people press Enter in ``nc``)."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise WireError(
+            ErrorCode.BAD_ENCODING, f"the line is not valid UTF-8 (byte {e.start})."
+        ) from None
+    text = text.strip()
+    if not text:
+        return None
+    verb, _, rest = text.partition(" ")
+    return Request(verb.upper(), rest.strip())
+
+
+def parse_json(text: str, what: str = "the payload") -> Any:
+    try:
+        value, end = _decoder.raw_decode(text)
+    except (ValueError, RecursionError) as e:
+        raise WireError(ErrorCode.BAD_JSON, f"{what} is not valid JSON: {_short(e)}.") from None
+    if text[end:].strip():
+        raise WireError(ErrorCode.BAD_JSON, f"{what} has unexpected text after the JSON value.")
+    return value
+
+
+def parse_json_object(text: str, what: str = "the payload") -> dict[str, Any]:
+    value = parse_json(text, what)
+    if not isinstance(value, dict):
+        raise WireError(ErrorCode.BAD_REQUEST, f"{what} must be a JSON object.")
+    return value
+
+
+def parse_job_request(rest: str, verb: str = "RUN") -> JobRequest:
+    """Parse ``<task> <input-json> [<options-json>]`` as RUN and SUBMIT take it."""
+    task, _, payload = rest.partition(" ")
+    if not task:
+        raise WireError(
+            ErrorCode.BAD_REQUEST,
+            f"{verb} needs a task name and a JSON input, e.g. {verb} sum [1,2,3].",
+        )
+    payload = payload.strip()
+    if not payload:
+        raise WireError(
+            ErrorCode.BAD_REQUEST, f"{verb} {task} needs a JSON input after the task name."
+        )
+    try:
+        value, end = _decoder.raw_decode(payload)
+    except (ValueError, RecursionError) as e:
+        raise WireError(
+            ErrorCode.BAD_JSON, f"the job input is not valid JSON: {_short(e)}."
+        ) from None
+    options_text = payload[end:].strip()
+    options: dict[str, Any] = {}
+    if options_text:
+        options = parse_json_object(options_text, "the job options")
+    unknown = sorted(set(options) - JOB_OPTIONS)
+    if unknown:
+        raise WireError(
+            ErrorCode.BAD_REQUEST,
+            f"unknown job option {unknown[0]!r}; known options: {', '.join(sorted(JOB_OPTIONS))}.",
+        )
+    chunks = options.get("chunks")
+    if chunks is not None and (type(chunks) is not int or chunks < 1):
+        raise WireError(ErrorCode.BAD_REQUEST, "option 'chunks' must be a positive integer.")
+    return JobRequest(task, value, options)
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON on one line; NaN and infinities are refused, since they are not JSON."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def format_error(code: str, message: str) -> str:
+    return f"ERR {code} {message}"
+
+
+def format_greeting(role: str, max_line: int) -> str:
+    info = {"server": f"clusterd/{__version__}", "role": role, "max_line": max_line}
+    return f"HELLO clusterd {PROTOCOL_VERSION} {dumps(info)}"
+
+
+def parse_greeting(text: str) -> tuple[int, dict[str, Any]]:
+    """Return (protocol version, info) from a server's HELLO line."""
+    parts = text.split(" ", 3)
+    if len(parts) < 3 or parts[0] != "HELLO" or parts[1] != "clusterd":
+        raise WireError(ErrorCode.BAD_REQUEST, f"not a clusterd server greeting: {text[:80]!r}")
+    try:
+        version = int(parts[2])
+    except ValueError:
+        raise WireError(
+            ErrorCode.BAD_REQUEST, "the greeting's protocol version is not a number."
+        ) from None
+    info = parse_json_object(parts[3], "the greeting") if len(parts) == 4 else {}
+    return version, info
+
+
+def _short(e: BaseException) -> str:
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    return str(e).split(": line")[0]
+
+
+def is_finite_number(x: Any) -> bool:
+    return type(x) in (int, float) and (type(x) is int or math.isfinite(x))

@@ -1,0 +1,368 @@
+"""The server's side of the line protocol: frame, parse, call the scheduler, write the reply.
+
+One port serves both roles: a connection is a client until it sends ``REGISTER``, then it is a
+worker. Client requests may be pipelined; each takes a :class:`_Slot` in a FIFO and a slot's
+lines reach the wire only once every earlier slot has finished, so replies keep request order
+even when a ``RUN`` ahead of a ``PING`` takes minutes.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from clusterd import PROTOCOL_VERSION
+from clusterd.core.framing import DEFAULT_MAX_LINE, LineFramer, LineTooLong
+from clusterd.core.jobs import Job, JobState
+from clusterd.core.scheduler import Scheduler, SubTask, TaskFailed, WorkerHandle, WorkerLost
+from clusterd.core.wire import (
+    CLIENT_VERBS,
+    WORKER_VERBS,
+    ErrorCode,
+    WireError,
+    dumps,
+    format_error,
+    format_greeting,
+    parse_job_request,
+    parse_json_object,
+    parse_request,
+)
+
+__all__ = ["ServerProtocol", "ServerFactory", "final_reply"]
+
+MAX_WORKER_SLOTS = 4096
+
+
+def final_reply(job: Job) -> str:
+    """The line that ends a RUN, WAIT or WATCH: RESULT, FAILED or CANCELLED."""
+    if job.state == JobState.DONE:
+        return f"RESULT {job.id} {job.result_json}"
+    if job.state == JobState.CANCELLED:
+        return f"CANCELLED {job.id}"
+    err = dict(job.error or {})
+    code = err.pop("code", ErrorCode.TASK_ERROR)
+    return f"FAILED {job.id} {code} {dumps(err)}"
+
+
+class _Slot:
+    """One request's place in the reply order."""
+
+    __slots__ = ("lines", "finished", "cleanup")
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.finished = False
+        self.cleanup: Callable[[], None] | None = None
+
+
+@implementer(IHalfCloseableProtocol)
+class ServerProtocol(Protocol):
+    log = Logger()
+
+    def __init__(self, core: Scheduler, max_line: int = DEFAULT_MAX_LINE) -> None:
+        self.core = core
+        self.max_line = max_line
+        self.framer = LineFramer(max_line)
+        self.slots: deque[_Slot] = deque()
+        self.worker: WorkerHandle | None = None
+        self.inflight: dict[int, Deferred[Any]] = {}
+        self.next_ticket = 0
+        self.quitting = False
+        self.peer = ""
+
+    # -- connection ----------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}".rstrip(":")
+        self.log.debug("connection from {peer}", peer=self.peer)
+        self._write(format_greeting("server", self.max_line))
+
+    def dataReceived(self, data: bytes) -> None:
+        for event in self.framer.feed(data):
+            if self.quitting:
+                return
+            self._handle(event)
+
+    def readConnectionLost(self) -> None:
+        """The peer closed its sending side (``nc -N``, a script at end of input): answer what
+        was asked, then close."""
+        self.quitting = True
+        if not self.slots:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        for slot in self.slots:
+            if slot.cleanup is not None:
+                slot.cleanup()
+        self.slots.clear()
+        if self.worker is not None:
+            self.core.remove_worker(self.worker)
+            inflight, self.inflight = self.inflight, {}
+            for d in inflight.values():
+                d.errback(WorkerLost(self.worker.name))
+
+    def _write(self, line: str) -> None:
+        if self.transport is not None and not self.transport.disconnecting:
+            self.transport.write(line.encode("utf-8") + b"\n")
+
+    # -- reply order ---------------------------------------------------------------------------
+
+    def _emit(self, slot: _Slot, line: str) -> None:
+        if self.slots and self.slots[0] is slot:
+            self._write(line)
+        else:
+            slot.lines.append(line)
+
+    def _finish(self, slot: _Slot, line: str | None = None) -> None:
+        if line is not None:
+            self._emit(slot, line)
+        slot.finished = True
+        slot.cleanup = None
+        while self.slots and self.slots[0].finished:
+            self.slots.popleft()
+            if self.slots:
+                head = self.slots[0]
+                for queued in head.lines:
+                    self._write(queued)
+                head.lines.clear()
+        if self.quitting and not self.slots:
+            self.transport.loseConnection()
+
+    def _reply(self, line: str) -> None:
+        slot = _Slot()
+        self.slots.append(slot)
+        self._finish(slot, line)
+
+    # -- dispatch ------------------------------------------------------------------------------
+
+    def _handle(self, event: bytes | LineTooLong) -> None:
+        if isinstance(event, LineTooLong):
+            self.log.warn(
+                "line of {size}+ bytes from {peer} over the {limit}-byte limit",
+                size=event.size,
+                peer=self.peer,
+                limit=event.limit,
+            )
+            self._reply(
+                format_error(
+                    ErrorCode.LINE_TOO_LONG,
+                    f"the line is longer than {event.limit} bytes and was discarded; "
+                    "nothing in it was run.",
+                )
+            )
+            return
+        try:
+            request = parse_request(event)
+            if request is None:
+                return
+            if self.worker is not None:
+                self._worker_verb(request.verb, request.rest)
+                return
+            handler = getattr(self, "do_" + request.verb, None)
+            if request.verb not in CLIENT_VERBS and request.verb != "REGISTER" or handler is None:
+                if request.verb in WORKER_VERBS:
+                    raise WireError(
+                        ErrorCode.WRONG_ROLE, f"{request.verb} is a worker verb; REGISTER first."
+                    )
+                raise WireError(
+                    ErrorCode.UNKNOWN_VERB,
+                    f"unknown verb {request.verb[:40]!r}; send HELP for the list.",
+                )
+            handler(request.rest)
+        except WireError as e:
+            self._reply(format_error(e.code, e.message))
+
+    # -- client verbs --------------------------------------------------------------------------
+
+    def do_PING(self, rest: str) -> None:
+        self._reply("OK PONG")
+
+    def do_HELP(self, rest: str) -> None:
+        self._reply("OK " + dumps({"protocol": PROTOCOL_VERSION, "verbs": CLIENT_VERBS}))
+
+    def do_QUIT(self, rest: str) -> None:
+        self.quitting = True
+        self._reply("OK BYE")
+
+    def do_SUBMIT(self, rest: str) -> None:
+        req = parse_job_request(rest, "SUBMIT")
+        job = self.core.submit(req.task, req.input, req.chunks)
+        self._reply(f"OK {job.id}")
+
+    def do_RUN(self, rest: str) -> None:
+        req = parse_job_request(rest, "RUN")
+        job = self.core.submit(req.task, req.input, req.chunks)
+        self._await_final(job)
+
+    def do_WAIT(self, rest: str) -> None:
+        self._await_final(self.core.get(self._job_id(rest, "WAIT")))
+
+    def do_WATCH(self, rest: str) -> None:
+        job = self.core.get(self._job_id(rest, "WATCH"))
+        slot = _Slot()
+        self.slots.append(slot)
+        last = [-1]
+
+        def progress(j: Job) -> None:
+            # At most ~100 lines per job: one per whole percent, plus the first.
+            pct = j.done * 100 // j.total if j.total else 100
+            if pct != last[0] and not j.is_final:
+                last[0] = pct
+                self._emit(slot, f"PROGRESS {j.id} {dumps(j.progress())}")
+
+        if not job.is_final:
+            progress(job)
+        unsubscribe = job.watch(progress)
+        self._attach_final(slot, job, extra_cleanup=unsubscribe)
+
+    def do_STATUS(self, rest: str) -> None:
+        job = self.core.get(self._job_id(rest, "STATUS"))
+        self._reply("OK " + dumps(self.core.job_status(job)))
+
+    def do_CANCEL(self, rest: str) -> None:
+        job = self.core.cancel(self._job_id(rest, "CANCEL"))
+        self._reply(f"OK {job.id} {job.state}")
+
+    def do_JOBS(self, rest: str) -> None:
+        brief = [
+            {k: s[k] for k in ("id", "task", "state", "done", "total")}
+            for s in (j.status() for j in self.core.jobs())
+        ]
+        self._reply("OK " + dumps(brief))
+
+    def do_WORKERS(self, rest: str) -> None:
+        self._reply("OK " + dumps([w.describe() for w in self.core.workers()]))
+
+    def do_TASKS(self, rest: str) -> None:
+        self._reply("OK " + dumps(self.core.tasks_view()))
+
+    def do_STATS(self, rest: str) -> None:
+        self._reply("OK " + dumps(self.core.stats()))
+
+    def _job_id(self, rest: str, verb: str) -> str:
+        job_id = rest.strip()
+        if not job_id or " " in job_id:
+            raise WireError(ErrorCode.BAD_REQUEST, f"{verb} takes one job id, e.g. {verb} j1.")
+        return job_id
+
+    def _await_final(self, job: Job) -> None:
+        slot = _Slot()
+        self.slots.append(slot)
+        self._attach_final(slot, job)
+
+    def _attach_final(self, slot: _Slot, job: Job, extra_cleanup=None) -> None:
+        d = job.wait()
+
+        def cleanup() -> None:
+            if extra_cleanup is not None:
+                extra_cleanup()
+            d.cancel()
+
+        slot.cleanup = cleanup
+        d.addCallback(lambda j: self._finish(slot, final_reply(j)))
+        d.addErrback(_ignore_cancel)
+
+    # -- worker role ---------------------------------------------------------------------------
+
+    def do_REGISTER(self, rest: str) -> None:
+        info = parse_json_object(rest, "REGISTER")
+        name, tasks, slots = info.get("name"), info.get("tasks"), info.get("slots")
+        if info.get("protocol", PROTOCOL_VERSION) != PROTOCOL_VERSION:
+            raise WireError(
+                ErrorCode.BAD_REQUEST,
+                f"protocol version {info.get('protocol')!r} is not supported; "
+                f"this server speaks {PROTOCOL_VERSION}.",
+            )
+        if (
+            not isinstance(name, str)
+            or not name
+            or len(name) > 200
+            or any(c.isspace() for c in name)
+        ):
+            raise WireError(
+                ErrorCode.BAD_REQUEST, "REGISTER needs a 'name': 1-200 characters, no spaces."
+            )
+        if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+            raise WireError(ErrorCode.BAD_REQUEST, "REGISTER needs 'tasks': a list of task names.")
+        if type(slots) is not int or not 1 <= slots <= MAX_WORKER_SLOTS:
+            raise WireError(
+                ErrorCode.BAD_REQUEST, f"REGISTER needs 'slots': an integer 1-{MAX_WORKER_SLOTS}."
+            )
+        if any(not s.finished for s in self.slots):
+            raise WireError(
+                ErrorCode.BAD_REQUEST, "REGISTER while client requests are pending is not allowed."
+            )
+        self._reply("OK REGISTERED " + dumps({"name": name, "protocol": PROTOCOL_VERSION}))
+        self.worker = self.core.add_worker(
+            name, tasks, slots, self._run_subtask, self.transport.loseConnection, self.peer
+        )
+
+    def _run_subtask(self, sub: SubTask) -> Deferred[Any]:
+        self.next_ticket += 1
+        ticket = self.next_ticket
+        d: Deferred[Any] = Deferred()
+        self.inflight[ticket] = d
+        self._write(
+            "DO "
+            + dumps(
+                {
+                    "id": ticket,
+                    "job": sub.job,
+                    "index": sub.index,
+                    "task": sub.task,
+                    "input": sub.input,
+                }
+            )
+        )
+        return d
+
+    def _worker_verb(self, verb: str, rest: str) -> None:
+        if verb == "PING":
+            self._write("OK PONG")
+            return
+        if verb not in ("DONE", "ERROR"):
+            raise WireError(
+                ErrorCode.WRONG_ROLE,
+                f"{verb[:40]} is not a worker verb; workers send DONE or ERROR.",
+            )
+        msg = parse_json_object(rest, verb)
+        d = self.inflight.pop(msg.get("id"), None) if isinstance(msg.get("id"), int) else None
+        if d is None:
+            self.log.warn(
+                "worker {worker} answered unknown sub-task {ticket!r}; ignored",
+                worker=self.worker.name,
+                ticket=msg.get("id"),
+            )
+            return
+        if verb == "DONE":
+            d.callback(msg.get("result"))
+        else:
+            d.errback(TaskFailed(str(msg.get("type", "Error")), str(msg.get("message", ""))))
+
+
+def _ignore_cancel(failure: Failure) -> None:
+    """A waiter cancelled because its connection went away: nothing left to tell."""
+    failure.trap(CancelledError)
+
+
+class ServerFactory(Factory):
+    def __init__(self, core: Scheduler, max_line: int = DEFAULT_MAX_LINE) -> None:
+        self.core = core
+        self.max_line = max_line
+
+    def buildProtocol(self, addr: Any) -> ServerProtocol:
+        p = ServerProtocol(self.core, self.max_line)
+        p.factory = self
+        return p

@@ -1,0 +1,99 @@
+"""Named tasks and where they come from.
+
+A task is three pure functions over JSON values: ``split`` (server: input and a chunk count to a
+list of chunk inputs), ``run`` (worker process: one chunk to one result) and ``combine`` (server:
+the chunk results, in chunk order, to the job's answer). Tasks come only from code the operator
+installed: the built-ins, the ``clusterd.tasks`` entry-point group, and modules named with
+``--tasks``. Nothing a peer sends can add a task or choose a module to import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from types import ModuleType
+from typing import Any
+
+__all__ = ["Task", "TaskInputError", "Registry", "load_registry", "ENTRY_POINT_GROUP"]
+
+ENTRY_POINT_GROUP = "clusterd.tasks"
+
+
+class TaskInputError(ValueError):
+    """Raised by ``split`` for an input the task cannot take; the client gets ERR BAD_INPUT."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """A named task.
+
+    ``input_kind`` is ``"json"`` or ``"text"``: for ``"text"`` tasks the ``clusterd`` command sends
+    a ``--file`` as one JSON string instead of parsing it as JSON.
+    """
+
+    name: str
+    split: Callable[[Any, int], Sequence[Any]]
+    run: Callable[[Any], Any]
+    combine: Callable[[list[Any]], Any]
+    doc: str = ""
+    input_kind: str = "json"
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "doc": self.doc, "input": self.input_kind}
+
+
+class Registry:
+    """Tasks by name. Adding a second task with a name already taken is an error, not a shadow."""
+
+    def __init__(self, tasks: Iterable[Task] = ()) -> None:
+        self._tasks: dict[str, Task] = {}
+        for t in tasks:
+            self.add(t)
+
+    def add(self, task: Task) -> None:
+        if not isinstance(task, Task):
+            raise TypeError(f"not a clusterd Task: {task!r}")
+        if task.name in self._tasks:
+            raise ValueError(f"two tasks are named {task.name!r}")
+        self._tasks[task.name] = task
+
+    def get(self, name: str) -> Task | None:
+        return self._tasks.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tasks
+
+    def __iter__(self) -> Iterator[Task]:
+        return iter(self._tasks.values())
+
+    def names(self) -> list[str]:
+        return sorted(self._tasks)
+
+
+def _tasks_of(obj: Any, origin: str) -> list[Task]:
+    if isinstance(obj, Task):
+        return [obj]
+    if isinstance(obj, ModuleType):
+        if not hasattr(obj, "TASKS"):
+            raise ValueError(f"{origin}: module {obj.__name__} defines no TASKS list")
+        obj = obj.TASKS
+    if isinstance(obj, (list, tuple)) and all(isinstance(t, Task) for t in obj):
+        return list(obj)
+    raise ValueError(f"{origin}: expected a Task, a list of Tasks or a module with TASKS")
+
+
+def load_registry(modules: Iterable[str] = (), use_entry_points: bool = True) -> Registry:
+    """Built-ins, then entry points, then each ``--tasks`` module, by import name."""
+    from clusterd.tasks import builtins
+
+    reg = Registry(builtins.TASKS)
+    if use_entry_points:
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            for t in _tasks_of(ep.load(), f"entry point {ep.name}"):
+                reg.add(t)
+    for name in modules:
+        for t in _tasks_of(importlib.import_module(name), f"--tasks {name}"):
+            reg.add(t)
+    return reg

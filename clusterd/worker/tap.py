@@ -1,0 +1,115 @@
+"""``twistd clusterd-worker``: options and the service tree."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.python import usage
+
+from clusterd import DEFAULT_PORT
+from clusterd.core.framing import DEFAULT_MAX_LINE
+
+__all__ = ["Options", "makeService"]
+
+
+def _positive_int(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise ValueError("must be a positive integer")
+    return n
+
+
+def _positive_float(value: str) -> float:
+    n = float(value)
+    if not n > 0:
+        raise ValueError("must be positive")
+    return n
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run a clusterd worker: connect to a server, register, and run sub-tasks in a pool of "
+        "child processes. Reconnects with backoff whenever the server goes away."
+    )
+    optParameters = [
+        [
+            "connect",
+            "c",
+            f"tcp:127.0.0.1:{DEFAULT_PORT}",
+            "Server endpoint, e.g. tcp:host:7420, unix:/run/clusterd.sock, "
+            "tls:host:7421:trustRoots=/etc/clusterd/ca.",
+        ],
+        [
+            "slots",
+            "s",
+            os.cpu_count() or 1,
+            "Sub-tasks run at once: one pool process each. Default: CPU count.",
+            _positive_int,
+        ],
+        ["name", "n", None, "Worker name shown in WORKERS. Default: <hostname>-<pid>."],
+        [
+            "max-reconnect-delay",
+            None,
+            30.0,
+            "Longest wait, in seconds, between attempts to reach the server.",
+            _positive_float,
+        ],
+        [
+            "max-line",
+            None,
+            DEFAULT_MAX_LINE,
+            "Longest protocol line accepted, in bytes.",
+            _positive_int,
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["tasks"] = []
+
+    def opt_tasks(self, module: str) -> None:
+        """Python module (import name) defining a TASKS list of clusterd.tasks.Task. Repeatable.
+        The server must load the same module."""
+        self["tasks"].append(module)
+
+    def postOptions(self) -> None:
+        if not self["name"]:
+            self["name"] = f"{socket.gethostname()}-{os.getpid()}"
+        if any(c.isspace() for c in self["name"]):
+            raise usage.UsageError("--name must not contain spaces")
+        from clusterd.tasks import load_registry
+
+        try:
+            self.registry = load_registry(self["tasks"])
+        except Exception as e:
+            raise usage.UsageError(f"cannot load tasks: {e}") from e
+
+
+def makeService(options: Options, reactor: Any = None) -> MultiService:
+    if reactor is None:
+        from twisted.internet import reactor  # noqa: PLC0415 - only when twistd runs us
+
+    from twisted.application.internet import ClientService, backoffPolicy
+    from twisted.internet.endpoints import clientFromString
+
+    from clusterd.worker.pool import PoolService
+    from clusterd.worker.protocol import WorkerFactory
+
+    top = MultiService()
+    pool = PoolService(options["slots"], options["tasks"], reactor)
+    pool.setServiceParent(top)
+    factory = WorkerFactory(
+        pool, options["name"], options.registry.names(), options["slots"], options["max-line"]
+    )
+    client = ClientService(
+        clientFromString(reactor, options["connect"]),
+        factory,
+        retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=options["max-reconnect-delay"]),
+    )
+    client.setName("connection")
+    client.setServiceParent(top)
+    return top
