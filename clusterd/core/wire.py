@@ -30,6 +30,8 @@ __all__ = [
     "CLIENT_VERBS",
     "WORKER_VERBS",
     "JOB_OPTIONS",
+    "Reply",
+    "parse_reply",
 ]
 
 
@@ -218,3 +220,39 @@ def _short(e: BaseException) -> str:
 
 def is_finite_number(x: Any) -> bool:
     return type(x) in (int, float) and (type(x) is int or math.isfinite(x))
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One reply line, parsed: ``kind`` is OK, ERR, RESULT, FAILED, CANCELLED or PROGRESS."""
+
+    kind: str
+    job: str | None = None
+    code: str | None = None
+    text: str = ""
+    value: Any = None
+
+    @property
+    def final(self) -> bool:
+        """True unless this is a PROGRESS line (which more lines follow)."""
+        return self.kind != "PROGRESS"
+
+
+def parse_reply(line: str) -> Reply:
+    """Parse a server reply; the client library and the blocking helper share this."""
+    kind, _, rest = line.partition(" ")
+    if kind == "OK":
+        return Reply("OK", text=rest)
+    if kind == "ERR":
+        code, _, message = rest.partition(" ")
+        return Reply("ERR", code=code, text=message)
+    if kind in ("RESULT", "PROGRESS"):
+        job, _, payload = rest.partition(" ")
+        return Reply(kind, job=job, value=parse_json(payload, f"the {kind} payload"))
+    if kind == "FAILED":
+        job, _, rest = rest.partition(" ")
+        code, _, payload = rest.partition(" ")
+        return Reply("FAILED", job=job, code=code, value=parse_json(payload or "{}"))
+    if kind == "CANCELLED":
+        return Reply("CANCELLED", job=rest.strip())
+    raise WireError(ErrorCode.BAD_REQUEST, f"unexpected reply from server: {line[:80]!r}")

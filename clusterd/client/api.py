@@ -1,0 +1,187 @@
+"""The Deferred-based client library.
+
+    client = await connect(reactor, "tcp:127.0.0.1:7420")
+    total = await client.run("sum", [1, 2, 3])
+
+Requests are pipelined on one connection: each method writes its line at once and returns a
+Deferred that fires when its reply arrives (the server answers in request order). Errors arrive
+as :mod:`clusterd.client.errors` exceptions.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+
+from clusterd import PROTOCOL_VERSION
+from clusterd.client.errors import ClusterError, raise_for
+from clusterd.core.framing import LineFramer, LineTooLong
+from clusterd.core.wire import Reply, WireError, dumps, parse_greeting, parse_json, parse_reply
+
+__all__ = ["ClientProtocol", "Client", "connect", "job_line"]
+
+ProgressFn = Callable[[str, dict[str, Any]], None]
+
+
+def job_line(verb: str, task: str, value: Any, chunks: int | None = None) -> str:
+    """``RUN``/``SUBMIT`` request line for a task, input and optional chunk count."""
+    line = f"{verb} {task} {dumps(value)}"
+    if chunks is not None:
+        line += " " + dumps({"chunks": chunks})
+    return line
+
+
+@dataclass
+class _Pending:
+    d: Deferred[Reply]
+    on_progress: ProgressFn | None = None
+
+
+class ClientProtocol(Protocol):
+    """Frames replies and matches each to the oldest pending request."""
+
+    def __init__(self, max_line: int = 1 << 40) -> None:
+        self.framer = LineFramer(max_line)
+        self.pending: deque[_Pending] = deque()
+        self.greeted: Deferred[dict[str, Any]] = Deferred()
+        self.server_info: dict[str, Any] | None = None
+        self.closed = False
+
+    def dataReceived(self, data: bytes) -> None:
+        for event in self.framer.feed(data):
+            if isinstance(event, LineTooLong):  # pragma: no cover - limit is effectively none
+                continue
+            self._line(event.decode("utf-8"))
+
+    def _line(self, text: str) -> None:
+        if self.server_info is None:
+            try:
+                version, info = parse_greeting(text)
+                if version != PROTOCOL_VERSION:
+                    raise ClusterError(
+                        f"server speaks protocol {version}, this client {PROTOCOL_VERSION}"
+                    )
+            except (WireError, ClusterError) as e:
+                self.transport.loseConnection()
+                self.greeted.errback(ClusterError(str(e)))
+                return
+            self.server_info = info
+            self.greeted.callback(info)
+            return
+        try:
+            reply = parse_reply(text)
+        except WireError as e:
+            self.transport.loseConnection()
+            self._fail_all(ClusterError(str(e)))
+            return
+        if not self.pending:
+            return
+        head = self.pending[0]
+        if reply.kind == "PROGRESS":
+            if head.on_progress is not None:
+                head.on_progress(reply.job or "", reply.value)
+            return
+        self.pending.popleft()
+        head.d.callback(reply)
+
+    def request(self, line: str, on_progress: ProgressFn | None = None) -> Deferred[Reply]:
+        d: Deferred[Reply] = Deferred()
+        if self.closed:
+            d.errback(ClusterError("the connection to the server is closed"))
+            return d
+        self.pending.append(_Pending(d, on_progress))
+        self.transport.write(line.encode("utf-8") + b"\n")
+        return d
+
+    def _fail_all(self, exc: Exception) -> None:
+        pending, self.pending = self.pending, deque()
+        for p in pending:
+            p.d.errback(exc)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        reason = reason or Failure(ConnectionDone())
+        self.closed = True
+        if not self.greeted.called:
+            self.greeted.errback(ClusterError(f"connection closed: {reason.getErrorMessage()}"))
+        self._fail_all(ClusterError(f"connection to the server lost: {reason.getErrorMessage()}"))
+
+
+def _ok_json(reply: Reply) -> Any:
+    return parse_json(raise_for(reply).text, "the reply")
+
+
+class Client:
+    """High-level calls on one connection. Every method returns a Deferred."""
+
+    def __init__(self, protocol: ClientProtocol) -> None:
+        self.protocol = protocol
+
+    @property
+    def server_info(self) -> dict[str, Any]:
+        return self.protocol.server_info or {}
+
+    def _call(self, line: str, on_progress: ProgressFn | None = None) -> Deferred[Reply]:
+        return self.protocol.request(line, on_progress).addCallback(raise_for)
+
+    def ping(self) -> Deferred[str]:
+        return self._call("PING").addCallback(lambda r: r.text)
+
+    def submit(self, task: str, value: Any, chunks: int | None = None) -> Deferred[str]:
+        """Submit a job; fires with its id."""
+        return self._call(job_line("SUBMIT", task, value, chunks)).addCallback(lambda r: r.text)
+
+    def run(self, task: str, value: Any, chunks: int | None = None) -> Deferred[Any]:
+        """Submit a job and fire with its result (JobFailed / JobCancelled on failure)."""
+        return self._call(job_line("RUN", task, value, chunks)).addCallback(lambda r: r.value)
+
+    def wait(self, job: str) -> Deferred[Any]:
+        return self._call(f"WAIT {job}").addCallback(lambda r: r.value)
+
+    def watch(self, job: str, on_progress: ProgressFn) -> Deferred[Any]:
+        """Call ``on_progress(job, {"done":..,"total":..})`` as the job advances; fire with the
+        result."""
+        return self._call(f"WATCH {job}", on_progress).addCallback(lambda r: r.value)
+
+    def status(self, job: str) -> Deferred[dict[str, Any]]:
+        return self.protocol.request(f"STATUS {job}").addCallback(_ok_json)
+
+    def cancel(self, job: str) -> Deferred[str]:
+        """Cancel a job; fires with its state afterwards (``cancelled``, or how it had ended)."""
+        return self._call(f"CANCEL {job}").addCallback(lambda r: r.text.split(" ", 1)[-1])
+
+    def jobs(self) -> Deferred[list[dict[str, Any]]]:
+        return self.protocol.request("JOBS").addCallback(_ok_json)
+
+    def workers(self) -> Deferred[list[dict[str, Any]]]:
+        return self.protocol.request("WORKERS").addCallback(_ok_json)
+
+    def tasks(self) -> Deferred[list[dict[str, Any]]]:
+        return self.protocol.request("TASKS").addCallback(_ok_json)
+
+    def stats(self) -> Deferred[dict[str, Any]]:
+        return self.protocol.request("STATS").addCallback(_ok_json)
+
+    def close(self) -> None:
+        self.protocol.transport.loseConnection()
+
+
+def connect(reactor: Any, endpoint: str) -> Deferred[Client]:
+    """Connect to a server by endpoint string (``tcp:host:port``, ``unix:path``, ``tls:...``);
+    fires with a :class:`Client` once the server's greeting has arrived."""
+    return Deferred.fromCoroutine(_connect(reactor, endpoint))
+
+
+async def _connect(reactor: Any, endpoint: str) -> Client:
+    from twisted.internet.endpoints import clientFromString
+
+    ep = clientFromString(reactor, endpoint)
+    proto = await ep.connect(Factory.forProtocol(ClientProtocol))
+    await proto.greeted
+    return Client(proto)

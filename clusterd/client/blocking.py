@@ -1,0 +1,126 @@
+"""A blocking client for scripts and notebooks: plain sockets, no reactor.
+
+    with BlockingClient("tcp:127.0.0.1:7420") as c:
+        print(c.run("primes", {"start": 0, "stop": 100000}))
+
+It speaks the same protocol and raises the same exceptions as the Deferred API. It understands
+``tcp:HOST:PORT``, ``HOST:PORT`` and ``unix:PATH`` addresses; for TLS use the Deferred API.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from clusterd import DEFAULT_PORT, PROTOCOL_VERSION
+from clusterd.client.api import job_line
+from clusterd.client.errors import ClusterError, raise_for
+from clusterd.core.wire import Reply, parse_greeting, parse_json, parse_reply
+
+__all__ = ["BlockingClient", "parse_address"]
+
+
+def parse_address(address: str) -> tuple[int, Any]:
+    """(address family, sockaddr) for ``tcp:HOST:PORT[:...]``, ``HOST:PORT`` or ``unix:PATH``."""
+    if address.startswith("unix:"):
+        return socket.AF_UNIX, address[5:].split(":")[0]
+    parts = address.split(":")
+    if parts[0] == "tcp":
+        parts = parts[1:]
+    if len(parts) == 1:
+        parts.append(str(DEFAULT_PORT))
+    try:
+        return socket.AF_INET, (parts[0], int(parts[1]))
+    except (IndexError, ValueError):
+        raise ClusterError(f"cannot read server address {address!r}") from None
+
+
+class BlockingClient:
+    def __init__(
+        self, address: str = f"tcp:127.0.0.1:{DEFAULT_PORT}", timeout: float | None = None
+    ):
+        family, sockaddr = parse_address(address)
+        try:
+            self.sock = socket.socket(family, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(sockaddr)
+        except OSError as e:
+            raise ClusterError(f"cannot connect to {address}: {e}") from e
+        if family == socket.AF_INET:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.file = self.sock.makefile("rwb")
+        version, self.server_info = parse_greeting(self._readline())
+        if version != PROTOCOL_VERSION:
+            raise ClusterError(f"server speaks protocol {version}, this client {PROTOCOL_VERSION}")
+
+    def __enter__(self) -> BlockingClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self.file.close()
+        finally:
+            self.sock.close()
+
+    def _readline(self) -> str:
+        try:
+            line = self.file.readline()
+        except OSError as e:
+            raise ClusterError(f"connection to the server failed: {e}") from e
+        if not line:
+            raise ClusterError("the server closed the connection")
+        return line.decode("utf-8").rstrip("\r\n")
+
+    def request(self, line: str, on_progress: Callable[[str, dict], None] | None = None) -> Reply:
+        """Send one request line and return its final reply (PROGRESS lines go to on_progress)."""
+        try:
+            self.file.write(line.encode("utf-8") + b"\n")
+            self.file.flush()
+        except OSError as e:
+            raise ClusterError(f"connection to the server failed: {e}") from e
+        while True:
+            reply = parse_reply(self._readline())
+            if reply.final:
+                return raise_for(reply)
+            if on_progress is not None:
+                on_progress(reply.job or "", reply.value)
+
+    def _json(self, line: str) -> Any:
+        return parse_json(self.request(line).text, "the reply")
+
+    def ping(self) -> str:
+        return self.request("PING").text
+
+    def submit(self, task: str, value: Any, chunks: int | None = None) -> str:
+        return self.request(job_line("SUBMIT", task, value, chunks)).text
+
+    def run(self, task: str, value: Any, chunks: int | None = None) -> Any:
+        return self.request(job_line("RUN", task, value, chunks)).value
+
+    def wait(self, job: str) -> Any:
+        return self.request(f"WAIT {job}").value
+
+    def watch(self, job: str, on_progress: Callable[[str, dict], None]) -> Any:
+        return self.request(f"WATCH {job}", on_progress).value
+
+    def status(self, job: str) -> dict[str, Any]:
+        return self._json(f"STATUS {job}")
+
+    def cancel(self, job: str) -> str:
+        return self.request(f"CANCEL {job}").text.split(" ", 1)[-1]
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return self._json("JOBS")
+
+    def workers(self) -> list[dict[str, Any]]:
+        return self._json("WORKERS")
+
+    def tasks(self) -> list[dict[str, Any]]:
+        return self._json("TASKS")
+
+    def stats(self) -> dict[str, Any]:
+        return self._json("STATS")

@@ -1,0 +1,233 @@
+"""The ``clusterd`` command: submit jobs and inspect a server from a shell.
+
+Exit codes: 0 success; 1 the job failed or was cancelled; 2 bad usage; 3 the server could not be
+reached or the connection broke; 4 the server refused the request (``ERR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from clusterd import DEFAULT_PORT, __version__
+from clusterd.client.errors import ClusterError, JobCancelled, JobFailed, RequestRefused
+
+__all__ = ["main", "EXIT_OK", "EXIT_JOB_FAILED", "EXIT_USAGE", "EXIT_CONNECTION", "EXIT_REFUSED"]
+
+EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_CONNECTION, EXIT_REFUSED = 0, 1, 2, 3, 4
+DEFAULT_SERVER = f"tcp:127.0.0.1:{DEFAULT_PORT}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="clusterd",
+        description="Talk to a clusterd server.",
+        epilog="Exit codes: 0 ok, 1 job failed or cancelled, 2 usage, 3 connection, 4 refused.",
+    )
+    p.add_argument(
+        "--server",
+        "-s",
+        default=os.environ.get("CLUSTERD_SERVER", DEFAULT_SERVER),
+        help=f"server endpoint (default $CLUSTERD_SERVER or {DEFAULT_SERVER}); "
+        "tcp:HOST:PORT, unix:PATH, tls:HOST:PORT:trustRoots=DIR",
+    )
+    p.add_argument("--version", action="version", version=f"clusterd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    for name, helptext in (
+        ("run", "submit a job and print its result (progress bar on a terminal)"),
+        ("submit", "submit a job and print its id"),
+    ):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("task", help="task name (see: clusterd tasks)")
+        c.add_argument("input", nargs="?", help="job input as JSON")
+        c.add_argument(
+            "--file",
+            "-f",
+            help="read the input from a file ('-' for stdin): JSON, or plain text for text tasks",
+        )
+        c.add_argument("--chunks", "-n", type=int, help="number of sub-tasks to split into")
+        if name == "run":
+            c.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
+            c.add_argument("--pretty", action="store_true", help="indent the JSON result")
+    for name, helptext in (
+        ("status", "show a job's state and progress"),
+        ("wait", "wait for a job and print its result"),
+        ("watch", "show a job's progress until it ends, then its result"),
+        ("cancel", "cancel a job"),
+    ):
+        sub.add_parser(name, help=helptext).add_argument("job", help="job id, e.g. j1")
+    for name, helptext in (
+        ("jobs", "list jobs the server holds"),
+        ("workers", "list connected workers"),
+        ("tasks", "list tasks and how many worker slots can run each"),
+        ("stats", "show server counters"),
+        ("ping", "check the server answers"),
+    ):
+        sub.add_parser(name, help=helptext)
+    return p
+
+
+class ProgressBar:
+    """A one-line bar on a terminal, redrawn in place; nothing at all elsewhere."""
+
+    def __init__(self, stream: Any, enabled: bool) -> None:
+        self.stream = stream
+        self.enabled = enabled
+        self.start = time.monotonic()
+        self.drawn = False
+
+    def update(self, job: str, progress: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        done, total = progress.get("done", 0), progress.get("total", 0) or 1
+        width = 30
+        filled = width * done // total
+        bar = "#" * filled + "-" * (width - filled)
+        elapsed = time.monotonic() - self.start
+        self.stream.write(
+            f"\r{job} [{bar}] {done}/{total} {100 * done // total:3d}% {elapsed:6.1f}s"
+        )
+        self.stream.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _read_input(args: argparse.Namespace, text_task: bool) -> Any:
+    if args.input is not None and args.file is not None:
+        raise UsageError("give the input either as an argument or with --file, not both")
+    if args.input is not None:
+        try:
+            return json.loads(args.input)
+        except ValueError as e:
+            raise UsageError(f"the input is not valid JSON: {e}") from None
+    if args.file is None:
+        if sys.stdin.isatty():
+            raise UsageError("no input: give it as JSON, with --file PATH, or on stdin")
+        args.file = "-"
+    if args.file == "-":
+        data = sys.stdin.buffer.read()
+    else:
+        try:
+            with open(args.file, "rb") as fh:
+                data = fh.read()
+        except OSError as e:
+            raise UsageError(f"cannot read {args.file}: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{args.file} is not UTF-8 text") from None
+    if text_task:
+        return text
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise UsageError(f"{args.file} is not valid JSON: {e}") from None
+
+
+class UsageError(Exception):
+    pass
+
+
+def _print_json(value: Any, pretty: bool = True) -> None:
+    if pretty:
+        print(json.dumps(value, indent=2, ensure_ascii=False))
+    else:
+        print(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
+
+
+async def _main(reactor: Any, args: argparse.Namespace) -> int:
+    from clusterd.client.api import connect
+
+    try:
+        client = await connect(reactor, args.server)
+    except Exception as e:
+        print(f"clusterd: cannot connect to {args.server}: {e}", file=sys.stderr)
+        return EXIT_CONNECTION
+    try:
+        return await _command(client, args)
+    except JobFailed as e:
+        print(f"clusterd: {e}", file=sys.stderr)
+        return EXIT_JOB_FAILED
+    except JobCancelled as e:
+        print(f"clusterd: {e}", file=sys.stderr)
+        return EXIT_JOB_FAILED
+    except RequestRefused as e:
+        print(f"clusterd: server refused: {e.code} {e.message}", file=sys.stderr)
+        return EXIT_REFUSED
+    except UsageError as e:
+        print(f"clusterd: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except ClusterError as e:
+        print(f"clusterd: {e}", file=sys.stderr)
+        return EXIT_CONNECTION
+    finally:
+        if not client.protocol.closed:
+            client.close()
+
+
+async def _command(client: Any, args: argparse.Namespace) -> int:
+    cmd = args.command
+    if cmd in ("run", "submit"):
+        text_task = False
+        if args.input is None:
+            kinds = {t["name"]: t.get("input") for t in await client.tasks()}
+            if args.task not in kinds:
+                raise RequestRefused("UNKNOWN_TASK", f"no task named {args.task!r}")
+            text_task = kinds[args.task] == "text"
+        value = _read_input(args, text_task)
+        if args.chunks is not None and args.chunks < 1:
+            raise UsageError("--chunks must be a positive integer")
+        job = await client.submit(args.task, value, args.chunks)
+        if cmd == "submit":
+            print(job)
+            return EXIT_OK
+        bar = ProgressBar(sys.stderr, sys.stderr.isatty() and not args.no_progress)
+        try:
+            result = await client.watch(job, bar.update)
+        finally:
+            bar.close()
+        _print_json(result, pretty=args.pretty)
+        return EXIT_OK
+    if cmd == "watch":
+        bar = ProgressBar(sys.stderr, sys.stderr.isatty())
+        try:
+            result = await client.watch(args.job, bar.update)
+        finally:
+            bar.close()
+        _print_json(result, pretty=False)
+        return EXIT_OK
+    if cmd == "wait":
+        _print_json(await client.wait(args.job), pretty=False)
+    elif cmd == "status":
+        _print_json(await client.status(args.job))
+    elif cmd == "cancel":
+        print(f"{args.job} {await client.cancel(args.job)}")
+    elif cmd == "ping":
+        print(await client.ping())
+    else:
+        _print_json(await getattr(client, cmd)())
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from twisted.internet import defer, task
+
+    def run(reactor: Any) -> defer.Deferred:
+        return defer.Deferred.fromCoroutine(_main(reactor, args)).addCallback(_exit_code)
+
+    task.react(run)
+
+
+def _exit_code(code: int) -> None:
+    if code:
+        raise SystemExit(code)

@@ -1,0 +1,50 @@
+"""Exceptions the client library raises, shared by the Deferred API and the blocking helper."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from clusterd.core.wire import Reply
+
+__all__ = ["ClusterError", "RequestRefused", "JobFailed", "JobCancelled", "raise_for"]
+
+
+class ClusterError(Exception):
+    """Base class for every error this library raises about the cluster."""
+
+
+class RequestRefused(ClusterError):
+    """The server answered ``ERR <code> <sentence>``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class JobFailed(ClusterError):
+    """The job ended FAILED: ``code`` says why, ``error`` has the exception type and message."""
+
+    def __init__(self, job: str, code: str, error: dict[str, Any]) -> None:
+        detail = f"{error.get('type', '')}: {error.get('message', '')}".strip(": ")
+        super().__init__(f"job {job} failed ({code}) {detail}".rstrip())
+        self.job = job
+        self.code = code
+        self.error = error
+
+
+class JobCancelled(ClusterError):
+    def __init__(self, job: str) -> None:
+        super().__init__(f"job {job} was cancelled")
+        self.job = job
+
+
+def raise_for(reply: Reply) -> Reply:
+    """Turn ERR, FAILED and CANCELLED replies into exceptions; return anything else."""
+    if reply.kind == "ERR":
+        raise RequestRefused(reply.code or "", reply.text)
+    if reply.kind == "FAILED":
+        raise JobFailed(reply.job or "", reply.code or "", reply.value or {})
+    if reply.kind == "CANCELLED":
+        raise JobCancelled(reply.job or "")
+    return reply
