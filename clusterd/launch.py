@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from clusterd.client.blocking import BlockingClient
+from clusterd.client.errors import ClusterError
 
 __all__ = ["LocalCluster", "twistd_path", "wait_for"]
 
@@ -52,11 +53,13 @@ class LocalCluster:
         workdir: str | os.PathLike[str] | None = None,
         server_args: list[str] | None = None,
         start_timeout: float = 30.0,
+        env: dict[str, str] | None = None,
     ) -> None:
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="clusterd-"))
         self.server_args = list(server_args or [])
         self.start_timeout = start_timeout
+        self.env = {**os.environ, **(env or {})}
         self.server: subprocess.Popen[bytes] | None = None
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
         self.port: int | None = None
@@ -73,6 +76,7 @@ class LocalCluster:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                env=self.env,
             )
         finally:
             log.close()
@@ -130,8 +134,8 @@ class LocalCluster:
             try:
                 with self.client(timeout=5) as c:
                     return want <= {w["name"] for w in c.workers()}
-            except OSError:
-                return False
+            except (OSError, ClusterError):
+                return False  # the server is not (yet, or again) accepting connections
 
         wait_for(registered, timeout or self.start_timeout, f"workers {sorted(want)} to register")
 

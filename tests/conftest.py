@@ -1,0 +1,38 @@
+"""Shared pytest configuration for every clusterd test directory (unit, protocol, integration).
+
+Test directories have no ``__init__.py`` and pytest runs in the default "prepend" import mode, so
+this directory is put on ``sys.path`` explicitly: test modules import shared helpers with
+``from helpers import result_of``.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+from pathlib import Path
+
+import pytest
+from twisted.logger import eventAsText, globalLogPublisher
+
+_HERE = str(Path(__file__).parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+
+@pytest.fixture(autouse=True)
+def no_logged_errors():
+    """Fail the test when anything logs a failure or an error event (an unhandled Deferred error,
+    ``log.failure``, legacy ``log.err``), including ones only logged at garbage collection."""
+    seen: list[dict] = []
+
+    def observer(event: dict) -> None:
+        if event.get("log_failure") is not None or event.get("isError"):
+            seen.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield seen
+        gc.collect()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert not seen, eventAsText(seen[0])

@@ -1,0 +1,42 @@
+"""Helpers shared by the test suites: ``from helpers import result_of, deterministic``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import HealthCheck, settings
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+__all__ = ["result_of", "has_result", "deterministic"]
+
+_NO_RESULT = object()
+
+
+def result_of(d: Deferred[Any]) -> Any:
+    """The result a Deferred already has; raises its failure, or fails when it has none yet.
+
+    It never waits: advance the Clock or pump the connection first.
+    """
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "Deferred has no result yet: advance the Clock or pump first"
+    if isinstance(out[0], Failure):
+        out[0].raiseException()
+    return out[0]
+
+
+def has_result(d: Deferred[Any]) -> bool:
+    """True when the Deferred has already fired (without consuming its result)."""
+    return d.called and not d.paused
+
+
+# Hypothesis: the same examples on every run, no example database written into the repository,
+# and no per-example deadline (a slow CI machine must not turn into a flaky failure).
+deterministic = settings(
+    derandomize=True,
+    database=None,
+    deadline=None,
+    max_examples=200,
+    suppress_health_check=[HealthCheck.too_slow],
+)
