@@ -16,7 +16,7 @@ from typing import Any
 from clusterd import DEFAULT_PORT, PROTOCOL_VERSION
 from clusterd.client.api import job_line
 from clusterd.client.errors import ClusterError, raise_for
-from clusterd.core.wire import Reply, parse_greeting, parse_json, parse_reply
+from clusterd.core.wire import Reply, WireError, parse_greeting, parse_json, parse_reply
 
 __all__ = ["BlockingClient", "parse_address"]
 
@@ -50,7 +50,11 @@ class BlockingClient:
         if family == socket.AF_INET:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.file = self.sock.makefile("rwb")
-        version, self.server_info = parse_greeting(self._readline())
+        try:
+            version, self.server_info = parse_greeting(self._readline())
+        except WireError as e:
+            self.close()
+            raise ClusterError(str(e)) from None
         if version != PROTOCOL_VERSION:
             raise ClusterError(f"server speaks protocol {version}, this client {PROTOCOL_VERSION}")
 
@@ -83,7 +87,10 @@ class BlockingClient:
         except OSError as e:
             raise ClusterError(f"connection to the server failed: {e}") from e
         while True:
-            reply = parse_reply(self._readline())
+            try:
+                reply = parse_reply(self._readline())
+            except WireError as e:
+                raise ClusterError(str(e)) from None
             if reply.final:
                 return raise_for(reply)
             if on_progress is not None:

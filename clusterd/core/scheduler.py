@@ -2,32 +2,51 @@
 
 Time comes from an injected ``IReactorTime`` (a ``task.Clock`` in tests). A worker is a
 :class:`WorkerHandle` whose ``runner`` sends one sub-task and returns a Deferred that fires with the
-result, or fails with :class:`TaskFailed` (the task raised) or :class:`WorkerLost` (the sub-task
-came back without an answer and must run again elsewhere). The protocol layer supplies runners;
-this module decides who runs what.
+result, or fails with :class:`TaskFailed` (the task raised, or its pool process died) or
+:class:`WorkerLost` (no answer will come: the sub-task runs again elsewhere). Cancelling that
+Deferred must tell the worker to drop the sub-task. The protocol layer supplies runners; this
+module decides who runs what, when to retry, and when to give up.
 
 Fairness: jobs with queued sub-tasks sit in a ring; each free slot takes one sub-task from the next
 job in the ring that the worker can run, so a one-sub-task job submitted behind a 10,000-sub-task
 job is dispatched at the next free slot, not after the big one drains.
+
+Delivery: a sub-task may run more than once (at-least-once execution), but its result is combined
+exactly once; late and duplicate results are counted and dropped.
 """
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from clusterd.core.jobs import Job, JobState
+from clusterd.core.jobs import Job, JobOptions, JobState
+from clusterd.core.journal import (
+    JobAccepted,
+    JobEnded,
+    Journal,
+    NullJournal,
+    ResultRecorded,
+)
 from clusterd.core.wire import ErrorCode, WireError, dumps
 from clusterd.tasks.registry import Registry, TaskInputError
 
-__all__ = ["Scheduler", "SubTask", "TaskFailed", "WorkerLost", "WorkerHandle"]
+__all__ = [
+    "Scheduler",
+    "SchedulerConfig",
+    "SubTask",
+    "TaskFailed",
+    "WorkerLost",
+    "WorkerHandle",
+]
 
 DEFAULT_CHUNKS_PER_SLOT = 4
 DEFAULT_CHUNKS_NO_WORKERS = 16
@@ -40,10 +59,12 @@ class SubTask:
     index: int
     task: str
     input: Any
+    attempt: int = 1
 
 
 class TaskFailed(Exception):
-    """The task function raised on the worker: ``type`` and ``message`` are the exception's."""
+    """The task function raised on the worker (``type``/``message`` are the exception's), or
+    the pool process running it died (``type`` is ``ChildDied``)."""
 
     def __init__(self, type: str, message: str) -> None:
         super().__init__(type, message)
@@ -68,11 +89,12 @@ class WorkerHandle:
     done: int = 0
     failed: int = 0
     alive: bool = True
+    draining: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def free(self) -> int:
-        return self.slots - self.busy if self.alive else 0
+        return self.slots - self.busy if self.alive and not self.draining else 0
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -83,8 +105,39 @@ class WorkerHandle:
             "busy": self.busy,
             "done": self.done,
             "failed": self.failed,
+            "draining": self.draining,
             "connected": round(self.connected, 3),
         }
+
+
+@dataclass(eq=False)
+class _Dispatch:
+    job: Job
+    index: int
+    worker: WorkerHandle
+    started: float
+    speculative: bool
+    d: Deferred[Any] | None = None
+
+
+@dataclass
+class SchedulerConfig:
+    """Every scheduling knob, with the defaults the server uses (see docs/RELIABILITY.md)."""
+
+    max_subtasks: int = 100_000  # per job
+    max_queued: int = 1_000_000  # sub-tasks queued over all jobs before SUBMIT gets ERR BUSY
+    retention: float = 3600.0  # seconds an ended job stays retrievable
+    default_timeout: float | None = None  # per sub-task, when neither task nor job sets one
+    default_attempts: int = 3  # tries per sub-task before its job fails
+    max_lost: int = 5  # times a sub-task's worker may vanish under it before its job fails
+    retry_base: float = 0.5  # first retry backoff, doubled per failed attempt
+    retry_cap: float = 30.0
+    speculate: bool = False
+    speculate_factor: float = (
+        3.0  # a running sub-task this many times the job's mean is a straggler
+    )
+    speculate_min_done: int = 3  # finished sub-tasks needed before the mean is trusted
+    speculate_min_seconds: float = 1.0  # never speculate on sub-tasks younger than this
 
 
 class Scheduler:
@@ -94,17 +147,24 @@ class Scheduler:
         self,
         registry: Registry,
         clock: IReactorTime,
-        max_subtasks: int = 100_000,
-        retention: float = 3600.0,
+        journal: Journal | None = None,
+        config: SchedulerConfig | None = None,
+        **overrides: Any,
     ) -> None:
         self.registry = registry
         self.clock = clock
-        self.max_subtasks = max_subtasks
-        self.retention = retention
+        self.journal: Journal = journal if journal is not None else NullJournal()
+        self.config = config or SchedulerConfig()
+        for k, v in overrides.items():
+            if not hasattr(self.config, k):
+                raise TypeError(f"unknown scheduler setting {k!r}")
+            setattr(self.config, k, v)
         self.started = clock.seconds()
         self._jobs: dict[str, Job] = {}
+        self._keys: dict[str, Job] = {}
         self._ring: deque[Job] = deque()
         self._in_ring: set[str] = set()
+        self._last_served: Job | None = None
         self._workers: dict[str, WorkerHandle] = {}
         self._next_id = 1
         self._pumping = False
@@ -114,18 +174,48 @@ class Scheduler:
             "jobs_done": 0,
             "jobs_failed": 0,
             "jobs_cancelled": 0,
+            "jobs_recovered": 0,
             "subtasks_dispatched": 0,
             "subtasks_completed": 0,
             "subtasks_requeued": 0,
+            "subtasks_retried": 0,
+            "subtasks_timed_out": 0,
+            "subtasks_speculative": 0,
             "results_duplicate": 0,
+            "results_late": 0,
             "workers_registered": 0,
             "workers_lost": 0,
         }
 
+    # -- settings ------------------------------------------------------------------------------
+
+    @property
+    def max_subtasks(self) -> int:
+        return self.config.max_subtasks
+
+    @property
+    def retention(self) -> float:
+        return self.config.retention
+
     # -- jobs ----------------------------------------------------------------------------------
 
-    def submit(self, task_name: str, value: Any, chunks: int | None = None) -> Job:
-        """Split and enqueue a job; raises WireError for an unknown task or a bad input."""
+    def submit(
+        self,
+        task_name: str,
+        value: Any,
+        chunks: int | None = None,
+        options: dict[str, Any] | None = None,
+        input_json: str | None = None,
+        owner: object | None = None,
+    ) -> Job:
+        """Split and enqueue a job; raises WireError for an unknown task, a bad input, or a
+        full queue. With a ``key`` option, a job already submitted under that key is returned
+        instead (idempotent submit). The job is dispatched at once; its id may be shown to the
+        client once ``job.when_durable()`` fires."""
+        options = options or {}
+        key = options.get("key")
+        if key is not None and key in self._keys:
+            return self._keys[key]
         task = self.registry.get(task_name)
         if task is None:
             raise WireError(
@@ -134,11 +224,64 @@ class Scheduler:
             )
         if chunks is None:
             chunks = self._default_chunks(task_name)
-        if chunks > self.max_subtasks:
+        if chunks > self.config.max_subtasks:
             raise WireError(
                 ErrorCode.TOO_MANY_SUBTASKS,
-                f"{chunks} chunks asked; this server allows at most {self.max_subtasks} per job.",
+                f"{chunks} chunks asked; this server allows at most "
+                f"{self.config.max_subtasks} per job.",
             )
+        pieces = self._split(task_name, value, chunks)
+        queued = self.queued_subtasks()
+        if queued + len(pieces) > self.config.max_queued:
+            raise WireError(
+                ErrorCode.BUSY,
+                f"the server holds {queued} queued sub-tasks and this job adds {len(pieces)}; "
+                f"the limit is {self.config.max_queued}. Retry later.",
+            )
+        timeout = options.get("timeout", task.timeout or self.config.default_timeout)
+        attempts = options.get("attempts", task.attempts or self.config.default_attempts)
+        job = Job(
+            f"j{self._next_id}",
+            task_name,
+            pieces,
+            self.clock.seconds(),
+            JobOptions(timeout, attempts),
+        )
+        job.key = key
+        job.owner = owner
+        seq = self._next_id
+        self._next_id += 1
+        self._jobs[job.id] = job
+        if key is not None:
+            self._keys[key] = job
+        self.counters["jobs_submitted"] += 1
+        self.log.info(
+            "job {job_id} submitted: task {task}, {n} sub-tasks",
+            job_id=job.id,
+            task=task_name,
+            n=job.total,
+        )
+        record = JobAccepted(
+            job.id,
+            seq,
+            task_name,
+            input_json if input_json is not None else dumps(value),
+            chunks,
+            {"timeout": timeout, "attempts": attempts},
+            key,
+            job.submitted,
+        )
+        self.journal.append(record).addCallback(lambda _: job.mark_durable())
+        if job.total == 0:
+            self._combine(job)
+        else:
+            self._enring(job)
+            self._pump()
+        return job
+
+    def _split(self, task_name: str, value: Any, chunks: int) -> list[Any]:
+        task = self.registry.get(task_name)
+        assert task is not None
         try:
             pieces = list(task.split(value, chunks))
         except TaskInputError as e:
@@ -147,27 +290,13 @@ class Scheduler:
             raise WireError(
                 ErrorCode.BAD_INPUT, f"task {task_name} cannot split this input: {_describe(e)}."
             ) from None
-        if len(pieces) > self.max_subtasks:
+        if len(pieces) > self.config.max_subtasks:
             raise WireError(
                 ErrorCode.TOO_MANY_SUBTASKS,
-                f"the input splits into {len(pieces)} sub-tasks; at most {self.max_subtasks} allowed.",
+                f"the input splits into {len(pieces)} sub-tasks; "
+                f"at most {self.config.max_subtasks} allowed.",
             )
-        job = Job(f"j{self._next_id}", task_name, pieces, self.clock.seconds())
-        self._next_id += 1
-        self._jobs[job.id] = job
-        self.counters["jobs_submitted"] += 1
-        self.log.info(
-            "job {job_id} submitted: task {task}, {n} sub-tasks",
-            job_id=job.id,
-            task=task_name,
-            n=job.total,
-        )
-        if job.total == 0:
-            self._combine(job)
-        else:
-            self._enring(job)
-            self._pump()
-        return job
+        return pieces
 
     def get(self, job_id: str) -> Job:
         job = self._jobs.get(job_id)
@@ -180,13 +309,14 @@ class Scheduler:
     def cancel(self, job_id: str) -> Job:
         job = self.get(job_id)
         if not job.is_final:
-            job.finish(JobState.CANCELLED, self.clock.seconds())
-            self.counters["jobs_cancelled"] += 1
-            self.log.info("job {job_id} cancelled", job_id=job.id)
+            self._end(job, JobState.CANCELLED)
         return job
 
     def jobs(self) -> list[Job]:
         return list(self._jobs.values())
+
+    def queued_subtasks(self) -> int:
+        return sum(j.queued for j in self._ring)
 
     def waiting_for_worker(self, job: Job) -> bool:
         """True while the job has queued work that no connected worker can run."""
@@ -202,12 +332,89 @@ class Scheduler:
         return out
 
     def expire(self) -> int:
-        """Forget ended jobs older than the retention time; returns how many."""
-        horizon = self.clock.seconds() - self.retention
-        old = [j.id for j in self._jobs.values() if j.finished is not None and j.finished < horizon]
-        for job_id in old:
-            del self._jobs[job_id]
+        """Forget ended jobs older than the retention time, here and in the journal."""
+        horizon = self.clock.seconds() - self.config.retention
+        old = [
+            j
+            for j in self._jobs.values()
+            if j.finished is not None and j.finished < horizon and j.settled
+        ]
+        for job in old:
+            del self._jobs[job.id]
+            if job.key is not None and self._keys.get(job.key) is job:
+                del self._keys[job.key]
+        if old:
+            self.journal.forget([j.id for j in old])
         return len(old)
+
+    # -- recovery ------------------------------------------------------------------------------
+
+    def recover(self) -> int:
+        """Load the journal: ended jobs come back with their answers, unfinished ones resume
+        from their recorded results (only missing sub-tasks run again). Returns jobs resumed."""
+        recovered = self.journal.load()
+        self._next_id = max(self._next_id, recovered.next_seq)
+        horizon = self.clock.seconds() - self.config.retention
+        expired, resumed = [], 0
+        for rec in recovered.jobs:
+            a = rec.accepted
+            opts = JobOptions(a.options.get("timeout"), a.options.get("attempts") or 1)
+            if rec.ended is not None:
+                e = rec.ended
+                if e.finished < horizon:
+                    expired.append(a.job)
+                    continue
+                job = Job(a.job, a.task, [], a.submitted, opts)
+                job.total = e.total
+                job.state, job.finished, job.error = e.state, e.finished, e.error
+                job.result_json = e.result_json
+                job.chunks, job.results = [], []
+                job.next_index = job.total
+            else:
+                job = self._resume(rec, opts)
+                resumed += 1
+            job.key = a.key
+            job.mark_durable()
+            self._jobs[job.id] = job
+            if a.key is not None:
+                self._keys[a.key] = job
+            if job.is_final and not job.settled:
+                job.settle()
+        if expired:
+            self.journal.forget(expired)
+        self.counters["jobs_recovered"] = resumed
+        if resumed:
+            self.log.info("resumed {n} unfinished jobs from the journal", n=resumed)
+        self._pump()
+        return resumed
+
+    def _resume(self, rec: Any, opts: JobOptions) -> Job:
+        a = rec.accepted
+        try:
+            pieces = self._split(a.task, json.loads(a.input_json), a.chunks)
+        except (WireError, ValueError) as e:
+            job = Job(a.job, a.task, [], a.submitted, opts)
+            code = ErrorCode.TASK_MISSING if a.task not in self.registry else ErrorCode.BAD_INPUT
+            self._jobs[job.id] = job
+            self._end(job, JobState.FAILED, error={"code": code, "message": str(e)})
+            return job
+        job = Job(a.job, a.task, pieces, a.submitted, opts)
+        job.prefill({i: json.loads(r) for i, r in rec.results.items()})
+        self.log.info(
+            "job {job_id} resumed: {done} of {total} sub-tasks already done",
+            job_id=job.id,
+            done=job.done,
+            total=job.total,
+        )
+        if job.complete():
+            self._combine(job)
+        else:
+            self._enring(job)
+        return job
+
+    def stop(self) -> Deferred[None]:
+        """Flush and close the journal (what is durable then is what a restart resumes)."""
+        return self.journal.close()
 
     # -- workers -------------------------------------------------------------------------------
 
@@ -243,6 +450,16 @@ class Scheduler:
         self._pump()
         return handle
 
+    def drain_worker(self, handle: WorkerHandle) -> None:
+        """The worker is stopping: send it nothing new; what it holds may still finish."""
+        if not handle.draining:
+            handle.draining = True
+            self.log.info(
+                "worker {worker} draining with {busy} sub-tasks in flight",
+                worker=handle.name,
+                busy=handle.busy,
+            )
+
     def remove_worker(self, handle: WorkerHandle) -> None:
         """Forget a worker. Its in-flight sub-tasks come back through their Deferreds failing
         with WorkerLost, which the runner's owner fires when the connection goes."""
@@ -261,6 +478,10 @@ class Scheduler:
     def workers(self) -> list[WorkerHandle]:
         return list(self._workers.values())
 
+    def late_result(self) -> None:
+        """A worker answered a sub-task no longer expected (timed out, cancelled, or a copy)."""
+        self.counters["results_late"] += 1
+
     # -- dispatch ------------------------------------------------------------------------------
 
     def _default_chunks(self, task_name: str) -> int:
@@ -270,9 +491,14 @@ class Scheduler:
         return max(1, min(MAX_DEFAULT_CHUNKS, DEFAULT_CHUNKS_PER_SLOT * slots))
 
     def _enring(self, job: Job) -> None:
+        """Join the ring just ahead of the job served last, so a newcomer is served before
+        that job gets another turn (round-robin), not after it."""
         if job.id not in self._in_ring and job.has_pending():
             self._in_ring.add(job.id)
-            self._ring.append(job)
+            if self._ring and self._ring[-1] is self._last_served:
+                self._ring.insert(len(self._ring) - 1, job)
+            else:
+                self._ring.append(job)
 
     def _next_job_for(self, worker: WorkerHandle) -> Job | None:
         for _ in range(len(self._ring)):
@@ -282,6 +508,7 @@ class Scheduler:
                 continue
             self._ring.append(job)
             if job.task in worker.tasks:
+                self._last_served = job
                 return job
         return None
 
@@ -317,51 +544,95 @@ class Scheduler:
             if not sent:
                 return
 
-    def _send(self, worker: WorkerHandle, job: Job, index: int) -> None:
+    def _send(self, worker: WorkerHandle, job: Job, index: int, speculative: bool = False) -> None:
+        disp = _Dispatch(job, index, worker, self.clock.seconds(), speculative)
+        job.inflight.setdefault(index, []).append(disp)
+        job.running += 1
         worker.busy += 1
         self.counters["subtasks_dispatched"] += 1
-        sub = SubTask(job.id, index, job.task, job.chunks[index])
+        attempt = job.failures.get(index, 0) + 1
+        sub = SubTask(job.id, index, job.task, job.chunks[index], attempt)
         try:
             d = worker.runner(sub)
-        except Exception:
-            d = Deferred()
-            d.errback(Failure())
-        d.addCallbacks(
-            self._on_result,
-            self._on_error,
-            callbackArgs=(job, index, worker),
-            errbackArgs=(job, index, worker),
-        )
+        except Exception as e:
+            # The sub-task cannot even be sent (its input does not encode, or is larger than
+            # the worker accepts): retrying cannot help, so the job fails now.
+            disp.d = Deferred()
+            self._release(disp)
+            self._end(
+                job,
+                JobState.FAILED,
+                error={
+                    "code": ErrorCode.BAD_INPUT,
+                    "type": type(e).__name__,
+                    "message": f"sub-task {index} cannot be sent to a worker: {e}",
+                    "index": index,
+                },
+            )
+            return
+        disp.d = d
+        if job.options.timeout:
+            d.addTimeout(job.options.timeout, self.clock)
+        d.addCallbacks(self._on_result, self._on_error, callbackArgs=(disp,), errbackArgs=(disp,))
 
-    def _on_result(self, result: Any, job: Job, index: int, worker: WorkerHandle) -> None:
+    def _release(self, disp: _Dispatch) -> None:
+        job, worker = disp.job, disp.worker
+        copies = job.inflight.get(disp.index)
+        if copies is not None:
+            copies.remove(disp)
+            if not copies:
+                del job.inflight[disp.index]
+        job.running -= 1
         worker.busy -= 1
-        worker.done += 1
-        if job.record(index, result, worker.name):
+
+    def _on_result(self, result: Any, disp: _Dispatch) -> None:
+        self._release(disp)
+        job, index, worker = disp.job, disp.index, disp.worker
+        if job.record(index, result, worker.name, self.clock.seconds() - disp.started):
+            worker.done += 1
             self.counters["subtasks_completed"] += 1
+            if self.journal.durable:
+                self.journal.append(ResultRecorded(job.id, index, dumps(result)))
+            for other in list(job.inflight.get(index, ())):
+                other.d.cancel()  # a speculative copy lost the race
             if job.complete():
                 self._combine(job)
         else:
             self.counters["results_duplicate"] += 1
         self._pump()
 
-    def _on_error(self, failure: Failure, job: Job, index: int, worker: WorkerHandle) -> None:
-        worker.busy -= 1
-        if failure.check(TaskFailed):
-            worker.failed += 1
-            job.running -= 1
-            if not job.is_final:
-                err = failure.value
-                self._end(
-                    job,
-                    JobState.FAILED,
-                    error={
-                        "code": ErrorCode.TASK_ERROR,
-                        "type": err.type,
-                        "message": err.message,
-                        "index": index,
-                        "worker": worker.name,
-                    },
-                )
+    def _on_error(self, failure: Failure, disp: _Dispatch) -> None:
+        self._release(disp)
+        job, index, worker = disp.job, disp.index, disp.worker
+        if failure.check(CancelledError) or job.has_result(index) or job.inflight.get(index):
+            # We cancelled it (job ended, or a copy won), or another copy still runs.
+            self._pump()
+            return
+        if failure.check(TimeoutError):
+            self.counters["subtasks_timed_out"] += 1
+            self.log.warn(
+                "sub-task {job_id}:{index} timed out on {worker} after {t}s",
+                job_id=job.id,
+                index=index,
+                worker=worker.name,
+                t=job.options.timeout,
+            )
+            self._attempt_failed(
+                job,
+                index,
+                worker,
+                {
+                    "code": ErrorCode.TIMEOUT,
+                    "type": "Timeout",
+                    "message": f"sub-task ran longer than {job.options.timeout}s",
+                },
+            )
+        elif failure.check(TaskFailed):
+            err = failure.value
+            code = ErrorCode.CHILD_DIED if err.type == "ChildDied" else ErrorCode.TASK_ERROR
+            self._attempt_failed(
+                job, index, worker, {"code": code, "type": err.type, "message": err.message}
+            )
         else:
             if not failure.check(WorkerLost):
                 self.log.failure(
@@ -371,11 +642,90 @@ class Scheduler:
                     index=index,
                     worker=worker.name,
                 )
-            if not job.is_final:
+            lost = job.lost[index] = job.lost.get(index, 0) + 1
+            if lost > self.config.max_lost:
+                self._end(
+                    job,
+                    JobState.FAILED,
+                    error={
+                        "code": ErrorCode.WORKER_LOST,
+                        "type": "WorkerLost",
+                        "message": f"sub-task {index} lost its worker {lost} times",
+                        "index": index,
+                        "worker": worker.name,
+                    },
+                )
+            elif job.requeue(index):
                 self.counters["subtasks_requeued"] += 1
-            job.give_back(index)
-            self._enring(job)
+                self._enring(job)
         self._pump()
+
+    def _attempt_failed(
+        self, job: Job, index: int, worker: WorkerHandle, error: dict[str, Any]
+    ) -> None:
+        worker.failed += 1
+        n = job.failures[index] = job.failures.get(index, 0) + 1
+        if n >= job.options.attempts:
+            error.update(index=index, attempts=n, worker=worker.name)
+            self._end(job, JobState.FAILED, error=error)
+            return
+        delay = min(self.config.retry_cap, self.config.retry_base * 2 ** (n - 1))
+        self.counters["subtasks_retried"] += 1
+        self.log.info(
+            "sub-task {job_id}:{index} failed attempt {n} ({code}); retrying in {delay}s",
+            job_id=job.id,
+            index=index,
+            n=n,
+            code=error["code"],
+            delay=delay,
+        )
+        job.delayed[index] = self.clock.callLater(delay, self._retry_due, job, index)
+
+    def _retry_due(self, job: Job, index: int) -> None:
+        job.delayed.pop(index, None)
+        if job.requeue(index):
+            self._enring(job)
+            self._pump()
+
+    # -- stragglers ----------------------------------------------------------------------------
+
+    def speculate(self) -> int:
+        """Start backup copies of straggling sub-tasks on idle workers; first result wins.
+        A sub-task straggles when its job has nothing queued, enough finished sub-tasks to
+        trust their mean duration, and it has run ``speculate_factor`` times that mean."""
+        if not self.config.speculate:
+            return 0
+        now, started = self.clock.seconds(), 0
+        cfg = self.config
+        for job in list(self._jobs.values()):
+            if job.is_final or job.queued or job.durations_n < cfg.speculate_min_done:
+                continue
+            threshold = max(cfg.speculate_min_seconds, cfg.speculate_factor * job.mean_duration())
+            for index, copies in list(job.inflight.items()):
+                if len(copies) != 1 or now - copies[0].started < threshold:
+                    continue
+                running_on = copies[0].worker
+                spare = [
+                    w
+                    for w in self._workers.values()
+                    if w.free > 0 and w is not running_on and job.task in w.tasks
+                ]
+                if not spare:
+                    return started
+                worker = max(spare, key=lambda w: w.free)
+                self.log.info(
+                    "sub-task {job_id}:{index} straggles on {slow}; backup copy on {worker}",
+                    job_id=job.id,
+                    index=index,
+                    slow=running_on.name,
+                    worker=worker.name,
+                )
+                self._send(worker, job, index, speculative=True)
+                self.counters["subtasks_speculative"] += 1
+                started += 1
+        return started
+
+    # -- endings -------------------------------------------------------------------------------
 
     def _combine(self, job: Job) -> None:
         task = self.registry.get(job.task)
@@ -406,7 +756,19 @@ class Scheduler:
     ) -> None:
         job.result_json = encoded
         job.finish(state, self.clock.seconds(), result=result, error=error)
-        self.counters["jobs_done" if state == JobState.DONE else "jobs_failed"] += 1
+        for call in job.delayed.values():
+            if call.active():
+                call.cancel()
+        job.delayed.clear()
+        for copies in list(job.inflight.values()):
+            for disp in list(copies):
+                disp.d.cancel()  # tells the worker to drop it and frees the slot
+        key = {
+            JobState.DONE: "jobs_done",
+            JobState.FAILED: "jobs_failed",
+            JobState.CANCELLED: "jobs_cancelled",
+        }[state]
+        self.counters[key] += 1
         self.log.info(
             "job {job_id} {state} after {elapsed:.3f}s ({n} sub-tasks)",
             job_id=job.id,
@@ -414,6 +776,8 @@ class Scheduler:
             elapsed=job.finished - job.submitted,
             n=job.total,
         )
+        record = JobEnded(job.id, state, encoded, error, job.total, job.finished)
+        self.journal.append(record).addCallback(lambda _: job.settle())
 
     # -- views ---------------------------------------------------------------------------------
 
@@ -438,6 +802,7 @@ class Scheduler:
             "workers": len(self._workers),
             "slots": sum(w.slots for w in self._workers.values()),
             "slots_busy": sum(w.busy for w in self._workers.values()),
+            "journal": self.journal.durable,
             "uptime": round(self.clock.seconds() - self.started, 3),
         }
 

@@ -48,10 +48,14 @@ class ErrorCode:
     BAD_INPUT = "BAD_INPUT"
     TOO_MANY_SUBTASKS = "TOO_MANY_SUBTASKS"
     WRONG_ROLE = "WRONG_ROLE"
-    NOT_FINISHED = "NOT_FINISHED"
+    BUSY = "BUSY"
     # Codes a FAILED reply carries (why a job failed):
     TASK_ERROR = "TASK_ERROR"
+    TIMEOUT = "TIMEOUT"
+    CHILD_DIED = "CHILD_DIED"
+    WORKER_LOST = "WORKER_LOST"
     COMBINE_ERROR = "COMBINE_ERROR"
+    TASK_MISSING = "TASK_MISSING"
 
 
 class WireError(Exception):
@@ -84,11 +88,15 @@ CLIENT_VERBS: dict[str, str] = {
 
 WORKER_VERBS: dict[str, str] = {
     "REGISTER": 'REGISTER {"name":..., "tasks":[...], "slots":N, "protocol":1}  become a worker',
-    "DONE": 'DONE {"job":..., "index":N, "result":...}  a sub-task finished',
-    "ERROR": 'ERROR {"job":..., "index":N, "type":..., "message":...}  a sub-task raised',
+    "DONE": 'DONE {"id":N, "result":...}  the sub-task sent as DO {"id":N,...} finished',
+    "ERROR": 'ERROR {"id":N, "type":..., "message":...}  that sub-task raised',
+    "DRAIN": "DRAIN  send me nothing new (I am stopping); what I hold, I still answer",
+    "PING": "PING  liveness; either side may send it, the other answers OK PONG",
 }
 
-JOB_OPTIONS = {"chunks"}
+JOB_OPTIONS = {"chunks", "timeout", "attempts", "key"}
+MAX_ATTEMPTS = 100
+MAX_KEY_LENGTH = 200
 
 _decoder = json.JSONDecoder(parse_constant=lambda name: _reject_constant(name))
 
@@ -110,6 +118,7 @@ class JobRequest:
     task: str
     input: Any
     options: dict[str, Any] = field(default_factory=dict)
+    input_json: str | None = None  # the input exactly as sent, for the journal
 
     @property
     def chunks(self) -> int | None:
@@ -127,8 +136,8 @@ def parse_request(line: bytes) -> Request | None:
     text = text.strip()
     if not text:
         return None
-    verb, _, rest = text.partition(" ")
-    return Request(verb.upper(), rest.strip())
+    parts = text.split(None, 1)
+    return Request(parts[0].upper(), parts[1].strip() if len(parts) > 1 else "")
 
 
 def parse_json(text: str, what: str = "the payload") -> Any:
@@ -180,7 +189,23 @@ def parse_job_request(rest: str, verb: str = "RUN") -> JobRequest:
     chunks = options.get("chunks")
     if chunks is not None and (type(chunks) is not int or chunks < 1):
         raise WireError(ErrorCode.BAD_REQUEST, "option 'chunks' must be a positive integer.")
-    return JobRequest(task, value, options)
+    timeout = options.get("timeout")
+    if timeout is not None and not (is_finite_number(timeout) and timeout > 0):
+        raise WireError(
+            ErrorCode.BAD_REQUEST, "option 'timeout' must be a positive number of seconds."
+        )
+    attempts = options.get("attempts")
+    if attempts is not None and (type(attempts) is not int or not 1 <= attempts <= MAX_ATTEMPTS):
+        raise WireError(
+            ErrorCode.BAD_REQUEST, f"option 'attempts' must be an integer from 1 to {MAX_ATTEMPTS}."
+        )
+    key = options.get("key")
+    if key is not None and (not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_LENGTH):
+        raise WireError(
+            ErrorCode.BAD_REQUEST,
+            f"option 'key' must be a string of 1-{MAX_KEY_LENGTH} characters.",
+        )
+    return JobRequest(task, value, options, payload[:end])
 
 
 def dumps(value: Any) -> str:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -35,6 +36,7 @@ from clusterd.core.wire import (
     parse_json_object,
     parse_request,
 )
+from clusterd.heartbeat import Heartbeat
 
 __all__ = ["ServerProtocol", "ServerFactory", "final_reply"]
 
@@ -63,19 +65,41 @@ class _Slot:
         self.cleanup: Callable[[], None] | None = None
 
 
-@implementer(IHalfCloseableProtocol)
+@dataclass
+class ConnectionSettings:
+    """Per-connection limits and timers (server options of the same names)."""
+
+    max_line: int = DEFAULT_MAX_LINE
+    max_client_jobs: int = 10_000  # unfinished jobs one connection may have submitted
+    heartbeat_interval: float = 5.0  # worker connections: PING after this much quiet
+    heartbeat_timeout: float = 15.0  # worker connections: declared lost after this much silence
+
+
+@implementer(IHalfCloseableProtocol, IPushProducer)
 class ServerProtocol(Protocol):
     log = Logger()
 
-    def __init__(self, core: Scheduler, max_line: int = DEFAULT_MAX_LINE) -> None:
+    def __init__(
+        self,
+        core: Scheduler,
+        max_line: int = DEFAULT_MAX_LINE,
+        settings: ConnectionSettings | None = None,
+        clock: IReactorTime | None = None,
+    ) -> None:
         self.core = core
-        self.max_line = max_line
-        self.framer = LineFramer(max_line)
+        self.settings = settings or ConnectionSettings(max_line=max_line)
+        self.max_line = self.settings.max_line
+        self.clock = clock or core.clock
+        self.framer = LineFramer(self.max_line)
         self.slots: deque[_Slot] = deque()
         self.worker: WorkerHandle | None = None
         self.inflight: dict[int, Deferred[Any]] = {}
+        self.open_jobs: set[Job] = set()
+        self.worker_max_line = DEFAULT_MAX_LINE
+        self.heartbeat: Heartbeat | None = None
         self.next_ticket = 0
         self.quitting = False
+        self.paused = False
         self.peer = ""
 
     # -- connection ----------------------------------------------------------------------------
@@ -84,9 +108,28 @@ class ServerProtocol(Protocol):
         peer = self.transport.getPeer()
         self.peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}".rstrip(":")
         self.log.debug("connection from {peer}", peer=self.peer)
+        # Backpressure: when this peer reads slower than we write, the transport pauses us and
+        # we stop reading its requests, instead of buffering replies without bound.
+        self.transport.registerProducer(self, True)
         self._write(format_greeting("server", self.max_line))
 
+    # IPushProducer: the transport's write buffer is full (pause) or drained (resume).
+    def pauseProducing(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self.paused:
+            self.paused = False
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
     def dataReceived(self, data: bytes) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.touch()
         for event in self.framer.feed(data):
             if self.quitting:
                 return
@@ -107,6 +150,8 @@ class ServerProtocol(Protocol):
             if slot.cleanup is not None:
                 slot.cleanup()
         self.slots.clear()
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         if self.worker is not None:
             self.core.remove_worker(self.worker)
             inflight, self.inflight = self.inflight, {}
@@ -196,15 +241,34 @@ class ServerProtocol(Protocol):
         self.quitting = True
         self._reply("OK BYE")
 
+    def _submit(self, rest: str, verb: str) -> Job:
+        req = parse_job_request(rest, verb)
+        self.open_jobs = {j for j in self.open_jobs if not j.is_final}
+        if len(self.open_jobs) >= self.settings.max_client_jobs:
+            raise WireError(
+                ErrorCode.BUSY,
+                f"this connection has {len(self.open_jobs)} unfinished jobs, the most allowed; "
+                "wait for some to end.",
+            )
+        job = self.core.submit(
+            req.task, req.input, req.chunks, req.options, req.input_json, owner=self
+        )
+        if not job.is_final:
+            self.open_jobs.add(job)
+        return job
+
     def do_SUBMIT(self, rest: str) -> None:
-        req = parse_job_request(rest, "SUBMIT")
-        job = self.core.submit(req.task, req.input, req.chunks)
-        self._reply(f"OK {job.id}")
+        job = self._submit(rest, "SUBMIT")
+        # The id is shown only once the job is durably recorded.
+        slot = _Slot()
+        self.slots.append(slot)
+        d = job.when_durable()
+        slot.cleanup = d.cancel
+        d.addCallback(lambda j: self._finish(slot, f"OK {j.id}"))
+        d.addErrback(_ignore_cancel)
 
     def do_RUN(self, rest: str) -> None:
-        req = parse_job_request(rest, "RUN")
-        job = self.core.submit(req.task, req.input, req.chunks)
-        self._await_final(job)
+        self._await_final(self._submit(rest, "RUN"))
 
     def do_WAIT(self, rest: str) -> None:
         self._await_final(self.core.get(self._job_id(rest, "WAIT")))
@@ -222,9 +286,10 @@ class ServerProtocol(Protocol):
                 last[0] = pct
                 self._emit(slot, f"PROGRESS {j.id} {dumps(j.progress())}")
 
+        unsubscribe = None
         if not job.is_final:
             progress(job)
-        unsubscribe = job.watch(progress)
+            unsubscribe = job.watch(progress)
         self._attach_final(slot, job, extra_cleanup=unsubscribe)
 
     def do_STATUS(self, rest: str) -> None:
@@ -279,7 +344,8 @@ class ServerProtocol(Protocol):
     def do_REGISTER(self, rest: str) -> None:
         info = parse_json_object(rest, "REGISTER")
         name, tasks, slots = info.get("name"), info.get("tasks"), info.get("slots")
-        if info.get("protocol", PROTOCOL_VERSION) != PROTOCOL_VERSION:
+        version = info.get("protocol", PROTOCOL_VERSION)
+        if type(version) is not int or version != PROTOCOL_VERSION:
             raise WireError(
                 ErrorCode.BAD_REQUEST,
                 f"protocol version {info.get('protocol')!r} is not supported; "
@@ -304,47 +370,92 @@ class ServerProtocol(Protocol):
             raise WireError(
                 ErrorCode.BAD_REQUEST, "REGISTER while client requests are pending is not allowed."
             )
-        self._reply("OK REGISTERED " + dumps({"name": name, "protocol": PROTOCOL_VERSION}))
-        self.worker = self.core.add_worker(
-            name, tasks, slots, self._run_subtask, self.transport.loseConnection, self.peer
-        )
-
-    def _run_subtask(self, sub: SubTask) -> Deferred[Any]:
-        self.next_ticket += 1
-        ticket = self.next_ticket
-        d: Deferred[Any] = Deferred()
-        self.inflight[ticket] = d
-        self._write(
-            "DO "
+        s = self.settings
+        self._reply(
+            "OK REGISTERED "
             + dumps(
                 {
-                    "id": ticket,
-                    "job": sub.job,
-                    "index": sub.index,
-                    "task": sub.task,
-                    "input": sub.input,
+                    "name": name,
+                    "protocol": PROTOCOL_VERSION,
+                    "heartbeat_interval": s.heartbeat_interval,
+                    "heartbeat_timeout": s.heartbeat_timeout,
                 }
             )
         )
+        worker_max_line = info.get("max_line")
+        if type(worker_max_line) is int and worker_max_line > 0:
+            self.worker_max_line = worker_max_line
+        self.worker = self.core.add_worker(
+            name, tasks, slots, self._run_subtask, self.transport.abortConnection, self.peer
+        )
+        self.heartbeat = Heartbeat(
+            self.clock,
+            s.heartbeat_interval,
+            s.heartbeat_timeout,
+            lambda: self._write("PING"),
+            self._worker_silent,
+        )
+        self.heartbeat.start()
+
+    def _worker_silent(self, silent: float) -> None:
+        self.log.warn(
+            "worker {worker} silent for {silent:.1f}s; declaring it lost",
+            worker=self.worker.name,
+            silent=silent,
+        )
+        self.transport.abortConnection()
+
+    def _run_subtask(self, sub: SubTask) -> Deferred[Any]:
+        """Send one sub-task; raises (and sends nothing) if it cannot be encoded or is longer
+        than this worker accepts."""
+        line = "DO " + dumps(
+            {
+                "id": self.next_ticket + 1,
+                "job": sub.job,
+                "index": sub.index,
+                "task": sub.task,
+                "attempt": sub.attempt,
+                "input": sub.input,
+            }
+        )
+        if len(line) > self.worker_max_line and len(line.encode("utf-8")) > self.worker_max_line:
+            raise ValueError(
+                f"its DO line has {len(line.encode('utf-8'))} bytes; worker "
+                f"{self.worker.name} accepts {self.worker_max_line}"
+            )
+        self.next_ticket += 1
+        ticket = self.next_ticket
+
+        def cancel(_: Deferred[Any]) -> None:
+            # Timed out, job ended, or a copy won: the worker drops it and frees the slot.
+            if self.inflight.pop(ticket, None) is not None:
+                self._write("CANCEL " + dumps({"id": ticket}))
+
+        d: Deferred[Any] = Deferred(cancel)
+        self.inflight[ticket] = d
+        self._write(line)
         return d
 
     def _worker_verb(self, verb: str, rest: str) -> None:
         if verb == "PING":
             self._write("OK PONG")
             return
+        if verb == "OK":  # the worker's answer to our PING: liveness is all it carries
+            return
+        if verb == "DRAIN":
+            self.core.drain_worker(self.worker)
+            self._write("OK DRAINING")
+            return
         if verb not in ("DONE", "ERROR"):
             raise WireError(
                 ErrorCode.WRONG_ROLE,
-                f"{verb[:40]} is not a worker verb; workers send DONE or ERROR.",
+                f"{verb[:40]} is not a worker verb; workers send DONE, ERROR, DRAIN or PING.",
             )
         msg = parse_json_object(rest, verb)
         d = self.inflight.pop(msg.get("id"), None) if isinstance(msg.get("id"), int) else None
         if d is None:
-            self.log.warn(
-                "worker {worker} answered unknown sub-task {ticket!r}; ignored",
-                worker=self.worker.name,
-                ticket=msg.get("id"),
-            )
+            # Timed out, cancelled, or a losing speculative copy: counted, never combined.
+            self.core.late_result()
             return
         if verb == "DONE":
             d.callback(msg.get("result"))
@@ -358,11 +469,19 @@ def _ignore_cancel(failure: Failure) -> None:
 
 
 class ServerFactory(Factory):
-    def __init__(self, core: Scheduler, max_line: int = DEFAULT_MAX_LINE) -> None:
+    def __init__(
+        self,
+        core: Scheduler,
+        max_line: int = DEFAULT_MAX_LINE,
+        settings: ConnectionSettings | None = None,
+        clock: IReactorTime | None = None,
+    ) -> None:
         self.core = core
-        self.max_line = max_line
+        self.settings = settings or ConnectionSettings(max_line=max_line)
+        self.max_line = self.settings.max_line
+        self.clock = clock or core.clock
 
     def buildProtocol(self, addr: Any) -> ServerProtocol:
-        p = ServerProtocol(self.core, self.max_line)
+        p = ServerProtocol(self.core, settings=self.settings, clock=self.clock)
         p.factory = self
         return p

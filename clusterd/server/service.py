@@ -1,8 +1,11 @@
-"""ServerService: owns the scheduler's lifetime and its periodic housekeeping."""
+"""ServerService: owns the scheduler's lifetime, its journal thread and periodic housekeeping."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -15,11 +18,16 @@ class ServerService(Service):
     log = Logger()
     name = "core"
 
-    def __init__(self, core: Scheduler, sweep_interval: float = 60.0) -> None:
+    def __init__(
+        self, core: Scheduler, sweep_interval: float = 60.0, speculate_interval: float = 1.0
+    ) -> None:
         self.core = core
-        self.sweep_interval = sweep_interval
         self._sweep = LoopingCall(self._expire)
         self._sweep.clock = core.clock
+        self.sweep_interval = sweep_interval
+        self._speculate = LoopingCall(core.speculate)
+        self._speculate.clock = core.clock
+        self.speculate_interval = speculate_interval
 
     def _expire(self) -> None:
         n = self.core.expire()
@@ -28,12 +36,24 @@ class ServerService(Service):
 
     def startService(self) -> None:
         super().startService()
+        start = getattr(self.core.journal, "start", None)
+        if start is not None:
+            start()
         self.log.info(
             "clusterd server starting; tasks: {tasks}", tasks=", ".join(self.core.registry.names())
         )
         self._sweep.start(self.sweep_interval, now=False)
+        if self.core.config.speculate:
+            self._speculate.start(self.speculate_interval, now=False)
 
-    def stopService(self) -> None:
-        if self._sweep.running:
-            self._sweep.stop()
-        return super().stopService()
+    def stopService(self) -> Deferred[Any]:
+        """Listeners stop first (they were added after us); then the journal is flushed."""
+        super().stopService()
+        for loop in (self._sweep, self._speculate):
+            if loop.running:
+                loop.stop()
+
+        def flushed(_: Any) -> None:
+            self.log.info("journal flushed; server stopped")
+
+        return self.core.stop().addCallback(flushed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -13,6 +14,7 @@ from clusterd.core.framing import DEFAULT_MAX_LINE
 __all__ = ["Options", "makeService"]
 
 DEFAULT_LISTEN = f"tcp:{DEFAULT_PORT}:interface=127.0.0.1"
+DEFAULT_JOURNAL = "clusterd-journal.sqlite"
 
 
 def _positive_int(value: str) -> int:
@@ -57,6 +59,78 @@ class Options(usage.Options):
             "Seconds a finished job's result stays retrievable with WAIT and STATUS.",
             _positive_float,
         ],
+        [
+            "journal",
+            None,
+            DEFAULT_JOURNAL,
+            "SQLite file recording accepted jobs, sub-task results and answers, so a restart "
+            "loses nothing. 'none' runs without one (nothing survives a restart).",
+        ],
+        [
+            "heartbeat-interval",
+            None,
+            5.0,
+            "Seconds between PINGs to a quiet worker.",
+            _positive_float,
+        ],
+        [
+            "heartbeat-timeout",
+            None,
+            15.0,
+            "Seconds of silence after which a worker is declared lost and its sub-tasks requeued.",
+            _positive_float,
+        ],
+        [
+            "default-timeout",
+            None,
+            0.0,
+            "Seconds a sub-task may run before it is retried elsewhere, for tasks and jobs "
+            "that set none. 0: no limit.",
+            float,
+        ],
+        [
+            "default-attempts",
+            None,
+            3,
+            "Tries per sub-task (task raised, timed out, or its pool process died) before the job "
+            "fails, for tasks and jobs that set none.",
+            _positive_int,
+        ],
+        [
+            "max-lost",
+            None,
+            5,
+            "Times a sub-task's worker may vanish under it before the job fails (WORKER_LOST).",
+            _positive_int,
+        ],
+        [
+            "max-queued",
+            None,
+            1_000_000,
+            "Sub-tasks queued over all jobs; a SUBMIT that would pass it gets ERR BUSY.",
+            _positive_int,
+        ],
+        [
+            "max-client-jobs",
+            None,
+            10_000,
+            "Unfinished jobs one connection may have submitted; more gets ERR BUSY.",
+            _positive_int,
+        ],
+        [
+            "speculate-factor",
+            None,
+            3.0,
+            "With --speculate: a running sub-task this many times its job's mean is a straggler.",
+            _positive_float,
+        ],
+    ]
+    optFlags = [
+        [
+            "speculate",
+            None,
+            "Start backup copies of straggling sub-tasks on idle workers; the first result wins.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -85,24 +159,60 @@ class Options(usage.Options):
             raise usage.UsageError(f"cannot load tasks: {e}") from e
 
 
+def open_journal(path: str, reactor: Any) -> Any:
+    """The journal for ``--journal``: SQLite at ``path``, or none for ``none``."""
+    from twisted.logger import Logger
+
+    from clusterd.core.journal import NullJournal
+
+    log = Logger(namespace="clusterd.server")
+    if path.lower() in ("none", "off", ""):
+        log.warn("running WITHOUT a journal (--journal none): jobs do not survive a restart")
+        return NullJournal()
+    from clusterd.server.sqlite_journal import SqliteJournal
+
+    journal = SqliteJournal(path, reactor)
+    log.info("journal: {path}", path=os.path.abspath(path))
+    return journal
+
+
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor  # noqa: PLC0415 - only when twistd runs us
 
-    from clusterd.core.scheduler import Scheduler
+    from clusterd.core.journal import JournalError
+    from clusterd.core.scheduler import Scheduler, SchedulerConfig
     from clusterd.endpoints import listening_service
-    from clusterd.server.protocol import ServerFactory
+    from clusterd.server.protocol import ConnectionSettings, ServerFactory
     from clusterd.server.service import ServerService
 
     top = MultiService()
-    core = Scheduler(
-        options.registry,
-        reactor,
+    config = SchedulerConfig(
         max_subtasks=options["max-subtasks"],
+        max_queued=options["max-queued"],
         retention=options["retention"],
+        default_timeout=options["default-timeout"] or None,
+        default_attempts=options["default-attempts"],
+        max_lost=options["max-lost"],
+        speculate=bool(options["speculate"]),
+        speculate_factor=options["speculate-factor"],
     )
+    try:
+        core = Scheduler(
+            options.registry, reactor, open_journal(options["journal"], reactor), config
+        )
+        core.recover()
+    except JournalError as e:
+        # twistd prints this and exits 1: never start empty on a journal we cannot read.
+        raise usage.UsageError(f"{e}. Move the file away to start with an empty journal.") from e
     ServerService(core).setServiceParent(top)
-    factory = ServerFactory(core, options["max-line"])
+    settings = ConnectionSettings(
+        max_line=options["max-line"],
+        max_client_jobs=options["max-client-jobs"],
+        heartbeat_interval=options["heartbeat-interval"],
+        heartbeat_timeout=options["heartbeat-timeout"],
+    )
+    factory = ServerFactory(core, settings=settings, clock=reactor)
     for description in options["listen"]:
         listening_service(reactor, description, factory).setServiceParent(top)
     return top

@@ -30,7 +30,9 @@ class Task:
     """A named task.
 
     ``input_kind`` is ``"json"`` or ``"text"``: for ``"text"`` tasks the ``clusterd`` command sends
-    a ``--file`` as one JSON string instead of parsing it as JSON.
+    a ``--file`` as one JSON string instead of parsing it as JSON. ``split`` must be
+    deterministic: after a restart the server splits the journaled input again and keeps the
+    results it already has by chunk index.
     """
 
     name: str
@@ -39,6 +41,8 @@ class Task:
     combine: Callable[[list[Any]], Any]
     doc: str = ""
     input_kind: str = "json"
+    timeout: float | None = None  # seconds per sub-task; None: the server's default
+    attempts: int | None = None  # tries per sub-task; None: the server's default
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "doc": self.doc, "input": self.input_kind}

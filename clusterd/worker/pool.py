@@ -58,6 +58,12 @@ class _Child(ProcessProtocol):
             else:
                 d.errback(_TaskError(msg.get("type", "Error"), msg.get("message", "")))
 
+    def kill(self) -> None:
+        try:
+            self.transport.signalProcess("KILL")
+        except Exception:  # already gone
+            pass
+
     def errReceived(self, data: bytes) -> None:
         text = data.decode("utf-8", "replace").rstrip()
         if text:
@@ -119,13 +125,34 @@ class PoolService(Service):
         self._released(child)
 
     def run(self, task: str, value: Any) -> Deferred[Any]:
+        """Run ``task`` on ``value`` in a child. Cancelling the Deferred drops a queued run, or
+        kills the child running it (a new child takes its place): Python code cannot be
+        interrupted any other way."""
         self.ticket += 1
-        d: Deferred[Any] = Deferred()
+        ticket = self.ticket
+
+        def cancel(d: Deferred[Any]) -> None:
+            for item in self.waiting:
+                if item[0] == ticket:
+                    self.waiting.remove(item)
+                    return
+            for child in self.children:
+                if child.current is not None and child.current[0] == ticket:
+                    child.current = None
+                    child.kill()
+                    return
+
+        d: Deferred[Any] = Deferred(cancel)
         if self.idle:
-            self.idle.popleft().send(self.ticket, task, value, d)
+            self.idle.popleft().send(ticket, task, value, d)
         else:
-            self.waiting.append((self.ticket, task, value, d))
+            self.waiting.append((ticket, task, value, d))
         return d
+
+    @property
+    def busy(self) -> int:
+        """Runs held: running in a child or queued for one."""
+        return len(self.waiting) + sum(1 for c in self.children if c.current is not None)
 
     def _released(self, child: _Child) -> None:
         if not child.alive:
@@ -167,7 +194,4 @@ class PoolService(Service):
     def _kill(self, children: list[_Child]) -> None:
         for c in children:
             if c.alive:
-                try:
-                    c.transport.signalProcess("KILL")
-                except Exception:
-                    pass
+                c.kill()

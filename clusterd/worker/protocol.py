@@ -1,13 +1,16 @@
 """The worker's side of the line protocol: register, take DO lines, answer DONE or ERROR.
 
 ``ClientService`` builds a new protocol per connection, so registration happens in every
-connection: a worker that lost its server registers again as soon as it is back.
+connection: a worker that lost its server registers again as soon as it is back. Both sides
+send heartbeats; a server silent past the timeout is treated as gone (the connection is aborted
+and ClientService reconnects), which catches half-open connections TCP never reports.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -15,6 +18,7 @@ from twisted.python.failure import Failure
 from clusterd import PROTOCOL_VERSION
 from clusterd.core.framing import DEFAULT_MAX_LINE, LineFramer, LineTooLong
 from clusterd.core.wire import WireError, dumps, parse_greeting, parse_json_object
+from clusterd.heartbeat import Heartbeat
 from clusterd.worker.pool import ChildDied, PoolService
 
 __all__ = ["WorkerProtocol", "WorkerFactory"]
@@ -29,8 +33,24 @@ class WorkerProtocol(Protocol):
         self.registered = False
         self.greeted = False
         self.lost = False
+        self.draining = False
+        self.server_max_line = DEFAULT_MAX_LINE
+        self.running: dict[Any, Deferred[Any]] = {}
+        self.idle: Deferred[None] | None = None
+        self.heartbeat = Heartbeat(
+            factory.clock,
+            factory.heartbeat_interval,
+            factory.heartbeat_timeout,
+            lambda: self._send("PING"),
+            self._server_silent,
+        )
+
+    def connectionMade(self) -> None:
+        self.factory.current = self
+        self.heartbeat.start()
 
     def dataReceived(self, data: bytes) -> None:
+        self.heartbeat.touch()
         for event in self.framer.feed(data):
             if isinstance(event, LineTooLong):
                 self.log.error("server sent a line over {limit} bytes; ignored", limit=event.limit)
@@ -43,7 +63,7 @@ class WorkerProtocol(Protocol):
     def _line(self, text: str) -> None:
         verb, _, rest = text.partition(" ")
         if not self.greeted:
-            version, _info = parse_greeting(text)
+            version, info = parse_greeting(text)
             if version != PROTOCOL_VERSION:
                 self.log.error(
                     "server speaks protocol {v}, this worker {mine}; disconnecting",
@@ -53,6 +73,8 @@ class WorkerProtocol(Protocol):
                 self.transport.loseConnection()
                 return
             self.greeted = True
+            if isinstance(info.get("max_line"), int):
+                self.server_max_line = info["max_line"]
             f = self.factory
             self._send(
                 "REGISTER "
@@ -62,11 +84,18 @@ class WorkerProtocol(Protocol):
                         "tasks": f.tasks,
                         "slots": f.slots,
                         "protocol": PROTOCOL_VERSION,
+                        "max_line": f.max_line,
                     }
                 )
             )
         elif verb == "DO":
             self._do(parse_json_object(rest, "DO"))
+        elif verb == "CANCEL":
+            d = self.running.pop(parse_json_object(rest, "CANCEL").get("id"), None)
+            if d is not None:
+                d.cancel()
+        elif verb == "PING":
+            self._send("OK PONG")
         elif verb == "OK" and rest.startswith("REGISTERED"):
             self.registered = True
             self.factory.registrations += 1
@@ -76,6 +105,8 @@ class WorkerProtocol(Protocol):
                 name=self.factory.name,
                 slots=self.factory.slots,
             )
+            if self.factory.stopping:
+                self.drain()
         elif verb == "ERR":
             self.log.error("server refused: {text}", text=text)
             if not self.registered:
@@ -84,30 +115,81 @@ class WorkerProtocol(Protocol):
     def _do(self, msg: dict[str, Any]) -> None:
         ticket = msg.get("id")
         d = self.factory.pool.run(str(msg.get("task")), msg.get("input"))
+        self.running[ticket] = d
 
         def ok(result: Any) -> None:
-            self._send("DONE " + dumps({"id": ticket, "job": msg.get("job"), "result": result}))
+            line = "DONE " + dumps({"id": ticket, "job": msg.get("job"), "result": result})
+            if len(line.encode("utf-8")) > self.server_max_line:
+                self._error(
+                    ticket,
+                    msg,
+                    "ResultTooLarge",
+                    f"the result needs a {len(line)}-byte line; the server accepts "
+                    f"{self.server_max_line}",
+                )
+            else:
+                self._send(line)
 
         def failed(f: Failure) -> None:
+            if f.check(CancelledError):
+                return  # the server cancelled it: it expects no answer
             if f.check(PoolService.TaskError):
                 kind, message = f.value.type, f.value.message
             elif f.check(ChildDied):
                 kind, message = "ChildDied", str(f.value)
             else:
                 kind, message = type(f.value).__name__, str(f.value)
-            self._send(
-                "ERROR "
-                + dumps({"id": ticket, "job": msg.get("job"), "type": kind, "message": message})
-            )
+            self._error(ticket, msg, kind, message)
 
-        d.addCallbacks(ok, failed)
+        def settled(_: Any) -> None:
+            self.running.pop(ticket, None)
+            self._maybe_idle()
+
+        d.addCallbacks(ok, failed).addBoth(settled)
+
+    def _error(self, ticket: Any, msg: dict[str, Any], kind: str, message: str) -> None:
+        self._send(
+            "ERROR "
+            + dumps({"id": ticket, "job": msg.get("job"), "type": kind, "message": message})
+        )
 
     def _send(self, line: str) -> None:
         if not self.lost and not self.transport.disconnecting:
             self.transport.write(line.encode("utf-8") + b"\n")
 
+    # -- graceful stop -------------------------------------------------------------------------
+
+    def drain(self) -> Deferred[None]:
+        """Ask for no new sub-tasks; fires once those held have been answered."""
+        if not self.draining:
+            self.draining = True
+            self._send("DRAIN")
+        if self.idle is None:
+            self.idle = Deferred()
+        self._maybe_idle()
+        return self.idle
+
+    def _maybe_idle(self) -> None:
+        if self.idle is not None and not self.running and not self.idle.called:
+            self.idle.callback(None)
+
+    def _server_silent(self, silent: float) -> None:
+        self.log.warn(
+            "server silent for {silent:.1f}s; dropping the connection to reconnect",
+            silent=silent,
+        )
+        self.transport.abortConnection()
+
     def connectionLost(self, reason: Failure = None) -> None:
         self.lost = True
+        self.heartbeat.stop()
+        if self.factory.current is self:
+            self.factory.current = None
+        # The server requeues what we held; stop computing it here.
+        running, self.running = self.running, {}
+        for d in running.values():
+            d.cancel()
+        self._maybe_idle()
         if self.registered:
             self.log.info("lost the server: {reason}", reason=reason.getErrorMessage())
 
@@ -120,13 +202,23 @@ class WorkerFactory(Factory):
         tasks: list[str],
         slots: int,
         max_line: int = DEFAULT_MAX_LINE,
+        clock: Any = None,
+        heartbeat_interval: float = 5.0,
+        heartbeat_timeout: float = 15.0,
     ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
         self.pool = pool
         self.name = name
         self.tasks = tasks
         self.slots = slots
         self.max_line = max_line
+        self.clock = clock
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
         self.registrations = 0
+        self.current: WorkerProtocol | None = None
+        self.stopping = False
 
     def buildProtocol(self, addr: Any) -> WorkerProtocol:
         return WorkerProtocol(self)

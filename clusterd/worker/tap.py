@@ -6,7 +6,9 @@ import os
 import socket
 from typing import Any
 
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, TimeoutError
+from twisted.logger import Logger
 from twisted.python import usage
 
 from clusterd import DEFAULT_PORT
@@ -65,6 +67,27 @@ class Options(usage.Options):
             "Longest protocol line accepted, in bytes.",
             _positive_int,
         ],
+        [
+            "heartbeat-interval",
+            None,
+            5.0,
+            "Seconds between PINGs to a quiet server.",
+            _positive_float,
+        ],
+        [
+            "heartbeat-timeout",
+            None,
+            15.0,
+            "Seconds of silence after which the server is presumed gone and we reconnect.",
+            _positive_float,
+        ],
+        [
+            "drain-timeout",
+            None,
+            30.0,
+            "On SIGTERM: seconds to finish the sub-tasks held before handing the rest back.",
+            _positive_float,
+        ],
     ]
 
     def __init__(self) -> None:
@@ -103,7 +126,14 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     pool = PoolService(options["slots"], options["tasks"], reactor)
     pool.setServiceParent(top)
     factory = WorkerFactory(
-        pool, options["name"], options.registry.names(), options["slots"], options["max-line"]
+        pool,
+        options["name"],
+        options.registry.names(),
+        options["slots"],
+        options["max-line"],
+        clock=reactor,
+        heartbeat_interval=options["heartbeat-interval"],
+        heartbeat_timeout=options["heartbeat-timeout"],
     )
     client = ClientService(
         clientFromString(reactor, options["connect"]),
@@ -112,4 +142,40 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     )
     client.setName("connection")
     client.setServiceParent(top)
+    # Added last, so stopped first: drain before the connection and the pool go away.
+    DrainService(factory, options["drain-timeout"], reactor).setServiceParent(top)
     return top
+
+
+class DrainService(Service):
+    """On stop (SIGTERM): take no new sub-tasks, finish those held, then let the connection
+    close; whatever is still running after the timeout is handed back to the server."""
+
+    log = Logger()
+    name = "drain"
+
+    def __init__(self, factory: Any, timeout: float, clock: Any) -> None:
+        self.factory = factory
+        self.timeout = timeout
+        self.clock = clock
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        self.factory.stopping = True
+        proto = self.factory.current
+        if proto is None or not proto.registered:
+            return None
+        held = len(proto.running)
+        self.log.info(
+            "stopping: finishing {n} sub-tasks held (at most {t}s)", n=held, t=self.timeout
+        )
+        d = proto.drain()
+        d.addTimeout(self.timeout, self.clock)
+
+        def gave_up(f: Any) -> None:
+            f.trap(TimeoutError)
+            self.log.warn(
+                "drain timed out; handing {n} sub-tasks back to the server", n=len(proto.running)
+            )
+
+        return d.addErrback(gave_up)

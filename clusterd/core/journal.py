@@ -1,0 +1,163 @@
+"""Journal records and the journal interface, with no I/O.
+
+The scheduler writes three kinds of record: a job was accepted, a sub-task's result arrived, a job
+ended. ``append`` returns a Deferred that fires once the record is durable; records become durable
+in the order they were appended. :class:`MemoryJournal` keeps them in a dict, for tests (it can be
+"recovered" into a second scheduler to simulate a restart); the SQLite journal a server uses is
+:class:`clusterd.server.sqlite_journal.SqliteJournal`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred, succeed
+
+__all__ = [
+    "JobAccepted",
+    "ResultRecorded",
+    "JobEnded",
+    "JobRecord",
+    "Recovered",
+    "Journal",
+    "NullJournal",
+    "MemoryJournal",
+    "JournalError",
+]
+
+
+class JournalError(Exception):
+    """The journal cannot be opened or read; the server refuses to start on it."""
+
+
+@dataclass(frozen=True)
+class JobAccepted:
+    job: str
+    seq: int
+    task: str
+    input_json: str
+    chunks: int
+    options: dict[str, Any]
+    key: str | None
+    submitted: float
+
+
+@dataclass(frozen=True)
+class ResultRecorded:
+    job: str
+    index: int
+    result_json: str
+
+
+@dataclass(frozen=True)
+class JobEnded:
+    job: str
+    state: str
+    result_json: str | None
+    error: dict[str, Any] | None
+    total: int
+    finished: float
+
+
+Record = JobAccepted | ResultRecorded | JobEnded
+
+
+@dataclass
+class JobRecord:
+    """One job as the journal holds it."""
+
+    accepted: JobAccepted
+    results: dict[int, str] = field(default_factory=dict)
+    ended: JobEnded | None = None
+
+
+@dataclass
+class Recovered:
+    jobs: list[JobRecord]
+    next_seq: int
+
+
+class Journal(Protocol):
+    durable: bool
+
+    def append(self, record: Record) -> Deferred[None]: ...
+
+    def load(self) -> Recovered: ...
+
+    def forget(self, job_ids: list[str]) -> None: ...
+
+    def close(self) -> Deferred[None]: ...
+
+
+class NullJournal:
+    """No journal: every record is "durable" at once, and nothing survives a restart."""
+
+    durable = False
+
+    def append(self, record: Record) -> Deferred[None]:
+        return succeed(None)
+
+    def load(self) -> Recovered:
+        return Recovered([], 1)
+
+    def forget(self, job_ids: list[str]) -> None:
+        pass
+
+    def close(self) -> Deferred[None]:
+        return succeed(None)
+
+
+class MemoryJournal:
+    """Records kept in memory. ``hold=True`` keeps appends pending until :meth:`flush`, so tests
+    can observe what a client sees before and after a record becomes durable."""
+
+    durable = True
+
+    def __init__(self, hold: bool = False) -> None:
+        self.hold = hold
+        self.jobs: dict[str, JobRecord] = {}
+        self.pending: list[tuple[Record, Deferred[None]]] = []
+        self.appended: list[Record] = []
+
+    def append(self, record: Record) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.appended.append(record)
+        self.pending.append((record, d))
+        if not self.hold:
+            self.flush()
+        return d
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, []
+        for record, _ in pending:
+            apply_record(self.jobs, record)
+        for _, d in pending:
+            d.callback(None)
+
+    def load(self) -> Recovered:
+        seqs = [r.accepted.seq for r in self.jobs.values()]
+        return Recovered(list(self.jobs.values()), max(seqs, default=0) + 1)
+
+    def forget(self, job_ids: list[str]) -> None:
+        for j in job_ids:
+            self.jobs.pop(j, None)
+
+    def close(self) -> Deferred[None]:
+        self.flush()
+        return succeed(None)
+
+
+def apply_record(jobs: dict[str, JobRecord], record: Record) -> None:
+    """Fold one record into a job table (how any journal reads back what it wrote)."""
+    if isinstance(record, JobAccepted):
+        jobs[record.job] = JobRecord(record)
+    elif isinstance(record, ResultRecorded):
+        rec = jobs.get(record.job)
+        if rec is not None and rec.ended is None:
+            rec.results.setdefault(record.index, record.result_json)
+    elif isinstance(record, JobEnded):
+        rec = jobs.get(record.job)
+        if rec is not None:
+            rec.ended = record
+            rec.results.clear()  # partial results are not needed once the job has ended
