@@ -138,7 +138,10 @@ class Job:
         return d
 
     def watch(self, fn: Callable[[Job], None]) -> Callable[[], None]:
-        """Call ``fn(job)`` on every recorded result and at the end; returns an unsubscribe."""
+        """Call ``fn(job)`` on every recorded result and at the end; returns an unsubscribe.
+        An ended job has nothing more to report, so nothing is kept for it."""
+        if self.is_final:
+            return lambda: None
         self._watchers.append(fn)
 
         def unsubscribe() -> None:

@@ -105,6 +105,7 @@ class Scheduler:
         self._jobs: dict[str, Job] = {}
         self._ring: deque[Job] = deque()
         self._in_ring: set[str] = set()
+        self._last_served: Job | None = None
         self._workers: dict[str, WorkerHandle] = {}
         self._next_id = 1
         self._pumping = False
@@ -270,9 +271,14 @@ class Scheduler:
         return max(1, min(MAX_DEFAULT_CHUNKS, DEFAULT_CHUNKS_PER_SLOT * slots))
 
     def _enring(self, job: Job) -> None:
+        """Join the ring just ahead of the job served last, so a newcomer is served before
+        that job gets another turn (round-robin), not after it."""
         if job.id not in self._in_ring and job.has_pending():
             self._in_ring.add(job.id)
-            self._ring.append(job)
+            if self._ring and self._ring[-1] is self._last_served:
+                self._ring.insert(len(self._ring) - 1, job)
+            else:
+                self._ring.append(job)
 
     def _next_job_for(self, worker: WorkerHandle) -> Job | None:
         for _ in range(len(self._ring)):
@@ -282,6 +288,7 @@ class Scheduler:
                 continue
             self._ring.append(job)
             if job.task in worker.tasks:
+                self._last_served = job
                 return job
         return None
 
