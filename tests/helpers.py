@@ -8,9 +8,7 @@ from hypothesis import HealthCheck, settings
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-__all__ = ["result_of", "has_result", "deterministic"]
-
-_NO_RESULT = object()
+__all__ = ["result_of", "deterministic"]
 
 
 def result_of(d: Deferred[Any]) -> Any:
@@ -24,11 +22,6 @@ def result_of(d: Deferred[Any]) -> Any:
     if isinstance(out[0], Failure):
         out[0].raiseException()
     return out[0]
-
-
-def has_result(d: Deferred[Any]) -> bool:
-    """True when the Deferred has already fired (without consuming its result)."""
-    return d.called and not d.paused
 
 
 # Hypothesis: the same examples on every run, no example database written into the repository,

@@ -1,0 +1,681 @@
+"""ServerProtocol over StringTransport: every verb, every error code, pipelining and losses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from clusterd import PROTOCOL_VERSION, __version__
+from clusterd.core.scheduler import Scheduler
+from clusterd.core.wire import CLIENT_VERBS
+from clusterd.server.protocol import MAX_WORKER_SLOTS, ServerFactory
+from clusterd.tasks import Registry
+from clusterd.tasks.builtins import TASKS
+
+REGISTRY = Registry(TASKS)
+
+
+class Conn:
+    """One server-side protocol on a StringTransport, with line-level helpers."""
+
+    def __init__(self, factory: ServerFactory) -> None:
+        self.proto = factory.buildProtocol(None)
+        self.tr = StringTransport()
+        self.proto.makeConnection(self.tr)
+        self.greeting = self.lines()
+
+    def send(self, data: str | bytes) -> None:
+        self.proto.dataReceived(data.encode() if isinstance(data, str) else data)
+
+    def lines(self) -> list[str]:
+        """Lines written since the last call."""
+        out = self.tr.value().decode("utf-8")
+        self.tr.clear()
+        assert out == "" or out.endswith("\n"), f"partial line written: {out!r}"
+        return out.splitlines()
+
+    def ask(self, line: str) -> list[str]:
+        self.send(line + "\n")
+        return self.lines()
+
+    def lose(self, reason=ConnectionDone) -> None:
+        self.proto.connectionLost(Failure(reason()))
+
+
+class WorkerConn(Conn):
+    """A fake worker speaking the protocol: REGISTER, then answers DO lines it is sent."""
+
+    def __init__(self, factory, name="w1", tasks=("sum", "sort", "primes"), slots=1) -> None:
+        super().__init__(factory)
+        self.name = name
+        reply = self.ask(
+            "REGISTER "
+            + json.dumps({"name": name, "tasks": list(tasks), "slots": slots, "protocol": 1})
+        )
+        assert reply[0] == "OK REGISTERED " + json.dumps(
+            {"name": name, "protocol": PROTOCOL_VERSION}, separators=(",", ":")
+        )
+        self.todo: list[dict] = []
+        self._collect(reply[1:])
+
+    def _collect(self, lines: list[str]) -> None:
+        for line in lines:
+            verb, _, rest = line.partition(" ")
+            assert verb == "DO", line
+            self.todo.append(json.loads(rest))
+
+    def dos(self) -> list[dict]:
+        """Every DO received and not yet answered."""
+        self._collect(self.lines())
+        return list(self.todo)
+
+    def done(self, msg: dict, result=None) -> None:
+        self.todo.remove(msg)
+        if result is None:
+            result = REGISTRY.get(msg["task"]).run(msg["input"])
+        self.send(
+            "DONE " + json.dumps({"id": msg["id"], "job": msg["job"], "result": result}) + "\n"
+        )
+
+    def error(self, msg: dict, type_: str, message: str) -> None:
+        self.todo.remove(msg)
+        payload = {"id": msg["id"], "job": msg["job"], "type": type_, "message": message}
+        self.send("ERROR " + json.dumps(payload) + "\n")
+
+    def answer_one(self) -> dict:
+        msg = self.dos()[0]
+        self.done(msg)
+        return msg
+
+    def answer_all(self) -> int:
+        n = 0
+        while self.dos():
+            self.answer_one()
+            n += 1
+        return n
+
+
+@pytest.fixture
+def clock():
+    c = Clock()
+    yield c
+    assert c.getDelayedCalls() == []
+
+
+@pytest.fixture
+def core(clock):
+    return Scheduler(Registry(TASKS), clock)
+
+
+@pytest.fixture
+def factory(core):
+    return ServerFactory(core)
+
+
+@pytest.fixture
+def client(factory):
+    return Conn(factory)
+
+
+def ok_json(line: str):
+    assert line.startswith("OK "), line
+    return json.loads(line[3:])
+
+
+def err_code(line: str) -> str:
+    assert line.startswith("ERR "), line
+    return line.split(" ", 2)[1]
+
+
+# -- greeting and simple verbs -------------------------------------------------------------------
+
+
+def test_greeting(client):
+    """A new connection is greeted with HELLO, the protocol version and a JSON info object."""
+    assert len(client.greeting) == 1
+    hello, name, version, info = client.greeting[0].split(" ", 3)
+    assert (hello, name, int(version)) == ("HELLO", "clusterd", PROTOCOL_VERSION)
+    assert json.loads(info) == {
+        "server": f"clusterd/{__version__}",
+        "role": "server",
+        "max_line": 16 * 1024 * 1024,
+    }
+
+
+def test_greeting_announces_configured_max_line(core):
+    """The greeting's max_line is the factory's configured limit."""
+    conn = Conn(ServerFactory(core, max_line=64))
+    assert json.loads(conn.greeting[0].split(" ", 3)[3])["max_line"] == 64
+
+
+def test_ping(client):
+    """PING (any case, either terminator) answers OK PONG."""
+    assert client.ask("PING") == ["OK PONG"]
+    client.send("ping\r\n")
+    assert client.lines() == ["OK PONG"]
+
+
+def test_blank_lines_are_ignored(client):
+    """Blank lines get no reply at all."""
+    assert client.ask("") == []
+    assert client.ask("   \r") == []
+    assert client.ask("PING") == ["OK PONG"]
+
+
+def test_help_lists_the_client_verbs(client):
+    """HELP replies with the protocol version and a description of every client verb."""
+    [line] = client.ask("HELP")
+    body = ok_json(line)
+    assert body["protocol"] == PROTOCOL_VERSION
+    assert body["verbs"] == CLIENT_VERBS
+
+
+def test_quit_replies_then_closes(client):
+    """QUIT answers OK BYE, closes the connection and ignores anything after it."""
+    client.send("QUIT\nPING\n")
+    assert client.lines() == ["OK BYE"]
+    assert client.tr.disconnecting
+    client.lose()
+
+
+def test_quit_waits_for_earlier_replies(client):
+    """QUIT behind a pending RUN closes only after the RUN's result and the BYE are written."""
+    client.send("RUN sum [1,2]\nQUIT\n")
+    assert client.lines() == []
+    assert not client.tr.disconnecting
+    WorkerConn(client.proto.factory).answer_all()
+    assert client.lines() == ["RESULT j1 3", "OK BYE"]
+    assert client.tr.disconnecting
+
+
+# -- jobs ----------------------------------------------------------------------------------------
+
+
+def test_submit_replies_with_the_job_id_at_once(client):
+    """SUBMIT answers OK <job-id> without waiting for the job."""
+    assert client.ask("SUBMIT sum [1,2,3]") == ["OK j1"]
+    assert client.ask('SUBMIT sum [4] {"chunks": 1}') == ["OK j2"]
+
+
+def test_run_with_a_registered_worker(factory, client):
+    """RUN dispatches DO lines to a registered worker and replies RESULT once it answers."""
+    worker = WorkerConn(factory, slots=2)
+    assert client.ask('RUN sum [1,2,3,4,5,6,7,8,9,10] {"chunks": 3}') == []
+    dos = worker.dos()
+    assert len(dos) == 2
+    assert {d["job"] for d in dos} == {"j1"}
+    assert {d["task"] for d in dos} == {"sum"}
+    assert sorted(d["index"] for d in dos) == [0, 1]
+    assert dos[0]["input"] == [1, 2, 3, 4]
+    assert worker.answer_all() == 3
+    assert client.lines() == ["RESULT j1 55"]
+
+
+def test_run_waits_for_a_worker_to_register(factory, client):
+    """A RUN submitted before any worker exists completes once a capable worker registers."""
+    assert client.ask("RUN sort [3,1,2]") == []
+    worker = WorkerConn(factory, slots=4)
+    worker.answer_all()
+    assert client.lines() == ["RESULT j1 [1,2,3]"]
+
+
+def test_wait(factory, client):
+    """WAIT on a running job replies with its result when it ends; on an ended one, at once."""
+    assert client.ask('SUBMIT sum [1,2] {"chunks": 2}') == ["OK j1"]
+    assert client.ask("WAIT j1") == []
+    worker = WorkerConn(factory, slots=2)
+    worker.answer_all()
+    assert client.lines() == ["RESULT j1 3"]
+    assert client.ask("WAIT j1") == ["RESULT j1 3"]
+
+
+def test_status_shows_waiting_for_worker(factory, client):
+    """STATUS reports a job's state and progress, and flags a job no worker can run."""
+    client.ask('SUBMIT primes {"stop": 10} {"chunks": 2}')
+    status = ok_json(client.ask("STATUS j1")[0])
+    assert status["id"] == "j1"
+    assert status["task"] == "primes"
+    assert status["state"] == "queued"
+    assert status["queued"] == 2
+    assert status["waiting_for_worker"] is True
+    assert "primes" in status["note"]
+    worker = WorkerConn(factory, slots=1, tasks=["primes"])
+    status = ok_json(client.ask("STATUS j1")[0])
+    assert status["state"] == "running"
+    assert (status["running"], status["queued"], status["done"]) == (1, 1, 0)
+    assert "waiting_for_worker" not in status
+    worker.answer_all()
+    status = ok_json(client.ask("STATUS j1")[0])
+    assert status["state"] == "done"
+    assert status["done"] == status["total"] == 2
+    assert status["ran_on"] == {"w1": 2}
+
+
+def test_watch_sends_progress_then_result(factory, client):
+    """WATCH streams PROGRESS lines as sub-tasks finish, then the final RESULT."""
+    worker = WorkerConn(factory, slots=1)
+    client.ask('SUBMIT sum [1,2,3,4] {"chunks": 4}')
+    assert client.ask("WATCH j1") == ['PROGRESS j1 {"done":0,"total":4}']
+    worker.answer_one()
+    assert client.lines() == ['PROGRESS j1 {"done":1,"total":4}']
+    worker.answer_all()
+    assert client.lines() == [
+        'PROGRESS j1 {"done":2,"total":4}',
+        'PROGRESS j1 {"done":3,"total":4}',
+        'PROGRESS j1 {"done":4,"total":4}',
+        "RESULT j1 10",
+    ]
+    assert client.ask("PING") == ["OK PONG"]
+
+
+def test_watch_sends_at_most_one_progress_line_per_percent(factory, client):
+    """WATCH on a job of many sub-tasks sends at most ~100 PROGRESS lines."""
+    worker = WorkerConn(factory, slots=50)
+    client.ask(f'SUBMIT sum {json.dumps(list(range(1000)))} {{"chunks": 1000}}')
+    lines = client.ask("WATCH j1")
+    worker.answer_all()
+    lines += client.lines()
+    assert lines[-1] == f"RESULT j1 {sum(range(1000))}"
+    assert len(lines) - 1 == 101  # 0%, 1%, ..., 100%
+    assert all(line.startswith("PROGRESS j1 ") for line in lines[:-1])
+
+
+def test_watch_a_finished_job_gives_its_result_and_keeps_no_watcher(factory, client, core):
+    """WATCH on an ended job answers its final line at once and leaves no watcher on the job."""
+    worker = WorkerConn(factory)
+    client.ask("RUN sum [5]")
+    worker.answer_all()
+    assert client.lines() == ["RESULT j1 5"]
+    assert client.ask("WATCH j1") == ["RESULT j1 5"]
+    assert core.get("j1")._watchers == []
+
+
+def test_cancel_ends_a_waiting_run(factory):
+    """CANCEL from another connection makes a pending RUN reply CANCELLED."""
+    runner, other = Conn(factory), Conn(factory)
+    assert runner.ask("RUN sum [1,2,3]") == []
+    assert other.ask("CANCEL j1") == ["OK j1 cancelled"]
+    assert runner.lines() == ["CANCELLED j1"]
+    assert other.ask("CANCEL j1") == ["OK j1 cancelled"]
+    assert ok_json(other.ask("STATUS j1")[0])["state"] == "cancelled"
+
+
+def test_cancel_of_a_done_job_reports_done(factory, client):
+    """CANCEL of a job that already finished leaves it done."""
+    worker = WorkerConn(factory)
+    client.ask("RUN sum [1]")
+    worker.answer_all()
+    client.lines()
+    assert client.ask("CANCEL j1") == ["OK j1 done"]
+
+
+def test_jobs_lists_every_job_briefly(factory, client):
+    """JOBS lists each job with id, task, state, done and total."""
+    client.ask('SUBMIT sum [1,2] {"chunks": 2}')
+    client.ask("SUBMIT sort [2,1]")
+    client.ask("CANCEL j2")
+    assert ok_json(client.ask("JOBS")[0]) == [
+        {"id": "j1", "task": "sum", "state": "queued", "done": 0, "total": 2},
+        {"id": "j2", "task": "sort", "state": "cancelled", "done": 0, "total": 2},
+    ]
+
+
+def test_workers_lists_registered_workers(factory, client, clock):
+    """WORKERS lists connected workers with their tasks, slots and use."""
+    assert ok_json(client.ask("WORKERS")[0]) == []
+    clock.advance(3)
+    WorkerConn(factory, name="alpha", tasks=["sum"], slots=2)
+    [w] = ok_json(client.ask("WORKERS")[0])
+    assert w == {
+        "name": "alpha",
+        "address": "192.168.1.1:54321",
+        "tasks": ["sum"],
+        "slots": 2,
+        "busy": 0,
+        "done": 0,
+        "failed": 0,
+        "connected": 3.0,
+    }
+
+
+def test_tasks_lists_tasks_and_capacity(factory, client):
+    """TASKS lists every known task with how many workers and slots can run it."""
+    WorkerConn(factory, tasks=["sum"], slots=3)
+    tasks = {t["name"]: t for t in ok_json(client.ask("TASKS")[0])}
+    assert set(tasks) == {"sum", "primes", "wordcount", "sort", "sleep"}
+    assert (tasks["sum"]["workers"], tasks["sum"]["slots"]) == (1, 3)
+    assert (tasks["sort"]["workers"], tasks["sort"]["slots"]) == (0, 0)
+
+
+def test_stats(factory, client):
+    """STATS replies with the scheduler's counters."""
+    worker = WorkerConn(factory, slots=2)
+    client.ask("RUN sum [1,2,3]")
+    worker.answer_all()
+    client.lines()
+    stats = ok_json(client.ask("STATS")[0])
+    assert stats["jobs_submitted"] == 1
+    assert stats["jobs_done"] == 1
+    assert stats["workers"] == 1
+    assert stats["slots"] == 2
+    assert stats["subtasks_completed"] == stats["subtasks_dispatched"] >= 1
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "line, code",
+    [
+        ("FROB", "UNKNOWN_VERB"),
+        ("do_PING", "UNKNOWN_VERB"),
+        ("RUN", "BAD_REQUEST"),
+        ("RUN sum", "BAD_REQUEST"),
+        ("SUBMIT", "BAD_REQUEST"),
+        ("WAIT", "BAD_REQUEST"),
+        ("WAIT j1 j2", "BAD_REQUEST"),
+        ("STATUS", "BAD_REQUEST"),
+        ('RUN sum [1] {"chunks": 0}', "BAD_REQUEST"),
+        ('RUN sum [1] {"colour": "red"}', "BAD_REQUEST"),
+        ("RUN sum [1,", "BAD_JSON"),
+        ("RUN sum [1] trailing", "BAD_JSON"),
+        ("RUN sum [NaN]", "BAD_JSON"),
+        ("RUN nope [1]", "UNKNOWN_TASK"),
+        ("WAIT j42", "UNKNOWN_JOB"),
+        ("STATUS j42", "UNKNOWN_JOB"),
+        ("WATCH j42", "UNKNOWN_JOB"),
+        ("CANCEL j42", "UNKNOWN_JOB"),
+        ('RUN sum {"a": 1}', "BAD_INPUT"),
+        ('SUBMIT primes {"stop": -1, "start": 5}', "BAD_INPUT"),
+        ("DONE {}", "WRONG_ROLE"),
+        ('ERROR {"id": 1}', "WRONG_ROLE"),
+    ],
+)
+def test_error_codes(client, line, code):
+    """Each bad request gets `ERR <code> <sentence>` and the connection keeps working."""
+    [reply] = client.ask(line)
+    assert err_code(reply) == code
+    assert len(reply.split(" ", 2)[2]) > 5
+    assert client.ask("PING") == ["OK PONG"]
+
+
+def test_bad_encoding(client):
+    """A line that is not UTF-8 is ERR BAD_ENCODING."""
+    client.send(b"PING \xff\n")
+    [reply] = client.lines()
+    assert err_code(reply) == "BAD_ENCODING"
+
+
+def test_too_many_subtasks(clock):
+    """Asking for more chunks than the server allows is ERR TOO_MANY_SUBTASKS."""
+    conn = Conn(ServerFactory(Scheduler(Registry(TASKS), clock, max_subtasks=5)))
+    [reply] = conn.ask('RUN sum [1,2,3,4,5,6] {"chunks": 6}')
+    assert err_code(reply) == "TOO_MANY_SUBTASKS"
+    assert conn.ask('SUBMIT sum [1,2,3,4,5,6] {"chunks": 5}') == ["OK j1"]
+
+
+def test_line_too_long_then_connection_still_usable(core):
+    """An overlong line is ERR LINE_TOO_LONG, is never run, and later lines work normally."""
+    conn = Conn(ServerFactory(core, max_line=32))
+    conn.send("SUBMIT sum [" + ",".join(["1"] * 100) + "]\nPING\n")
+    [err, pong] = conn.lines()
+    assert err_code(err) == "LINE_TOO_LONG"
+    assert "32" in err
+    assert pong == "OK PONG"
+    assert core.jobs() == []
+    # The same again, arriving in small pieces.
+    for i in range(0, 300, 7):
+        conn.send(("x" * 300)[i : i + 7])
+    conn.send("\nSUBMIT sum [1]\n")
+    [err, ok] = conn.lines()
+    assert err_code(err) == "LINE_TOO_LONG"
+    assert ok == "OK j1"
+
+
+def test_line_exactly_at_max_line_is_accepted(core):
+    """A request exactly max_line bytes long is accepted."""
+    line = "SUBMIT sum [1]" + " " * 18
+    assert len(line) == 32
+    conn = Conn(ServerFactory(core, max_line=32))
+    assert conn.ask(line) == ["OK j1"]
+
+
+# -- pipelining ----------------------------------------------------------------------------------
+
+
+def test_pipelined_replies_keep_request_order(factory, client):
+    """`RUN ...\\nPING\\n` in one write: PONG is written only after the RUN's RESULT."""
+    client.send("RUN sum [1,2,3]\nPING\n")
+    assert client.lines() == []
+    worker = WorkerConn(factory, slots=4)
+    worker.answer_all()
+    assert client.lines() == ["RESULT j1 6", "OK PONG"]
+
+
+def test_pipelined_runs_reply_in_request_order(factory, client):
+    """Two pipelined RUNs reply in request order even when the second finishes first; a STATUS
+    behind them shows the job as it was when the STATUS was read."""
+    worker = WorkerConn(factory, slots=2)
+    client.send('RUN sum [1] {"chunks": 1}\nRUN sum [2] {"chunks": 1}\nSTATUS j1\n')
+    first, second = worker.dos()
+    assert (first["job"], second["job"]) == ("j1", "j2")
+    worker.done(second)
+    assert client.lines() == []
+    worker.done(first)
+    lines = client.lines()
+    assert lines[:2] == ["RESULT j1 1", "RESULT j2 2"]
+    assert ok_json(lines[2])["state"] == "running"
+
+
+def test_pipelined_watch_progress_is_held_until_its_turn(factory, client):
+    """A WATCH behind a pending RUN keeps its PROGRESS lines until the RUN has replied."""
+    worker = WorkerConn(factory, slots=1)
+    client.send('RUN sum [7] {"chunks": 1}\nSUBMIT sum [1,2] {"chunks": 2}\nWATCH j2\n')
+    assert client.lines() == []
+    worker.answer_one()  # j1
+    assert client.lines() == ["RESULT j1 7", "OK j2", 'PROGRESS j2 {"done":0,"total":2}']
+    worker.answer_all()
+    assert client.lines() == [
+        'PROGRESS j2 {"done":1,"total":2}',
+        'PROGRESS j2 {"done":2,"total":2}',
+        "RESULT j2 3",
+    ]
+
+
+# -- worker role ---------------------------------------------------------------------------------
+
+
+def test_worker_error_fails_the_job(factory, client):
+    """A worker's ERROR line fails the job: the client gets FAILED <job> TASK_ERROR {json}."""
+    worker = WorkerConn(factory, slots=1)
+    client.send('RUN sum [1,2] {"chunks": 1}\n')
+    [msg] = worker.dos()
+    worker.error(msg, "OverflowError", "too big")
+    [line] = client.lines()
+    prefix = "FAILED j1 TASK_ERROR "
+    assert line.startswith(prefix)
+    assert json.loads(line[len(prefix) :]) == {
+        "type": "OverflowError",
+        "message": "too big",
+        "index": 0,
+        "worker": "w1",
+    }
+
+
+def test_worker_lost_mid_job_requeues_to_another_worker(factory, client, core):
+    """When a worker's connection drops mid-job its sub-tasks run on another worker."""
+    first = WorkerConn(factory, name="first", slots=2)
+    client.send('RUN sum [1,2,3,4,5,6,7,8] {"chunks": 4}\n')
+    first.answer_one()
+    assert len(first.dos()) == 2
+    first.lose(ConnectionLost)
+    assert [w.name for w in core.workers()] == []
+    second = WorkerConn(factory, name="second", slots=1)
+    assert second.answer_all() == 3
+    assert client.lines() == ["RESULT j1 36"]
+    status = core.get("j1").status()
+    assert status["ran_on"] == {"first": 1, "second": 3}
+    assert status["requeued"] == 2
+
+
+def test_worker_ping(factory):
+    """A registered worker's PING is answered OK PONG."""
+    worker = WorkerConn(factory)
+    assert worker.ask("PING") == ["OK PONG"]
+
+
+def test_worker_sending_a_client_verb_is_wrong_role(factory):
+    """Once registered, a connection may only send worker verbs."""
+    worker = WorkerConn(factory)
+    [reply] = worker.ask("RUN sum [1]")
+    assert err_code(reply) == "WRONG_ROLE"
+
+
+def test_worker_answer_for_unknown_subtask_is_ignored(factory, client):
+    """A DONE for a sub-task the server never sent is ignored without harming the job."""
+    worker = WorkerConn(factory)
+    client.send("RUN sum [4]\n")
+    assert len(worker.dos()) == 1
+    assert worker.ask('DONE {"id": 999, "result": 1}') == []
+    assert worker.ask('DONE {"id": "1", "result": 1}') == []
+    worker.answer_all()
+    assert client.lines() == ["RESULT j1 4"]
+
+
+def test_worker_bad_done_json(factory):
+    """A worker's DONE that is not a JSON object gets an error reply, not a crash."""
+    worker = WorkerConn(factory)
+    assert err_code(worker.ask("DONE [1]")[0]) == "BAD_REQUEST"
+    assert err_code(worker.ask("DONE {")[0]) == "BAD_JSON"
+
+
+def test_reregistering_worker_replaces_the_old_connection(factory, client, core):
+    """A worker registering again under its name closes its old connection and counts once."""
+    old = WorkerConn(factory, name="w", slots=1)
+    client.send('RUN sum [1,2] {"chunks": 2}\n')
+    assert len(old.dos()) == 1
+    new = WorkerConn(factory, name="w", slots=1)
+    assert old.tr.disconnecting
+    assert len(core.workers()) == 1
+    # The old connection now really goes; its sub-task runs on the new registration.
+    old.lose()
+    assert len(core.workers()) == 1
+    assert core.stats()["workers_lost"] == 1
+    new.answer_all()
+    assert client.lines() == ["RESULT j1 3"]
+
+
+@pytest.mark.parametrize(
+    "payload, code",
+    [
+        ("", "BAD_JSON"),
+        ("{", "BAD_JSON"),
+        ("[1]", "BAD_REQUEST"),
+        ('{"tasks": ["sum"], "slots": 1}', "BAD_REQUEST"),
+        ('{"name": "", "tasks": ["sum"], "slots": 1}', "BAD_REQUEST"),
+        ('{"name": "a b", "tasks": ["sum"], "slots": 1}', "BAD_REQUEST"),
+        ('{"name": 7, "tasks": ["sum"], "slots": 1}', "BAD_REQUEST"),
+        ('{"name": "' + "n" * 201 + '", "tasks": ["sum"], "slots": 1}', "BAD_REQUEST"),
+        ('{"name": "w", "slots": 1}', "BAD_REQUEST"),
+        ('{"name": "w", "tasks": "sum", "slots": 1}', "BAD_REQUEST"),
+        ('{"name": "w", "tasks": [1], "slots": 1}', "BAD_REQUEST"),
+        ('{"name": "w", "tasks": ["sum"]}', "BAD_REQUEST"),
+        ('{"name": "w", "tasks": ["sum"], "slots": 0}', "BAD_REQUEST"),
+        ('{"name": "w", "tasks": ["sum"], "slots": 1.5}', "BAD_REQUEST"),
+        ('{"name": "w", "tasks": ["sum"], "slots": true}', "BAD_REQUEST"),
+        ('{"name": "w", "tasks": ["sum"], "slots": "2"}', "BAD_REQUEST"),
+        (f'{{"name": "w", "tasks": ["sum"], "slots": {MAX_WORKER_SLOTS + 1}}}', "BAD_REQUEST"),
+        ('{"name": "w", "tasks": ["sum"], "slots": 1, "protocol": 2}', "BAD_REQUEST"),
+    ],
+)
+def test_register_validation(client, core, payload, code):
+    """A malformed REGISTER is refused with an error and the connection stays a client."""
+    [reply] = client.ask(f"REGISTER {payload}")
+    assert err_code(reply) == code
+    assert core.workers() == []
+    assert client.ask("PING") == ["OK PONG"]
+    assert client.proto.worker is None
+
+
+def test_register_limits_are_inclusive(factory, core):
+    """A 200-character name and MAX_WORKER_SLOTS slots are accepted."""
+    WorkerConn(factory, name="n" * 200, slots=MAX_WORKER_SLOTS)
+    assert core.workers()[0].slots == MAX_WORKER_SLOTS
+
+
+def test_register_while_a_request_is_pending_is_refused(client, core):
+    """REGISTER behind a pending RUN is refused, so one connection never mixes roles."""
+    client.send("RUN sum [1]\n")
+    client.send('REGISTER {"name": "w", "tasks": ["sum"], "slots": 1}\n')
+    assert core.workers() == []
+    client.proto.core.cancel("j1")
+    [cancelled, reply] = client.lines()
+    assert cancelled == "CANCELLED j1"
+    assert err_code(reply) == "BAD_REQUEST"
+
+
+# -- connection loss -----------------------------------------------------------------------------
+
+
+def test_client_lost_while_run_pending_leaks_nothing(factory, client, core):
+    """A client that disconnects during RUN leaves no waiter; the job still finishes quietly."""
+    client.send("RUN sum [1,2,3]\n")
+    job = core.get("j1")
+    assert len(job._waiters) == 1
+    client.lose(ConnectionLost)
+    assert job._waiters == []
+    assert len(client.proto.slots) == 0
+    WorkerConn(factory, slots=4).answer_all()
+    assert job.result == 6
+    assert client.tr.value() == b""
+
+
+def test_client_lost_while_watching_leaks_nothing(factory, client, core):
+    """A client that disconnects during WATCH is unsubscribed from the job's progress."""
+    client.ask('SUBMIT sum [1,2] {"chunks": 2}')
+    client.ask("WATCH j1")
+    job = core.get("j1")
+    assert len(job._watchers) == 1
+    client.lose()
+    assert job._watchers == []
+    assert job._waiters == []
+    WorkerConn(factory, slots=4).answer_all()
+    assert job.result == 3
+    assert client.tr.value() == b""
+
+
+def test_half_close_answers_pending_requests_then_disconnects(factory, client):
+    """After the peer half-closes, pending requests are still answered, then the server closes."""
+    client.send("RUN sum [2,3]\nPING\n")
+    client.proto.readConnectionLost()
+    assert not client.tr.disconnecting
+    WorkerConn(factory).answer_all()
+    assert client.lines() == ["RESULT j1 5", "OK PONG"]
+    assert client.tr.disconnecting
+
+
+def test_half_close_with_nothing_pending_disconnects_at_once(client):
+    """After a half-close with every request answered, the server closes immediately."""
+    assert client.ask("PING") == ["OK PONG"]
+    client.proto.readConnectionLost()
+    assert client.tr.disconnecting
+
+
+def test_write_side_lost_closes_the_connection(client):
+    """When the peer stops reading (write side lost) the server closes the connection."""
+    client.proto.writeConnectionLost()
+    assert client.tr.disconnecting
+
+
+def test_no_writes_after_disconnecting(factory, client):
+    """Once the transport is disconnecting nothing more is written to it."""
+    client.send("RUN sum [1]\n")
+    client.tr.loseConnection()
+    WorkerConn(factory).answer_all()
+    assert client.tr.value() == b""
+    client.lose()

@@ -1,0 +1,111 @@
+"""The pool child's request loop: JSON lines in, JSON lines out."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from clusterd.tasks import Registry, Task
+from clusterd.tasks.builtins import TASKS
+from clusterd.worker.child import serve
+
+
+def _fail(value):
+    raise ZeroDivisionError(f"no {value}")
+
+
+REGISTRY = Registry(
+    [
+        *TASKS,
+        Task("fail", lambda v, n: [v], _fail, lambda rs: rs[0]),
+        Task("nan", lambda v, n: [v], lambda v: float("nan"), lambda rs: rs[0]),
+        Task("obj", lambda v, n: [v], lambda v: object(), lambda rs: rs[0]),
+    ]
+)
+
+
+def run_child(*requests) -> list[dict]:
+    data = b"".join(
+        (r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in requests
+    )
+    out = io.BytesIO()
+    serve(REGISTRY, io.BytesIO(data), out)
+    raw = out.getvalue()
+    assert raw == b"" or raw.endswith(b"\n")
+    return [json.loads(line) for line in raw.splitlines()]
+
+
+def test_result():
+    """A request for a known task is answered ok with the task's result and the same id."""
+    assert run_child({"id": 1, "task": "sum", "input": [1, 2, 3]}) == [
+        {"id": 1, "ok": True, "result": 6}
+    ]
+
+
+def test_several_requests_answered_in_order():
+    """Each request line gets one reply line, in order, each with its own id."""
+    replies = run_child(
+        {"id": 1, "task": "sort", "input": [3, 1, 2]},
+        {"id": 2, "task": "primes", "input": {"start": 0, "stop": 10}},
+        {"id": 3, "task": "wordcount", "input": "a b a"},
+    )
+    assert replies == [
+        {"id": 1, "ok": True, "result": [1, 2, 3]},
+        {"id": 2, "ok": True, "result": 4},
+        {"id": 3, "ok": True, "result": {"a": 2, "b": 1}},
+    ]
+
+
+def test_exception_is_ok_false_with_type_and_message():
+    """A task that raises is answered ok false with the exception's type and message."""
+    assert run_child({"id": 9, "task": "fail", "input": 5}) == [
+        {"id": 9, "ok": False, "type": "ZeroDivisionError", "message": "no 5"}
+    ]
+
+
+def test_exception_does_not_stop_the_loop():
+    """After a failing request the child keeps serving the next ones."""
+    replies = run_child(
+        {"id": 1, "task": "fail", "input": 0},
+        {"id": 2, "task": "sum", "input": [2, 2]},
+    )
+    assert [r["ok"] for r in replies] == [False, True]
+    assert replies[1]["result"] == 4
+
+
+def test_unknown_task():
+    """A request for a task the child does not have is ok false, naming the task."""
+    [reply] = run_child({"id": 4, "task": "nope", "input": 1})
+    assert reply["id"] == 4
+    assert reply["ok"] is False
+    assert reply["type"] == "LookupError"
+    assert "'nope'" in reply["message"]
+
+
+def test_result_that_is_not_json_is_an_error():
+    """A result JSON cannot carry (NaN, an arbitrary object) is ok false, never invalid JSON."""
+    replies = run_child({"id": 1, "task": "nan", "input": 0}, {"id": 2, "task": "obj", "input": 0})
+    assert [(r["id"], r["ok"]) for r in replies] == [(1, False), (2, False)]
+    assert replies[0]["type"] == "ValueError"
+    assert replies[1]["type"] == "TypeError"
+
+
+def test_garbage_lines_are_skipped():
+    """Lines that are not JSON objects with an id get no reply and do not stop the loop."""
+    replies = run_child(
+        b"not json",
+        b"",
+        b"[1, 2]",
+        b"null",
+        b'"text"',
+        b"42",
+        b'{"task": "sum", "input": [1]}',
+        b"\xff\xfe",
+        {"id": 5, "task": "sum", "input": [5]},
+    )
+    assert replies == [{"id": 5, "ok": True, "result": 5}]
+
+
+def test_empty_input_gives_no_output():
+    """With no requests the child writes nothing."""
+    assert run_child() == []
