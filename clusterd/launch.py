@@ -104,13 +104,19 @@ class LocalCluster:
     def address(self) -> str:
         return f"tcp:127.0.0.1:{self.port}"
 
-    def start_worker(self, name: str, slots: int = 1, extra: list[str] | None = None) -> None:
+    def start_worker(
+        self,
+        name: str,
+        slots: int = 1,
+        extra: list[str] | None = None,
+        connect: str | None = None,
+    ) -> None:
         self.workers[name] = self._spawn(
             f"worker-{name}",
             [
                 "clusterd-worker",
                 "--connect",
-                self.address,
+                connect or self.address,
                 "--slots",
                 str(slots),
                 "--name",

@@ -203,8 +203,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         )
         core.recover()
     except JournalError as e:
-        # twistd prints this and exits 1: never start empty on a journal we cannot read.
-        raise usage.UsageError(f"{e}. Move the file away to start with an empty journal.") from e
+        # Exit 1 with one clear line: never start empty on a journal we cannot read.
+        raise SystemExit(
+            f"clusterd-server: {e}. Refusing to start; move the file away to start empty."
+        ) from None
     ServerService(core).setServiceParent(top)
     settings = ConnectionSettings(
         max_line=options["max-line"],

@@ -34,6 +34,7 @@ class WorkerProtocol(Protocol):
         self.greeted = False
         self.lost = False
         self.draining = False
+        self.drain_acked = False
         self.server_max_line = DEFAULT_MAX_LINE
         self.running: dict[Any, Deferred[Any]] = {}
         self.idle: Deferred[None] | None = None
@@ -96,6 +97,11 @@ class WorkerProtocol(Protocol):
                 d.cancel()
         elif verb == "PING":
             self._send("OK PONG")
+        elif verb == "OK" and rest.startswith("DRAINING"):
+            # Every DO the server sent before it saw our DRAIN has arrived by now (one stream,
+            # in order), so once those are answered we hold nothing.
+            self.drain_acked = True
+            self._maybe_idle()
         elif verb == "OK" and rest.startswith("REGISTERED"):
             self.registered = True
             self.factory.registrations += 1
@@ -170,7 +176,9 @@ class WorkerProtocol(Protocol):
         return self.idle
 
     def _maybe_idle(self) -> None:
-        if self.idle is not None and not self.running and not self.idle.called:
+        if self.idle is None or self.idle.called or self.running:
+            return
+        if self.drain_acked or self.lost:
             self.idle.callback(None)
 
     def _server_silent(self, silent: float) -> None:

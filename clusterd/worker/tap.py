@@ -6,8 +6,8 @@ import os
 import socket
 from typing import Any
 
-from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, TimeoutError
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -122,7 +122,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     from clusterd.worker.pool import PoolService
     from clusterd.worker.protocol import WorkerFactory
 
-    top = MultiService()
+    top = WorkerService(options["drain-timeout"], reactor)
     pool = PoolService(options["slots"], options["tasks"], reactor)
     pool.setServiceParent(top)
     factory = WorkerFactory(
@@ -142,29 +142,32 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     )
     client.setName("connection")
     client.setServiceParent(top)
-    # Added last, so stopped first: drain before the connection and the pool go away.
-    DrainService(factory, options["drain-timeout"], reactor).setServiceParent(top)
+    top.factory = factory
     return top
 
 
-class DrainService(Service):
-    """On stop (SIGTERM): take no new sub-tasks, finish those held, then let the connection
-    close; whatever is still running after the timeout is handed back to the server."""
+class WorkerService(MultiService):
+    """The worker's service tree. On stop (SIGTERM) it first drains: takes no new sub-tasks and
+    finishes those held; only then do the connection and the pool stop (MultiService would
+    stop all children at once). What still runs after the timeout is handed back."""
 
     log = Logger()
-    name = "drain"
 
-    def __init__(self, factory: Any, timeout: float, clock: Any) -> None:
-        self.factory = factory
+    def __init__(self, timeout: float, clock: Any) -> None:
+        super().__init__()
         self.timeout = timeout
         self.clock = clock
+        self.factory: Any = None
 
-    def stopService(self) -> Deferred[None] | None:
-        super().stopService()
+    def stopService(self) -> Deferred[None]:
+        d = self._drain()
+        return d.addCallback(lambda _: super(WorkerService, self).stopService())
+
+    def _drain(self) -> Deferred[None]:
         self.factory.stopping = True
         proto = self.factory.current
         if proto is None or not proto.registered:
-            return None
+            return succeed(None)
         held = len(proto.running)
         self.log.info(
             "stopping: finishing {n} sub-tasks held (at most {t}s)", n=held, t=self.timeout

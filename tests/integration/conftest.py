@@ -10,6 +10,7 @@ import pytest
 from clusterd.launch import LocalCluster
 
 SUPPORT = str(Path(__file__).parent / "support")
+TEST_TASKS = ["--tasks", "clusterd_test_tasks"]
 
 
 def make_cluster(tmp_path: Path, workers: int = 2, slots: int = 1) -> LocalCluster:

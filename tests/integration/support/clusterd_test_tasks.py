@@ -1,6 +1,7 @@
 """Tasks the integration tests load with --tasks, as a user's own task module would be."""
 
 import os
+import time
 
 from clusterd.tasks import Task
 
@@ -17,7 +18,33 @@ def _whoami(chunk):
     return os.getpid()
 
 
+def _record_split(value, chunks):
+    return [{"i": i, "dir": value["dir"], "delay": value["delay"]} for i in range(value["n"])]
+
+
+def _record(chunk):
+    """Sleep, then append this sub-task's index to runs.log: the test counts executions."""
+    time.sleep(chunk["delay"])
+    fd = os.open(os.path.join(chunk["dir"], "runs.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, f"{chunk['i']}\n".encode())
+    finally:
+        os.close(fd)
+    return chunk["i"]
+
+
+def _hang_once(chunk):
+    """Hang on the first execution (a marker file says it happened), succeed afterwards."""
+    marker = os.path.join(chunk, "hung")
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        time.sleep(600)
+    return "ok"
+
+
 TASKS = [
     Task("fail", _split, _boom, lambda results: None, "always raises ValueError"),
     Task("pids", _split, _whoami, lambda results: sorted(set(results)), "pool process ids"),
+    Task("record", _record_split, _record, sum, "count executions in a directory"),
+    Task("hang_once", lambda v, c: [v], _hang_once, lambda r: r[0], "hangs the first time"),
 ]
