@@ -30,11 +30,13 @@ __all__ = ["ClientProtocol", "Client", "connect", "job_line"]
 ProgressFn = Callable[[str, dict[str, Any]], None]
 
 
-def job_line(verb: str, task: str, value: Any, chunks: int | None = None) -> str:
-    """``RUN``/``SUBMIT`` request line for a task, input and optional chunk count."""
+def job_line(verb: str, task: str, value: Any, chunks: int | None = None, **options: Any) -> str:
+    """``RUN``/``SUBMIT`` request line: task, input, and the job options that are set
+    (``chunks``, ``timeout``, ``attempts``, ``key``)."""
     line = f"{verb} {task} {dumps(value)}"
-    if chunks is not None:
-        line += " " + dumps({"chunks": chunks})
+    opts = {k: v for k, v in {"chunks": chunks, **options}.items() if v is not None}
+    if opts:
+        line += " " + dumps(opts)
     return line
 
 
@@ -133,13 +135,20 @@ class Client:
     def ping(self) -> Deferred[str]:
         return self._call("PING").addCallback(lambda r: r.text)
 
-    def submit(self, task: str, value: Any, chunks: int | None = None) -> Deferred[str]:
-        """Submit a job; fires with its id."""
-        return self._call(job_line("SUBMIT", task, value, chunks)).addCallback(lambda r: r.text)
+    def submit(
+        self, task: str, value: Any, chunks: int | None = None, **options: Any
+    ) -> Deferred[str]:
+        """Submit a job; fires with its id once the server has durably recorded it. Options:
+        ``timeout`` (seconds per sub-task), ``attempts``, ``key`` (idempotent submit)."""
+        line = job_line("SUBMIT", task, value, chunks, **options)
+        return self._call(line).addCallback(lambda r: r.text)
 
-    def run(self, task: str, value: Any, chunks: int | None = None) -> Deferred[Any]:
+    def run(
+        self, task: str, value: Any, chunks: int | None = None, **options: Any
+    ) -> Deferred[Any]:
         """Submit a job and fire with its result (JobFailed / JobCancelled on failure)."""
-        return self._call(job_line("RUN", task, value, chunks)).addCallback(lambda r: r.value)
+        line = job_line("RUN", task, value, chunks, **options)
+        return self._call(line).addCallback(lambda r: r.value)
 
     def wait(self, job: str) -> Deferred[Any]:
         return self._call(f"WAIT {job}").addCallback(lambda r: r.value)

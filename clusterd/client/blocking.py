@@ -102,11 +102,12 @@ class BlockingClient:
     def ping(self) -> str:
         return self.request("PING").text
 
-    def submit(self, task: str, value: Any, chunks: int | None = None) -> str:
-        return self.request(job_line("SUBMIT", task, value, chunks)).text
+    def submit(self, task: str, value: Any, chunks: int | None = None, **options: Any) -> str:
+        """Submit a job; returns its id. Options: ``timeout``, ``attempts``, ``key``."""
+        return self.request(job_line("SUBMIT", task, value, chunks, **options)).text
 
-    def run(self, task: str, value: Any, chunks: int | None = None) -> Any:
-        return self.request(job_line("RUN", task, value, chunks)).value
+    def run(self, task: str, value: Any, chunks: int | None = None, **options: Any) -> Any:
+        return self.request(job_line("RUN", task, value, chunks, **options)).value
 
     def wait(self, job: str) -> Any:
         return self.request(f"WAIT {job}").value

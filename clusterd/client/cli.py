@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
             help="read the input from a file ('-' for stdin): JSON, or plain text for text tasks",
         )
         c.add_argument("--chunks", "-n", type=int, help="number of sub-tasks to split into")
+        c.add_argument("--timeout", type=float, help="seconds a sub-task may run before a retry")
+        c.add_argument("--attempts", type=int, help="tries per sub-task before the job fails")
+        c.add_argument("--key", help="idempotency key: resubmitting with it returns the same job")
         if name == "run":
             c.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
             c.add_argument("--pretty", action="store_true", help="indent the JSON result")
@@ -186,7 +189,14 @@ async def _command(client: Any, args: argparse.Namespace) -> int:
         value = _read_input(args, text_task)
         if args.chunks is not None and args.chunks < 1:
             raise UsageError("--chunks must be a positive integer")
-        job = await client.submit(args.task, value, args.chunks)
+        job = await client.submit(
+            args.task,
+            value,
+            args.chunks,
+            timeout=args.timeout,
+            attempts=args.attempts,
+            key=args.key,
+        )
         if cmd == "submit":
             print(job)
             return EXIT_OK

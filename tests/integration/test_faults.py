@@ -95,7 +95,7 @@ def test_hung_task_times_out_and_is_retried(fast_cluster, tmp_path):
     """A sub-task that hangs past its timeout is cancelled (its pool process killed) and
     retried; the job still succeeds and the worker keeps serving."""
     with fast_cluster.client(timeout=60) as client:
-        job = client.request(f'SUBMIT hang_once "{tmp_path}" {{"timeout": 1, "attempts": 3}}').text
+        job = client.submit("hang_once", str(tmp_path), None, timeout=1, attempts=3)
         assert client.wait(job) == "ok"
         stats = client.stats()
         assert stats["subtasks_timed_out"] == 1
@@ -103,12 +103,24 @@ def test_hung_task_times_out_and_is_retried(fast_cluster, tmp_path):
         assert client.run("sum", [1, 2, 3], 3) == 6
 
 
+def test_dead_pool_process_is_reported_and_the_worker_keeps_serving(fast_cluster, tmp_path):
+    """A pool process that dies mid-task (os._exit) is reported as ChildDied, replaced, and the
+    sub-task retried; the worker stays registered and serving."""
+    with fast_cluster.client(timeout=60) as client:
+        assert client.run("die_once", str(tmp_path), None, attempts=2) == "survived"
+        stats = client.stats()
+        assert stats["subtasks_retried"] == 1
+        assert stats["workers_lost"] == 0
+        assert {w["name"] for w in client.workers()} == {"w1", "w2"}
+        assert client.run("sum", list(range(10)), 10) == 45
+
+
 def test_poison_task_fails_its_job_and_other_jobs_keep_running(fast_cluster):
     """A sub-task failing on every attempt fails its job with the last error; a job running
     beside it completes correctly."""
     with fast_cluster.client(timeout=60) as client:
         other = client.submit("sleep", [0.05] * 20, 20)
-        poison = client.request('SUBMIT fail "x" {"chunks": 4, "attempts": 2}').text
+        poison = client.submit("fail", "x", 4, attempts=2)
         with pytest.raises(JobFailed) as e:
             client.wait(poison)
         assert e.value.code == "TASK_ERROR"

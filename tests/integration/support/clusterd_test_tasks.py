@@ -42,9 +42,19 @@ def _hang_once(chunk):
     return "ok"
 
 
+def _die_once(chunk):
+    """Kill the pool process on the first execution, as a segfault or OOM kill would."""
+    marker = os.path.join(chunk, "died")
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(3)
+    return "survived"
+
+
 TASKS = [
     Task("fail", _split, _boom, lambda results: None, "always raises ValueError"),
     Task("pids", _split, _whoami, lambda results: sorted(set(results)), "pool process ids"),
     Task("record", _record_split, _record, sum, "count executions in a directory"),
     Task("hang_once", lambda v, c: [v], _hang_once, lambda r: r[0], "hangs the first time"),
+    Task("die_once", lambda v, c: [v], _die_once, lambda r: r[0], "kills its process once"),
 ]
