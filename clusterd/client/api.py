@@ -22,10 +22,11 @@ from twisted.python.failure import Failure
 
 from clusterd import PROTOCOL_VERSION
 from clusterd.client.errors import ClusterError, raise_for
+from clusterd.core.auth import proof
 from clusterd.core.framing import LineFramer, LineTooLong
 from clusterd.core.wire import Reply, WireError, dumps, parse_greeting, parse_json, parse_reply
 
-__all__ = ["ClientProtocol", "Client", "connect", "job_line"]
+__all__ = ["ClientProtocol", "Client", "connect", "job_line", "auth_line"]
 
 ProgressFn = Callable[[str, dict[str, Any]], None]
 
@@ -181,16 +182,35 @@ class Client:
         self.protocol.transport.loseConnection()
 
 
-def connect(reactor: Any, endpoint: str) -> Deferred[Client]:
+def connect(reactor: Any, endpoint: str, secret: bytes | None = None) -> Deferred[Client]:
     """Connect to a server by endpoint string (``tcp:host:port``, ``unix:path``, ``tls:...``);
-    fires with a :class:`Client` once the server's greeting has arrived."""
-    return Deferred.fromCoroutine(_connect(reactor, endpoint))
+    fires with a :class:`Client` once the server's greeting has arrived and, if the server
+    requires it, the client secret has been proven."""
+    return Deferred.fromCoroutine(_connect(reactor, endpoint, secret))
 
 
-async def _connect(reactor: Any, endpoint: str) -> Client:
+async def _connect(reactor: Any, endpoint: str, secret: bytes | None) -> Client:
     from twisted.internet.endpoints import clientFromString
 
     ep = clientFromString(reactor, endpoint)
     proto = await ep.connect(Factory.forProtocol(ClientProtocol))
-    await proto.greeted
+    info = await proto.greeted
+    line = auth_line(info, secret)
+    if line is not None:
+        try:
+            raise_for(await proto.request(line))
+        except ClusterError:
+            proto.transport.loseConnection()
+            raise
     return Client(proto)
+
+
+def auth_line(info: dict[str, Any], secret: bytes | None) -> str | None:
+    """The AUTH request a client must send after this greeting, or None if none is needed."""
+    if "client" not in info.get("auth", ()):
+        return None
+    if secret is None:
+        raise ClusterError(
+            "the server requires a client secret: set $CLUSTERD_SECRET or use --secret-file"
+        )
+    return "AUTH client " + proof(secret, str(info.get("nonce")), "client")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from clusterd import DEFAULT_PORT, PROTOCOL_VERSION
-from clusterd.client.api import job_line
+from clusterd.client.api import auth_line, job_line
 from clusterd.client.errors import ClusterError, raise_for
 from clusterd.core.wire import Reply, WireError, parse_greeting, parse_json, parse_reply
 
@@ -38,7 +38,10 @@ def parse_address(address: str) -> tuple[int, Any]:
 
 class BlockingClient:
     def __init__(
-        self, address: str = f"tcp:127.0.0.1:{DEFAULT_PORT}", timeout: float | None = None
+        self,
+        address: str = f"tcp:127.0.0.1:{DEFAULT_PORT}",
+        timeout: float | None = None,
+        secret: bytes | None = None,
     ):
         family, sockaddr = parse_address(address)
         try:
@@ -57,6 +60,9 @@ class BlockingClient:
             raise ClusterError(str(e)) from None
         if version != PROTOCOL_VERSION:
             raise ClusterError(f"server speaks protocol {version}, this client {PROTOCOL_VERSION}")
+        line = auth_line(self.server_info, secret)
+        if line is not None:
+            self.request(line)
 
     def __enter__(self) -> BlockingClient:
         return self

@@ -138,6 +138,7 @@ class SchedulerConfig:
     )
     speculate_min_done: int = 3  # finished sub-tasks needed before the mean is trusted
     speculate_min_seconds: float = 1.0  # never speculate on sub-tasks younger than this
+    max_result_bytes: int = 64 * 1024 * 1024  # a job's encoded answer
 
 
 class Scheduler:
@@ -733,6 +734,18 @@ class Scheduler:
         try:
             result = task.combine(job.ordered_results())
             encoded = dumps(result)
+            if len(encoded) > self.config.max_result_bytes:
+                self._end(
+                    job,
+                    JobState.FAILED,
+                    error={
+                        "code": ErrorCode.RESULT_TOO_LARGE,
+                        "type": "ResultTooLarge",
+                        "message": f"the result encodes to {len(encoded)} characters; "
+                        f"the server allows {self.config.max_result_bytes}",
+                    },
+                )
+                return
         except Exception as e:
             self._end(
                 job,

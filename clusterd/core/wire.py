@@ -49,6 +49,12 @@ class ErrorCode:
     TOO_MANY_SUBTASKS = "TOO_MANY_SUBTASKS"
     WRONG_ROLE = "WRONG_ROLE"
     BUSY = "BUSY"
+    NOAUTH = "NOAUTH"
+    AUTH_FAILED = "AUTH_FAILED"
+    AUTH_TIMEOUT = "AUTH_TIMEOUT"
+    JSON_TOO_DEEP = "JSON_TOO_DEEP"
+    TOO_MANY_CONNECTIONS = "TOO_MANY_CONNECTIONS"
+    RESULT_TOO_LARGE = "RESULT_TOO_LARGE"
     # Codes a FAILED reply carries (why a job failed):
     TASK_ERROR = "TASK_ERROR"
     TIMEOUT = "TIMEOUT"
@@ -83,6 +89,7 @@ CLIENT_VERBS: dict[str, str] = {
     "STATS": "STATS  server counters",
     "PING": "PING  liveness check; replies OK PONG",
     "HELP": "HELP  this list",
+    "AUTH": "AUTH <client|worker> <hmac-hex>  prove a role's secret (see SECURITY.md)",
     "QUIT": "QUIT  close the connection",
 }
 
@@ -140,24 +147,56 @@ def parse_request(line: bytes) -> Request | None:
     return Request(parts[0].upper(), parts[1].strip() if len(parts) > 1 else "")
 
 
-def parse_json(text: str, what: str = "the payload") -> Any:
+DEFAULT_MAX_JSON_DEPTH = 64
+
+
+def check_depth(text: str, value: Any, limit: int, what: str) -> None:
+    """Refuse JSON nested deeper than ``limit``. Counting brackets (C speed) rules out almost
+    every payload; only a payload with more brackets than the limit is walked."""
+    if text.count("[") + text.count("{") <= limit:
+        return
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            raise WireError(
+                ErrorCode.JSON_TOO_DEEP, f"{what} is nested deeper than {limit} levels."
+            )
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (list, dict)))
+
+
+def parse_json(
+    text: str, what: str = "the payload", max_depth: int = DEFAULT_MAX_JSON_DEPTH
+) -> Any:
+    text = text.strip()
     try:
         value, end = _decoder.raw_decode(text)
-    except (ValueError, RecursionError) as e:
+    except RecursionError:
+        raise WireError(
+            ErrorCode.JSON_TOO_DEEP, f"{what} is nested deeper than {max_depth} levels."
+        ) from None
+    except ValueError as e:
         raise WireError(ErrorCode.BAD_JSON, f"{what} is not valid JSON: {_short(e)}.") from None
     if text[end:].strip():
         raise WireError(ErrorCode.BAD_JSON, f"{what} has unexpected text after the JSON value.")
+    if isinstance(value, (list, dict)):
+        check_depth(text, value, max_depth, what)
     return value
 
 
-def parse_json_object(text: str, what: str = "the payload") -> dict[str, Any]:
-    value = parse_json(text, what)
+def parse_json_object(
+    text: str, what: str = "the payload", max_depth: int = DEFAULT_MAX_JSON_DEPTH
+) -> dict[str, Any]:
+    value = parse_json(text, what, max_depth)
     if not isinstance(value, dict):
         raise WireError(ErrorCode.BAD_REQUEST, f"{what} must be a JSON object.")
     return value
 
 
-def parse_job_request(rest: str, verb: str = "RUN") -> JobRequest:
+def parse_job_request(
+    rest: str, verb: str = "RUN", max_depth: int = DEFAULT_MAX_JSON_DEPTH
+) -> JobRequest:
     """Parse ``<task> <input-json> [<options-json>]`` as RUN and SUBMIT take it."""
     task, _, payload = rest.partition(" ")
     if not task:
@@ -172,10 +211,16 @@ def parse_job_request(rest: str, verb: str = "RUN") -> JobRequest:
         )
     try:
         value, end = _decoder.raw_decode(payload)
-    except (ValueError, RecursionError) as e:
+    except RecursionError:
+        raise WireError(
+            ErrorCode.JSON_TOO_DEEP, f"the job input is nested deeper than {max_depth} levels."
+        ) from None
+    except ValueError as e:
         raise WireError(
             ErrorCode.BAD_JSON, f"the job input is not valid JSON: {_short(e)}."
         ) from None
+    if isinstance(value, (list, dict)):
+        check_depth(payload[:end], value, max_depth, "the job input")
     options_text = payload[end:].strip()
     options: dict[str, Any] = {}
     if options_text:
@@ -217,8 +262,8 @@ def format_error(code: str, message: str) -> str:
     return f"ERR {code} {message}"
 
 
-def format_greeting(role: str, max_line: int) -> str:
-    info = {"server": f"clusterd/{__version__}", "role": role, "max_line": max_line}
+def format_greeting(role: str, max_line: int, **extra: Any) -> str:
+    info = {"server": f"clusterd/{__version__}", "role": role, "max_line": max_line, **extra}
     return f"HELLO clusterd {PROTOCOL_VERSION} {dumps(info)}"
 
 

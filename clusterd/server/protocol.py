@@ -8,9 +8,9 @@ even when a ``RUN`` ahead of a ``PING`` takes minutes.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -21,11 +21,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from clusterd import PROTOCOL_VERSION
+from clusterd.core.auth import ROLES, new_nonce, verify
 from clusterd.core.framing import DEFAULT_MAX_LINE, LineFramer, LineTooLong
 from clusterd.core.jobs import Job, JobState
 from clusterd.core.scheduler import Scheduler, SubTask, TaskFailed, WorkerHandle, WorkerLost
 from clusterd.core.wire import (
     CLIENT_VERBS,
+    DEFAULT_MAX_JSON_DEPTH,
     WORKER_VERBS,
     ErrorCode,
     WireError,
@@ -73,6 +75,12 @@ class ConnectionSettings:
     max_client_jobs: int = 10_000  # unfinished jobs one connection may have submitted
     heartbeat_interval: float = 5.0  # worker connections: PING after this much quiet
     heartbeat_timeout: float = 15.0  # worker connections: declared lost after this much silence
+    secrets: dict[str, bytes] = field(default_factory=dict)  # role -> secret; absent role: open
+    auth_timeout: float = 10.0  # seconds to authenticate before the connection is closed
+    max_auth_failures: int = 3  # failed AUTHs before the connection is closed
+    max_json_depth: int = DEFAULT_MAX_JSON_DEPTH
+    max_connections: int = 1024
+    max_connections_per_ip: int = 64
 
 
 @implementer(IHalfCloseableProtocol, IPushProducer)
@@ -101,17 +109,54 @@ class ServerProtocol(Protocol):
         self.quitting = False
         self.paused = False
         self.peer = ""
+        self.host = ""
+        self.nonce: str | None = None
+        self.roles: set[str] = set()
+        self.auth_failures = 0
+        self.auth_timer: Any = None
+        self.counted = False
 
     # -- connection ----------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
-        self.peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}".rstrip(":")
+        self.host = str(getattr(peer, "host", peer))
+        self.peer = f"{self.host}:{getattr(peer, 'port', '')}".rstrip(":")
         self.log.debug("connection from {peer}", peer=self.peer)
+        factory = getattr(self, "factory", None)
+        if factory is not None:
+            refusal = factory.admit(self)
+            if refusal:
+                self.quitting = True
+                self._write(format_error(ErrorCode.TOO_MANY_CONNECTIONS, refusal))
+                self.transport.loseConnection()
+                return
+            self.counted = True
         # Backpressure: when this peer reads slower than we write, the transport pauses us and
         # we stop reading its requests, instead of buffering replies without bound.
         self.transport.registerProducer(self, True)
-        self._write(format_greeting("server", self.max_line))
+        secrets = self.settings.secrets
+        self.roles = {r for r in ROLES if r not in secrets}
+        extra: dict[str, Any] = {}
+        if secrets:
+            self.nonce = new_nonce()
+            extra = {"auth": sorted(secrets), "nonce": self.nonce}
+            # Slowloris: a peer that never authenticates does not keep its socket for ever.
+            self.auth_timer = self.clock.callLater(self.settings.auth_timeout, self._auth_expired)
+        self._write(format_greeting("server", self.max_line, **extra))
+
+    def _auth_expired(self) -> None:
+        self.auth_timer = None
+        if not self.roles:
+            self.log.warn("{peer} did not authenticate in time; closing", peer=self.peer)
+            self.quitting = True
+            self._write(
+                format_error(
+                    ErrorCode.AUTH_TIMEOUT,
+                    f"no successful AUTH within {self.settings.auth_timeout:g}s; closing.",
+                )
+            )
+            self.transport.loseConnection()
 
     # IPushProducer: the transport's write buffer is full (pause) or drained (resume).
     def pauseProducing(self) -> None:
@@ -146,6 +191,11 @@ class ServerProtocol(Protocol):
         self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:
+        if self.auth_timer is not None and self.auth_timer.active():
+            self.auth_timer.cancel()
+        if self.counted:
+            self.counted = False
+            self.factory.release(self)
         for slot in self.slots:
             if slot.cleanup is not None:
                 slot.cleanup()
@@ -215,6 +265,7 @@ class ServerProtocol(Protocol):
             if self.worker is not None:
                 self._worker_verb(request.verb, request.rest)
                 return
+            self._check_role(request.verb)
             handler = getattr(self, "do_" + request.verb, None)
             if request.verb not in CLIENT_VERBS and request.verb != "REGISTER" or handler is None:
                 if request.verb in WORKER_VERBS:
@@ -229,6 +280,66 @@ class ServerProtocol(Protocol):
         except WireError as e:
             self._reply(format_error(e.code, e.message))
 
+    # -- authentication ------------------------------------------------------------------------
+
+    def _check_role(self, verb: str) -> None:
+        """Until a role is granted only AUTH, PING, HELP and QUIT are answered."""
+        if verb in ("AUTH", "PING", "HELP", "QUIT"):
+            return
+        role = "worker" if verb == "REGISTER" or verb in WORKER_VERBS else "client"
+        if role not in self.roles:
+            raise WireError(
+                ErrorCode.NOAUTH,
+                f"this connection is not authenticated as a {role}; "
+                f"send AUTH {role} <proof> first (see SECURITY.md).",
+            )
+
+    def do_AUTH(self, rest: str) -> None:
+        parts = rest.split()
+        if len(parts) != 2 or parts[0] not in ROLES:
+            raise WireError(
+                ErrorCode.BAD_REQUEST, "AUTH takes a role (client or worker) and a proof."
+            )
+        role, given = parts
+        secret = self.settings.secrets.get(role)
+        if secret is None or role in self.roles:
+            self._reply(f"OK AUTHENTICATED {role}")
+            return
+        if self.nonce is not None and verify(secret, self.nonce, role, given):
+            self.roles.add(role)
+            self.log.info("{peer} authenticated as {role}", peer=self.peer, role=role)
+            self._reply(f"OK AUTHENTICATED {role}")
+            return
+        self.auth_failures += 1
+        factory = getattr(self, "factory", None)
+        delay = factory.auth_failed(self.host) if factory is not None else 0.0
+        self.log.warn(
+            "failed AUTH as {role} from {peer} ({n} on this connection); answering in {delay}s",
+            role=role,
+            peer=self.peer,
+            n=self.auth_failures,
+            delay=delay,
+        )
+        last = self.auth_failures >= self.settings.max_auth_failures
+        slot = _Slot()
+        self.slots.append(slot)
+
+        def answer() -> None:
+            self._finish(
+                slot,
+                format_error(
+                    ErrorCode.AUTH_FAILED,
+                    "authentication failed" + ("; too many failures, closing." if last else "."),
+                ),
+            )
+            if last:
+                self.quitting = True
+                self.transport.loseConnection()
+
+        # Failures are answered slowly (and later requests queue behind): guessing is costly.
+        call = self.clock.callLater(delay, answer)
+        slot.cleanup = lambda: call.cancel() if call.active() else None
+
     # -- client verbs --------------------------------------------------------------------------
 
     def do_PING(self, rest: str) -> None:
@@ -242,7 +353,7 @@ class ServerProtocol(Protocol):
         self._reply("OK BYE")
 
     def _submit(self, rest: str, verb: str) -> Job:
-        req = parse_job_request(rest, verb)
+        req = parse_job_request(rest, verb, self.settings.max_json_depth)
         self.open_jobs = {j for j in self.open_jobs if not j.is_final}
         if len(self.open_jobs) >= self.settings.max_client_jobs:
             raise WireError(
@@ -342,7 +453,7 @@ class ServerProtocol(Protocol):
     # -- worker role ---------------------------------------------------------------------------
 
     def do_REGISTER(self, rest: str) -> None:
-        info = parse_json_object(rest, "REGISTER")
+        info = parse_json_object(rest, "REGISTER", self.settings.max_json_depth)
         name, tasks, slots = info.get("name"), info.get("tasks"), info.get("slots")
         version = info.get("protocol", PROTOCOL_VERSION)
         if type(version) is not int or version != PROTOCOL_VERSION:
@@ -451,7 +562,8 @@ class ServerProtocol(Protocol):
                 ErrorCode.WRONG_ROLE,
                 f"{verb[:40]} is not a worker verb; workers send DONE, ERROR, DRAIN or PING.",
             )
-        msg = parse_json_object(rest, verb)
+        # Results are the worker's, not a stranger's: only Python's own recursion limit applies.
+        msg = parse_json_object(rest, verb, max_depth=100_000)
         d = self.inflight.pop(msg.get("id"), None) if isinstance(msg.get("id"), int) else None
         if d is None:
             # Timed out, cancelled, or a losing speculative copy: counted, never combined.
@@ -469,6 +581,8 @@ def _ignore_cancel(failure: Failure) -> None:
 
 
 class ServerFactory(Factory):
+    log = Logger()
+
     def __init__(
         self,
         core: Scheduler,
@@ -480,6 +594,39 @@ class ServerFactory(Factory):
         self.settings = settings or ConnectionSettings(max_line=max_line)
         self.max_line = self.settings.max_line
         self.clock = clock or core.clock
+        self.connections = 0
+        self.per_host: Counter[str] = Counter()
+        self.failures: dict[str, tuple[int, float]] = {}  # host -> (recent failures, last time)
+
+    def admit(self, proto: ServerProtocol) -> str | None:
+        """Count a new connection, or say why it is refused."""
+        s = self.settings
+        if self.connections >= s.max_connections:
+            return f"the server has {self.connections} connections, its limit; try later."
+        if self.per_host[proto.host] >= s.max_connections_per_ip:
+            return f"{proto.host} already has {s.max_connections_per_ip} connections, the limit."
+        self.connections += 1
+        self.per_host[proto.host] += 1
+        return None
+
+    def release(self, proto: ServerProtocol) -> None:
+        self.connections -= 1
+        self.per_host[proto.host] -= 1
+        if self.per_host[proto.host] <= 0:
+            del self.per_host[proto.host]
+
+    def auth_failed(self, host: str) -> float:
+        """Record a failed AUTH from ``host``; returns how long to wait before answering. The
+        delay grows with recent failures from that address, across connections."""
+        now = self.clock.seconds()
+        count, last = self.failures.get(host, (0, now))
+        if now - last > 60:
+            count = 0
+        count += 1
+        self.failures[host] = (count, now)
+        if len(self.failures) > 10_000:  # bounded memory under a spray of addresses
+            self.failures.clear()
+        return min(5.0, 0.25 * 2 ** min(count - 1, 5))
 
     def buildProtocol(self, addr: Any) -> ServerProtocol:
         p = ServerProtocol(self.core, settings=self.settings, clock=self.clock)

@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 from twisted.application.service import MultiService
+from twisted.logger import Logger
 from twisted.python import usage
 
 from clusterd import DEFAULT_PORT
@@ -118,6 +119,55 @@ class Options(usage.Options):
             _positive_int,
         ],
         [
+            "client-secret-file",
+            None,
+            None,
+            "File holding the secret clients must prove (AUTH client). Also read from "
+            "$CLUSTERD_CLIENT_SECRET. Without it, clients need no authentication.",
+        ],
+        [
+            "worker-secret-file",
+            None,
+            None,
+            "File holding the secret workers must prove (AUTH worker). Also read from "
+            "$CLUSTERD_WORKER_SECRET. Without it, workers need no authentication.",
+        ],
+        [
+            "auth-timeout",
+            None,
+            10.0,
+            "Seconds a connection may take to authenticate before it is closed.",
+            _positive_float,
+        ],
+        [
+            "max-connections",
+            None,
+            1024,
+            "Connections at once, all peers together; more get ERR TOO_MANY_CONNECTIONS.",
+            _positive_int,
+        ],
+        [
+            "max-connections-per-ip",
+            None,
+            64,
+            "Connections at once from one address.",
+            _positive_int,
+        ],
+        [
+            "max-json-depth",
+            None,
+            64,
+            "Deepest nesting of a request's JSON; deeper gets ERR JSON_TOO_DEEP.",
+            _positive_int,
+        ],
+        [
+            "max-result-bytes",
+            None,
+            64 * 1024 * 1024,
+            "Largest encoded job result; larger fails the job with RESULT_TOO_LARGE.",
+            _positive_int,
+        ],
+        [
             "speculate-factor",
             None,
             3.0,
@@ -151,6 +201,19 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        from clusterd.core.auth import SecretError, load_secret
+
+        try:
+            self.secrets = {
+                role: secret
+                for role, secret in (
+                    ("client", load_secret(self["client-secret-file"], "CLUSTERD_CLIENT_SECRET")),
+                    ("worker", load_secret(self["worker-secret-file"], "CLUSTERD_WORKER_SECRET")),
+                )
+                if secret is not None
+            }
+        except SecretError as e:
+            raise usage.UsageError(str(e)) from e
         from clusterd.tasks import load_registry
 
         try:
@@ -196,6 +259,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         max_lost=options["max-lost"],
         speculate=bool(options["speculate"]),
         speculate_factor=options["speculate-factor"],
+        max_result_bytes=options["max-result-bytes"],
     )
     try:
         core = Scheduler(
@@ -213,7 +277,21 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         max_client_jobs=options["max-client-jobs"],
         heartbeat_interval=options["heartbeat-interval"],
         heartbeat_timeout=options["heartbeat-timeout"],
+        secrets=options.secrets,
+        auth_timeout=options["auth-timeout"],
+        max_json_depth=options["max-json-depth"],
+        max_connections=options["max-connections"],
+        max_connections_per_ip=options["max-connections-per-ip"],
     )
+    log = Logger(namespace="clusterd.server")
+    open_roles = [r for r in ("client", "worker") if r not in options.secrets]
+    if open_roles:
+        log.warn(
+            "no secret for {roles}: anyone who can reach {listen} may act as {roles} "
+            "(see SECURITY.md)",
+            roles=" and ".join(open_roles),
+            listen=", ".join(options["listen"]),
+        )
     factory = ServerFactory(core, settings=settings, clock=reactor)
     for description in options["listen"]:
         listening_service(reactor, description, factory).setServiceParent(top)

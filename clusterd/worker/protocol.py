@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from clusterd import PROTOCOL_VERSION
+from clusterd.core.auth import proof
 from clusterd.core.framing import DEFAULT_MAX_LINE, LineFramer, LineTooLong
 from clusterd.core.wire import WireError, dumps, parse_greeting, parse_json_object
 from clusterd.heartbeat import Heartbeat
@@ -35,6 +36,7 @@ class WorkerProtocol(Protocol):
         self.lost = False
         self.draining = False
         self.drain_acked = False
+        self.closing = False
         self.server_max_line = DEFAULT_MAX_LINE
         self.running: dict[Any, Deferred[Any]] = {}
         self.idle: Deferred[None] | None = None
@@ -77,6 +79,14 @@ class WorkerProtocol(Protocol):
             if isinstance(info.get("max_line"), int):
                 self.server_max_line = info["max_line"]
             f = self.factory
+            if "worker" in info.get("auth", ()):
+                if f.secret is None:
+                    self.log.error(
+                        "the server requires a worker secret; give --secret-file or "
+                        "$CLUSTERD_SECRET"
+                    )
+                else:
+                    self._send("AUTH worker " + proof(f.secret, str(info.get("nonce")), "worker"))
             self._send(
                 "REGISTER "
                 + dumps(
@@ -105,6 +115,7 @@ class WorkerProtocol(Protocol):
         elif verb == "OK" and rest.startswith("REGISTERED"):
             self.registered = True
             self.factory.registrations += 1
+            self.factory.rejections = 0
             self.log.info(
                 "registered with server {peer} as {name} ({slots} slots)",
                 peer=str(self.transport.getPeer()),
@@ -115,8 +126,13 @@ class WorkerProtocol(Protocol):
                 self.drain()
         elif verb == "ERR":
             self.log.error("server refused: {text}", text=text)
-            if not self.registered:
-                self.transport.loseConnection()
+            if not self.registered and not self.closing:
+                # ClientService resets its backoff on every TCP connect, so a server that
+                # accepts then refuses would be hammered: back off here before closing.
+                self.closing = True
+                self.factory.rejections += 1
+                delay = min(self.factory.max_delay, 0.5 * 2 ** min(self.factory.rejections, 10))
+                self.factory.clock.callLater(delay, self.transport.loseConnection)
 
     def _do(self, msg: dict[str, Any]) -> None:
         ticket = msg.get("id")
@@ -213,6 +229,8 @@ class WorkerFactory(Factory):
         clock: Any = None,
         heartbeat_interval: float = 5.0,
         heartbeat_timeout: float = 15.0,
+        secret: bytes | None = None,
+        max_delay: float = 30.0,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
@@ -225,6 +243,9 @@ class WorkerFactory(Factory):
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.registrations = 0
+        self.rejections = 0
+        self.secret = secret
+        self.max_delay = max_delay
         self.current: WorkerProtocol | None = None
         self.stopping = False
 

@@ -68,6 +68,13 @@ class Options(usage.Options):
             _positive_int,
         ],
         [
+            "secret-file",
+            None,
+            None,
+            "File holding the worker secret, when the server requires one. Also read from "
+            "$CLUSTERD_SECRET. Never passed on the command line, where ps would show it.",
+        ],
+        [
             "heartbeat-interval",
             None,
             5.0,
@@ -104,6 +111,12 @@ class Options(usage.Options):
             self["name"] = f"{socket.gethostname()}-{os.getpid()}"
         if any(c.isspace() for c in self["name"]):
             raise usage.UsageError("--name must not contain spaces")
+        from clusterd.core.auth import SecretError, load_secret
+
+        try:
+            self.secret = load_secret(self["secret-file"], "CLUSTERD_SECRET")
+        except SecretError as e:
+            raise usage.UsageError(str(e)) from e
         from clusterd.tasks import load_registry
 
         try:
@@ -134,6 +147,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         clock=reactor,
         heartbeat_interval=options["heartbeat-interval"],
         heartbeat_timeout=options["heartbeat-timeout"],
+        secret=options.secret,
+        max_delay=options["max-reconnect-delay"],
     )
     client = ClientService(
         clientFromString(reactor, options["connect"]),
