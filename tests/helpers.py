@@ -8,7 +8,9 @@ from hypothesis import HealthCheck, settings
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-__all__ = ["result_of", "deterministic"]
+from clusterd.core.scheduler import Scheduler, SubTask, WorkerLost
+
+__all__ = ["result_of", "deterministic", "FakeWorker", "add_worker"]
 
 
 def result_of(d: Deferred[Any]) -> Any:
@@ -33,3 +35,61 @@ deterministic = settings(
     max_examples=200,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+class FakeWorker:
+    """A scheduler runner that records every SubTask and hands back a Deferred the test fires.
+
+    Cancelling one of those Deferreds (what the scheduler does on timeout, job end or a lost
+    speculative race) is recorded in ``cancelled`` as ``(job, index)``.
+    """
+
+    def __init__(self, name: str, registry: Any) -> None:
+        self.name = name
+        self.registry = registry
+        self.calls: list[tuple[SubTask, Deferred[Any]]] = []
+        self.cancelled: list[tuple[str, int]] = []
+        self.closed = 0
+
+    def runner(self, sub: SubTask) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred(lambda _d: self.cancelled.append((sub.job, sub.index)))
+        self.calls.append((sub, d))
+        return d
+
+    def close(self) -> None:
+        self.closed += 1
+
+    def pending(self) -> list[tuple[SubTask, Deferred[Any]]]:
+        return [(s, d) for s, d in self.calls if not d.called]
+
+    def answer(self, sub: SubTask, d: Deferred[Any]) -> None:
+        d.callback(self.registry.get(sub.task).run(sub.input))
+
+    def answer_next(self) -> SubTask:
+        sub, d = self.pending()[0]
+        self.answer(sub, d)
+        return sub
+
+    def answer_all(self) -> int:
+        n = 0
+        while self.pending():
+            self.answer_next()
+            n += 1
+        return n
+
+    def lose_all(self) -> None:
+        for _sub, d in self.pending():
+            d.errback(WorkerLost(self.name))
+
+    def indices(self, job: str | None = None) -> list[int]:
+        """Indices of every sub-task dispatched here (of one job), in dispatch order."""
+        return [s.index for s, _ in self.calls if job is None or s.job == job]
+
+
+def add_worker(
+    core: Scheduler, name: str, slots: int = 1, tasks: Any = ("sum", "sort", "primes")
+) -> FakeWorker:
+    """Register a FakeWorker with the scheduler under ``name``."""
+    w = FakeWorker(name, core.registry)
+    core.add_worker(name, tasks, slots, w.runner, w.close, address="10.0.0.1:1")
+    return w

@@ -119,6 +119,7 @@ class MemoryJournal:
         self.jobs: dict[str, JobRecord] = {}
         self.pending: list[tuple[Record, Deferred[None]]] = []
         self.appended: list[Record] = []
+        self.next_seq = 1  # never lowered by forget(): ids are not reused
 
     def append(self, record: Record) -> Deferred[None]:
         d: Deferred[None] = Deferred()
@@ -132,12 +133,13 @@ class MemoryJournal:
         pending, self.pending = self.pending, []
         for record, _ in pending:
             apply_record(self.jobs, record)
+            if isinstance(record, JobAccepted):
+                self.next_seq = max(self.next_seq, record.seq + 1)
         for _, d in pending:
             d.callback(None)
 
     def load(self) -> Recovered:
-        seqs = [r.accepted.seq for r in self.jobs.values()]
-        return Recovered(list(self.jobs.values()), max(seqs, default=0) + 1)
+        return Recovered(list(self.jobs.values()), self.next_seq)
 
     def forget(self, job_ids: list[str]) -> None:
         for j in job_ids:

@@ -239,8 +239,9 @@ class Scheduler:
                 f"the server holds {queued} queued sub-tasks and this job adds {len(pieces)}; "
                 f"the limit is {self.config.max_queued}. Retry later.",
             )
-        timeout = options.get("timeout", task.timeout or self.config.default_timeout)
-        attempts = options.get("attempts", task.attempts or self.config.default_attempts)
+        # A null option means "the default", as it does for chunks.
+        timeout = options.get("timeout") or task.timeout or self.config.default_timeout
+        attempts = options.get("attempts") or task.attempts or self.config.default_attempts
         job = Job(
             f"j{self._next_id}",
             task_name,
@@ -371,6 +372,8 @@ class Scheduler:
                 job.result_json = e.result_json
                 job.chunks, job.results = [], []
                 job.next_index = job.total
+                if e.state == JobState.DONE:
+                    job.done = job.total
             else:
                 job = self._resume(rec, opts)
                 resumed += 1
@@ -392,12 +395,18 @@ class Scheduler:
     def _resume(self, rec: Any, opts: JobOptions) -> Job:
         a = rec.accepted
         try:
+            if a.task not in self.registry:
+                raise WireError(
+                    ErrorCode.TASK_MISSING,
+                    f"task {a.task!r} is no longer installed on this server",
+                )
             pieces = self._split(a.task, json.loads(a.input_json), a.chunks)
         except (WireError, ValueError) as e:
             job = Job(a.job, a.task, [], a.submitted, opts)
-            code = ErrorCode.TASK_MISSING if a.task not in self.registry else ErrorCode.BAD_INPUT
+            code = e.code if isinstance(e, WireError) else ErrorCode.BAD_INPUT
+            message = e.message if isinstance(e, WireError) else str(e)
             self._jobs[job.id] = job
-            self._end(job, JobState.FAILED, error={"code": code, "message": str(e)})
+            self._end(job, JobState.FAILED, error={"code": code, "message": message})
             return job
         job = Job(a.job, a.task, pieces, a.submitted, opts)
         job.prefill({i: json.loads(r) for i, r in rec.results.items()})
@@ -712,7 +721,7 @@ class Scheduler:
                     if w.free > 0 and w is not running_on and job.task in w.tasks
                 ]
                 if not spare:
-                    return started
+                    continue
                 worker = max(spare, key=lambda w: w.free)
                 self.log.info(
                     "sub-task {job_id}:{index} straggles on {slow}; backup copy on {worker}",

@@ -68,28 +68,36 @@ class SqliteJournal:
     # -- opening -------------------------------------------------------------------------------
 
     def _open(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = None
         try:
             conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            check = conn.execute("PRAGMA quick_check").fetchone()
-            if not check or check[0] != "ok":
-                raise JournalError(f"journal {self.path} is corrupt: {check and check[0]}")
-            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
-            if tables and "meta" not in tables:
-                raise JournalError(f"{self.path} is an SQLite file but not a clusterd journal")
-            conn.execute("PRAGMA journal_mode=WAL")
-            # FULL: a committed record survives power loss too, not only a process crash.
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.executescript(_SCHEMA)
-            version = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-            if version is None:
-                conn.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
-            elif version[0] != SCHEMA_VERSION:
-                raise JournalError(
-                    f"journal {self.path} has schema {version[0]}; this server reads "
-                    f"{SCHEMA_VERSION}"
-                )
-        except sqlite3.DatabaseError as e:
+            return self._check(conn)
+        except (sqlite3.DatabaseError, JournalError) as e:
+            if conn is not None:
+                conn.close()
+            if isinstance(e, JournalError):
+                raise
             raise JournalError(f"cannot use journal {self.path}: {e}") from e
+
+    def _check(self, conn: sqlite3.Connection) -> sqlite3.Connection:
+        """Refuse a corrupt, foreign or newer file; set WAL and create the schema."""
+        check = conn.execute("PRAGMA quick_check").fetchone()
+        if not check or check[0] != "ok":
+            raise JournalError(f"journal {self.path} is corrupt: {check and check[0]}")
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        if tables and "meta" not in tables:
+            raise JournalError(f"{self.path} is an SQLite file but not a clusterd journal")
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed record survives power loss too, not only a process crash.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.executescript(_SCHEMA)
+        version = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if version is None:
+            conn.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        elif version[0] != SCHEMA_VERSION:
+            raise JournalError(
+                f"journal {self.path} has schema {version[0]}; this server reads {SCHEMA_VERSION}"
+            )
         return conn
 
     def load(self) -> Recovered:

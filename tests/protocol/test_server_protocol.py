@@ -1,4 +1,6 @@
-"""ServerProtocol over StringTransport: every verb, every error code, pipelining and losses."""
+"""ServerProtocol over StringTransport: every verb, every error code, pipelining and losses,
+and the reliability features seen from the wire: retries, timeouts, CANCEL lines, durability gates,
+recovery, BUSY, heartbeats, DRAIN and speculation."""
 
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from clusterd import PROTOCOL_VERSION, __version__
+from clusterd.core.journal import MemoryJournal
 from clusterd.core.scheduler import Scheduler
 from clusterd.core.wire import CLIENT_VERBS
-from clusterd.server.protocol import MAX_WORKER_SLOTS, ServerFactory
+from clusterd.server.protocol import MAX_WORKER_SLOTS, ConnectionSettings, ServerFactory
 from clusterd.tasks import Registry
 from clusterd.tasks.builtins import TASKS
 
@@ -47,35 +50,66 @@ class Conn:
         self.proto.connectionLost(Failure(reason()))
 
 
-class WorkerConn(Conn):
-    """A fake worker speaking the protocol: REGISTER, then answers DO lines it is sent."""
+_OPEN_WORKERS: list[WorkerConn] = []
 
-    def __init__(self, factory, name="w1", tasks=("sum", "sort", "primes"), slots=1) -> None:
+
+class WorkerConn(Conn):
+    """A fake worker speaking the protocol: REGISTER, then answers DO lines it is sent.
+
+    Lines the server sends are sorted as they are read: DO into ``todo``, CANCEL ids into
+    ``cancels`` (and the cancelled DO dropped from ``todo``), and heartbeat PINGs counted in
+    ``pings``; anything else fails the test. A registered connection runs a heartbeat on the
+    clock, so the ``clock`` fixture closes every WorkerConn still open before its timer check.
+    """
+
+    def __init__(
+        self, factory, name="w1", tasks=("sum", "sort", "primes"), slots=1, max_line=None
+    ) -> None:
         super().__init__(factory)
         self.name = name
-        reply = self.ask(
-            "REGISTER "
-            + json.dumps({"name": name, "tasks": list(tasks), "slots": slots, "protocol": 1})
-        )
-        assert reply[0] == "OK REGISTERED " + json.dumps(
-            {"name": name, "protocol": PROTOCOL_VERSION}, separators=(",", ":")
-        )
         self.todo: list[dict] = []
+        self.cancels: list[int] = []
+        self.pings = 0
+        self.closed = False
+        info = {"name": name, "tasks": list(tasks), "slots": slots, "protocol": 1}
+        if max_line is not None:
+            info["max_line"] = max_line
+        reply = self.ask("REGISTER " + json.dumps(info))
+        settings = factory.settings
+        assert reply[0] == "OK REGISTERED " + json.dumps(
+            {
+                "name": name,
+                "protocol": PROTOCOL_VERSION,
+                "heartbeat_interval": settings.heartbeat_interval,
+                "heartbeat_timeout": settings.heartbeat_timeout,
+            },
+            separators=(",", ":"),
+        )
+        _OPEN_WORKERS.append(self)
         self._collect(reply[1:])
 
     def _collect(self, lines: list[str]) -> None:
         for line in lines:
             verb, _, rest = line.partition(" ")
-            assert verb == "DO", line
-            self.todo.append(json.loads(rest))
+            if verb == "DO":
+                self.todo.append(json.loads(rest))
+            elif verb == "CANCEL":
+                ticket = json.loads(rest)["id"]
+                self.cancels.append(ticket)
+                self.todo = [m for m in self.todo if m["id"] != ticket]
+            elif line == "PING":
+                self.pings += 1
+            else:
+                raise AssertionError(f"unexpected line to a worker: {line!r}")
 
     def dos(self) -> list[dict]:
-        """Every DO received and not yet answered."""
+        """Every DO received and not yet answered (nor cancelled)."""
         self._collect(self.lines())
         return list(self.todo)
 
     def done(self, msg: dict, result=None) -> None:
-        self.todo.remove(msg)
+        if msg in self.todo:
+            self.todo.remove(msg)
         if result is None:
             result = REGISTRY.get(msg["task"]).run(msg["input"])
         self.send(
@@ -99,11 +133,21 @@ class WorkerConn(Conn):
             n += 1
         return n
 
+    def lose(self, reason=ConnectionDone) -> None:
+        self.closed = True
+        super().lose(reason)
+
 
 @pytest.fixture
 def clock():
     c = Clock()
     yield c
+    # What the reactor would do at the end: every worker connection closes (stopping its
+    # heartbeat). Any other timer left behind (a retry, a timeout) is a leak and fails here.
+    open_workers = [w for w in _OPEN_WORKERS if not w.closed]
+    _OPEN_WORKERS.clear()
+    for w in open_workers:
+        w.lose()
     assert c.getDelayedCalls() == []
 
 
@@ -339,6 +383,7 @@ def test_workers_lists_registered_workers(factory, client, clock):
         "busy": 0,
         "done": 0,
         "failed": 0,
+        "draining": False,
         "connected": 3.0,
     }
 
@@ -392,7 +437,11 @@ def test_stats(factory, client):
         ("CANCEL j42", "UNKNOWN_JOB"),
         ('RUN sum {"a": 1}', "BAD_INPUT"),
         ('SUBMIT primes {"stop": -1, "start": 5}', "BAD_INPUT"),
+        ('RUN sum [1] {"attempts": 0}', "BAD_REQUEST"),
+        ('RUN sum [1] {"timeout": -1}', "BAD_REQUEST"),
+        ('SUBMIT sum [1] {"key": ""}', "BAD_REQUEST"),
         ("DONE {}", "WRONG_ROLE"),
+        ("DRAIN", "WRONG_ROLE"),
         ('ERROR {"id": 1}', "WRONG_ROLE"),
     ],
 )
@@ -491,9 +540,10 @@ def test_pipelined_watch_progress_is_held_until_its_turn(factory, client):
 
 
 def test_worker_error_fails_the_job(factory, client):
-    """A worker's ERROR line fails the job: the client gets FAILED <job> TASK_ERROR {json}."""
+    """A worker's ERROR line on the last attempt fails the job: the client gets
+    FAILED <job> TASK_ERROR {json} with type, message, index, attempts and worker."""
     worker = WorkerConn(factory, slots=1)
-    client.send('RUN sum [1,2] {"chunks": 1}\n')
+    client.send('RUN sum [1,2] {"chunks": 1, "attempts": 1}\n')
     [msg] = worker.dos()
     worker.error(msg, "OverflowError", "too big")
     [line] = client.lines()
@@ -503,6 +553,7 @@ def test_worker_error_fails_the_job(factory, client):
         "type": "OverflowError",
         "message": "too big",
         "index": 0,
+        "attempts": 1,
         "worker": "w1",
     }
 
@@ -524,9 +575,12 @@ def test_worker_lost_mid_job_requeues_to_another_worker(factory, client, core):
 
 
 def test_worker_ping(factory):
-    """A registered worker's PING is answered OK PONG."""
+    """A registered worker's PING is answered OK PONG; its `OK ...` lines (answers to our PINGs)
+    get no reply at all."""
     worker = WorkerConn(factory)
     assert worker.ask("PING") == ["OK PONG"]
+    assert worker.ask("OK PONG") == []
+    assert worker.ask("ok") == []
 
 
 def test_worker_sending_a_client_verb_is_wrong_role(factory):
@@ -536,15 +590,20 @@ def test_worker_sending_a_client_verb_is_wrong_role(factory):
     assert err_code(reply) == "WRONG_ROLE"
 
 
-def test_worker_answer_for_unknown_subtask_is_ignored(factory, client):
-    """A DONE for a sub-task the server never sent is ignored without harming the job."""
+def test_worker_answer_for_unknown_subtask_is_ignored(factory, client, core):
+    """A DONE or ERROR for a sub-task the server never sent is counted in results_late, without
+    a reply and without harming the job."""
     worker = WorkerConn(factory)
     client.send("RUN sum [4]\n")
     assert len(worker.dos()) == 1
     assert worker.ask('DONE {"id": 999, "result": 1}') == []
     assert worker.ask('DONE {"id": "1", "result": 1}') == []
+    assert worker.ask('ERROR {"id": 998, "type": "X", "message": "y"}') == []
+    assert core.stats()["results_late"] == 3
     worker.answer_all()
     assert client.lines() == ["RESULT j1 4"]
+    assert core.stats()["results_late"] == 3
+    assert core.stats()["results_duplicate"] == 0
 
 
 def test_worker_bad_done_json(factory):
@@ -591,6 +650,9 @@ def test_reregistering_worker_replaces_the_old_connection(factory, client, core)
         ('{"name": "w", "tasks": ["sum"], "slots": "2"}', "BAD_REQUEST"),
         (f'{{"name": "w", "tasks": ["sum"], "slots": {MAX_WORKER_SLOTS + 1}}}', "BAD_REQUEST"),
         ('{"name": "w", "tasks": ["sum"], "slots": 1, "protocol": 2}', "BAD_REQUEST"),
+        ('{"name": "w", "tasks": ["sum"], "slots": 1, "protocol": true}', "BAD_REQUEST"),
+        ('{"name": "w", "tasks": ["sum"], "slots": 1, "protocol": "1"}', "BAD_REQUEST"),
+        ('{"name": "w", "tasks": ["sum"], "slots": 1, "protocol": 1.0}', "BAD_REQUEST"),
     ],
 )
 def test_register_validation(client, core, payload, code):
@@ -626,9 +688,9 @@ def test_client_lost_while_run_pending_leaks_nothing(factory, client, core):
     """A client that disconnects during RUN leaves no waiter; the job still finishes quietly."""
     client.send("RUN sum [1,2,3]\n")
     job = core.get("j1")
-    assert len(job._waiters) == 1
+    assert len(job._ended._ds) == 1
     client.lose(ConnectionLost)
-    assert job._waiters == []
+    assert job._ended._ds == []
     assert len(client.proto.slots) == 0
     WorkerConn(factory, slots=4).answer_all()
     assert job.result == 6
@@ -643,7 +705,7 @@ def test_client_lost_while_watching_leaks_nothing(factory, client, core):
     assert len(job._watchers) == 1
     client.lose()
     assert job._watchers == []
-    assert job._waiters == []
+    assert job._ended._ds == []
     WorkerConn(factory, slots=4).answer_all()
     assert job.result == 3
     assert client.tr.value() == b""
@@ -679,3 +741,340 @@ def test_no_writes_after_disconnecting(factory, client):
     WorkerConn(factory).answer_all()
     assert client.tr.value() == b""
     client.lose()
+
+
+# -- retries, timeouts and CANCEL lines ----------------------------------------------------------
+
+
+def failed_payload(line: str, job: str, code: str) -> dict:
+    prefix = f"FAILED {job} {code} "
+    assert line.startswith(prefix), line
+    return json.loads(line[len(prefix) :])
+
+
+def test_worker_error_is_retried_after_backoff_and_status_shows_it(factory, client, clock):
+    """An ERROR on a non-final attempt is not the client's business: the sub-task is sent again
+    (attempt 2) after the backoff, STATUS shows it retrying, and the RUN gets the right RESULT."""
+    worker = WorkerConn(factory)
+    client.send('RUN sum [1,2] {"chunks": 1}\n')
+    [msg] = worker.dos()
+    assert msg["attempt"] == 1
+    worker.error(msg, "OSError", "flaky disk")
+    assert client.lines() == []
+    status = ok_json(Conn(factory).ask("STATUS j1")[0])
+    assert (status["retrying"], status["queued"], status["running"]) == (1, 0, 0)
+    clock.advance(0.5)
+    [again] = worker.dos()
+    assert (again["index"], again["attempt"], again["id"]) == (0, 2, 2)
+    worker.done(again)
+    assert client.lines() == ["RESULT j1 3"]
+
+
+def test_timeout_writes_cancel_to_the_worker_and_the_retry_runs_elsewhere(factory, client, clock):
+    """A sub-task past its timeout gets `CANCEL {"id":N}` on its worker's connection, frees that
+    slot, and after the backoff runs again on the worker that is free; the first worker's late
+    DONE is only counted."""
+    slow = WorkerConn(factory, name="slow")
+    client.send('RUN sum [1,2,3] {"chunks": 1, "timeout": 2, "attempts": 2}\n')
+    [first] = slow.dos()
+    spare = WorkerConn(factory, name="spare")
+    clock.advance(1.9)
+    assert slow.tr.value() == b""
+    clock.advance(0.1)
+    assert slow.tr.value() == b'CANCEL {"id":1}\n'
+    assert slow.dos() == []
+    assert slow.cancels == [1]
+    other = Conn(factory)
+    assert other.ask('SUBMIT sum [5] {"chunks": 1}') == ["OK j2"]
+    [busy] = slow.dos()  # the freed slot took the other job
+    assert busy["job"] == "j2"
+    clock.advance(0.5)
+    [retry] = spare.dos()
+    assert (retry["job"], retry["index"], retry["attempt"]) == ("j1", 0, 2)
+    spare.done(retry)
+    assert client.lines() == ["RESULT j1 6"]
+    slow.done(first)  # finally answers the cancelled copy
+    assert core_stats(factory)["results_late"] == 1
+    assert core_stats(factory)["subtasks_timed_out"] == 1
+    slow.done(busy)
+    assert ok_json(other.ask("STATUS j2")[0])["state"] == "done"
+
+
+def core_stats(factory) -> dict:
+    return factory.core.stats()
+
+
+def test_a_subtask_failing_every_attempt_fails_the_run_with_the_last_error(factory, client, clock):
+    """When every attempt fails, RUN gets FAILED with the last error and the attempts made."""
+    worker = WorkerConn(factory)
+    client.send('RUN sum [1] {"attempts": 2}\n')
+    worker.error(worker.dos()[0], "ValueError", "first")
+    clock.advance(0.5)
+    worker.error(worker.dos()[0], "KeyError", "second")
+    [line] = client.lines()
+    assert failed_payload(line, "j1", "TASK_ERROR") == {
+        "type": "KeyError",
+        "message": "second",
+        "index": 0,
+        "attempts": 2,
+        "worker": "w1",
+    }
+
+
+def test_client_cancel_sends_cancel_for_running_subtasks_and_frees_their_slots(factory, client):
+    """CANCEL of a job writes a CANCEL line for each of its running sub-tasks, and the freed
+    slots take other work at once."""
+    worker = WorkerConn(factory, slots=2)
+    client.send('RUN sum [1,2,3,4] {"chunks": 4}\n')
+    assert [m["id"] for m in worker.dos()] == [1, 2]
+    other = Conn(factory)
+    assert other.ask('SUBMIT sum [7,8] {"chunks": 2}') == ["OK j2"]
+    assert other.ask("CANCEL j1") == ["OK j1 cancelled"]
+    todo = worker.dos()
+    assert worker.cancels == [1, 2]
+    assert [(m["job"], m["index"]) for m in todo] == [("j2", 0), ("j2", 1)]
+    assert client.lines() == ["CANCELLED j1"]
+    worker.answer_all()
+    assert other.ask("WAIT j2") == ["RESULT j2 15"]
+
+
+def test_a_late_done_after_cancel_is_counted_in_results_late(factory, client, core):
+    """A DONE for a sub-task whose job was cancelled is counted in results_late and changes
+    nothing: the job stays cancelled with nothing done, and no reply is written."""
+    worker = WorkerConn(factory)
+    client.send("RUN sum [1,2]\n")
+    [msg] = worker.dos()
+    client2 = Conn(factory)
+    client2.ask("CANCEL j1")
+    assert worker.dos() == []
+    worker.done(msg)
+    assert worker.lines() == []
+    stats = core.stats()
+    assert (stats["results_late"], stats["results_duplicate"]) == (1, 0)
+    assert (stats["subtasks_completed"], core.get("j1").done) == (0, 0)
+    assert client.lines() == ["CANCELLED j1"]
+
+
+def test_a_subtask_too_long_for_its_worker_fails_the_run_with_bad_input(factory, client, core):
+    """A sub-task whose DO line exceeds the max_line the worker registered with is never sent:
+    RUN fails with BAD_INPUT at once, and the worker keeps serving other jobs."""
+    worker = WorkerConn(factory, max_line=100)
+    client.send(f'RUN sum {json.dumps(list(range(100)))} {{"chunks": 1}}\n')
+    [line] = client.lines()
+    payload = failed_payload(line, "j1", "BAD_INPUT")
+    assert payload["index"] == 0
+    assert "accepts 100" in payload["message"]
+    assert worker.dos() == []
+    assert core.stats()["subtasks_dispatched"] == 1
+    client.send("RUN sum [1,2]\n")
+    worker.answer_all()
+    assert client.lines() == ["RESULT j2 3"]
+
+
+# -- durability ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def journal():
+    return MemoryJournal(hold=True)
+
+
+@pytest.fixture
+def journaled(clock, journal):
+    """A factory whose core journals to a MemoryJournal that holds records until flush()."""
+    return ServerFactory(Scheduler(Registry(TASKS), clock, journal=journal))
+
+
+def test_submit_reply_is_held_until_the_job_is_durable(journaled, journal):
+    """SUBMIT replies OK <id> only once the job's acceptance is flushed; a pipelined PING waits
+    behind it."""
+    conn = Conn(journaled)
+    conn.send('SUBMIT sum [1,2] {"chunks": 1}\nPING\n')
+    assert conn.lines() == []
+    journal.flush()
+    assert conn.lines() == ["OK j1", "OK PONG"]
+
+
+def test_run_result_is_held_until_the_job_end_is_durable(journaled, journal):
+    """RUN and WAIT reply with the result only once the job's end is flushed, although the job
+    is already done in memory."""
+    worker = WorkerConn(journaled, slots=2)
+    conn = Conn(journaled)
+    conn.send('RUN sum [1,2,3] {"chunks": 2}\n')
+    journal.flush()
+    assert conn.lines() == []
+    waiter = Conn(journaled)
+    assert waiter.ask("WAIT j1") == []
+    worker.answer_all()
+    assert ok_json(Conn(journaled).ask("STATUS j1")[0])["state"] == "done"
+    assert conn.lines() == []
+    assert waiter.lines() == []
+    journal.flush()
+    assert conn.lines() == ["RESULT j1 6"]
+    assert waiter.lines() == ["RESULT j1 6"]
+
+
+def test_results_are_retrievable_from_a_restarted_server(clock):
+    """After a restart over the same journal, WAIT on a finished job answers its result at once
+    and an unfinished one resumes with only its missing sub-tasks."""
+    journal = MemoryJournal()
+    first = ServerFactory(Scheduler(Registry(TASKS), clock, journal=journal))
+    worker = WorkerConn(first, slots=2)
+    conn = Conn(first)
+    conn.send('RUN sum [1,2,3] {"chunks": 1}\nSUBMIT sum [1,2,3,4] {"chunks": 2}\n')
+    worker.answer_one()
+    worker.done(worker.dos()[0])  # j2's first half
+    assert conn.lines() == ["RESULT j1 6", "OK j2"]
+    worker.lose()  # the server goes down
+
+    restarted = ServerFactory(Scheduler(Registry(TASKS), clock, journal=journal))
+    assert restarted.core.recover() == 1
+    conn = Conn(restarted)
+    assert conn.ask("WAIT j1") == ["RESULT j1 6"]
+    assert ok_json(conn.ask("STATUS j2")[0])["recovered"] == 1
+    conn.send("WAIT j2\n")
+    worker = WorkerConn(restarted, name="w2", slots=2)
+    assert [(m["job"], m["index"]) for m in worker.dos()] == [("j2", 1)]
+    worker.answer_all()
+    assert conn.lines() == ["RESULT j2 10"]
+
+
+def test_submit_with_a_key_is_idempotent(factory, client):
+    """SUBMIT with the same key names the same job again, and STATUS shows the key."""
+    assert client.ask('SUBMIT sum [1,2] {"key": "nightly-7"}') == ["OK j1"]
+    assert Conn(factory).ask('SUBMIT sum [1,2] {"key": "nightly-7"}') == ["OK j1"]
+    assert client.ask('SUBMIT sum [1,2] {"key": "nightly-8"}') == ["OK j2"]
+    assert ok_json(client.ask("STATUS j1")[0])["key"] == "nightly-7"
+    assert [j["id"] for j in ok_json(client.ask("JOBS")[0])] == ["j1", "j2"]
+
+
+# -- BUSY ----------------------------------------------------------------------------------------
+
+
+def test_submit_is_busy_when_the_server_queue_is_full(clock):
+    """A job that would take the queued sub-tasks past max_queued gets ERR BUSY."""
+    conn = Conn(ServerFactory(Scheduler(Registry(TASKS), clock, max_queued=3)))
+    assert conn.ask('SUBMIT sum [1,2] {"chunks": 2}') == ["OK j1"]
+    [reply] = conn.ask('RUN sum [1,2] {"chunks": 2}')
+    assert err_code(reply) == "BUSY"
+    assert conn.ask('SUBMIT sum [1] {"chunks": 1}') == ["OK j2"]
+
+
+def test_submit_is_busy_when_the_connection_has_too_many_unfinished_jobs(core):
+    """A connection with max_client_jobs unfinished jobs gets ERR BUSY for more, while another
+    connection may still submit; once one of its jobs ends it may submit again."""
+    factory = ServerFactory(core, settings=ConnectionSettings(max_client_jobs=2))
+    conn = Conn(factory)
+    assert conn.ask("SUBMIT sum [1]") == ["OK j1"]
+    assert conn.ask("SUBMIT sum [2]") == ["OK j2"]
+    [reply] = conn.ask("SUBMIT sum [3]")
+    assert err_code(reply) == "BUSY"
+    assert err_code(conn.ask("RUN sum [3]")[0]) == "BUSY"
+    assert Conn(factory).ask("SUBMIT sum [4]") == ["OK j3"]
+    assert conn.ask("CANCEL j1") == ["OK j1 cancelled"]
+    assert conn.ask("SUBMIT sum [5]") == ["OK j4"]
+
+
+# -- heartbeats ----------------------------------------------------------------------------------
+
+
+def test_a_silent_worker_is_pinged_then_dropped_and_its_subtasks_requeued(factory, client, clock):
+    """A registered worker that sends nothing gets PING every heartbeat_interval; after
+    heartbeat_timeout of silence its connection is aborted, and once it is gone its sub-task
+    runs on another worker."""
+    silent = WorkerConn(factory, name="silent")
+    client.send("RUN sum [4,5]\n")
+    assert len(silent.dos()) == 1
+    clock.advance(5)
+    clock.advance(5)
+    assert silent.tr.value() == b"PING\nPING\n"
+    assert not silent.tr.disconnecting
+    healthy = WorkerConn(factory, name="healthy")  # registered at t=10: its clock starts now
+    clock.advance(5)
+    assert silent.tr.disconnecting  # aborted at t=15, with no third PING
+    assert silent.tr.value() == b"PING\nPING\n"
+    silent.lose(ConnectionLost)  # what the reactor reports after abortConnection
+    assert [w.name for w in factory.core.workers()] == ["healthy"]
+    healthy.answer_all()
+    assert client.lines() == ["RESULT j1 9"]
+    assert not healthy.tr.disconnecting
+
+
+def test_any_line_from_a_worker_keeps_it_alive(factory, clock):
+    """A worker answering each PING (or sending anything) is never declared lost."""
+    worker = WorkerConn(factory)
+    for _ in range(12):
+        clock.advance(5)
+        worker.dos()
+        worker.send("OK PONG\n")
+    assert worker.pings == 12
+    assert not worker.tr.disconnecting
+    assert [w.name for w in factory.core.workers()] == ["w1"]
+
+
+def test_heartbeat_settings_are_announced_and_used(core, clock):
+    """OK REGISTERED carries the connection's heartbeat settings, and they are the ones used."""
+    factory = ServerFactory(
+        core, settings=ConnectionSettings(heartbeat_interval=1.0, heartbeat_timeout=2.5)
+    )
+    worker = WorkerConn(factory)  # checks the announced values
+    clock.advance(1)
+    clock.advance(1)
+    assert worker.dos() == []
+    assert worker.pings == 2
+    assert not worker.tr.disconnecting
+    clock.advance(1)  # 3 s of silence >= 2.5
+    assert worker.tr.disconnecting
+
+
+# -- DRAIN ---------------------------------------------------------------------------------------
+
+
+def test_drain_stops_new_dispatches_but_held_subtasks_complete(factory, client, core):
+    """DRAIN is answered OK DRAINING; the worker gets no new DO lines, what it holds still
+    completes and counts, and WORKERS shows it draining."""
+    worker = WorkerConn(factory, slots=2)
+    client.send('RUN sum [1,2,3,4] {"chunks": 4}\n')
+    held = worker.dos()
+    assert len(held) == 2
+    assert worker.ask("DRAIN") == ["OK DRAINING"]
+    [described] = ok_json(Conn(factory).ask("WORKERS")[0])
+    assert described["draining"] is True
+    for msg in held:
+        worker.done(msg)
+    assert worker.dos() == []
+    assert core.get("j1").done == 2
+    fresh = WorkerConn(factory, name="w2", slots=2)
+    assert fresh.answer_all() == 2
+    assert client.lines() == ["RESULT j1 10"]
+    assert core.get("j1").ran_on == {"w1": 2, "w2": 2}
+
+
+# -- speculation ---------------------------------------------------------------------------------
+
+
+def test_speculation_sends_a_backup_copy_and_cancels_the_loser(clock):
+    """With speculation on, a straggling sub-task gets a backup DO on an idle worker; the first
+    DONE wins, the slow copy gets a CANCEL line, and its late DONE is only counted."""
+    core = Scheduler(Registry(TASKS), clock, speculate=True)
+    factory = ServerFactory(core)
+    slow = WorkerConn(factory, name="slow", slots=4)
+    client = Conn(factory)
+    client.send('RUN sum [1,2,3,4,5,6,7,8] {"chunks": 4}\n')
+    dos = slow.dos()
+    spare = WorkerConn(factory, name="spare")
+    clock.advance(0.1)
+    for msg in dos[:3]:
+        slow.done(msg)
+    clock.advance(0.9)
+    assert core.speculate() == 1
+    [backup] = spare.dos()
+    assert (backup["job"], backup["index"], backup["input"]) == ("j1", 3, [7, 8])
+    spare.done(backup)
+    assert client.lines() == ["RESULT j1 36"]
+    assert slow.dos() == []
+    assert slow.cancels == [dos[3]["id"]]
+    slow.done(dos[3])
+    stats = core.stats()
+    assert (stats["subtasks_speculative"], stats["results_late"]) == (1, 1)
+    assert core.get("j1").ran_on == {"slow": 3, "spare": 1}

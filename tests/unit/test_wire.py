@@ -47,6 +47,19 @@ def test_verb_is_upper_cased_and_rest_kept():
     assert parse_request(b"  Ping") == Request("PING", "")
 
 
+@pytest.mark.parametrize(
+    "line, request_",
+    [
+        (b"WAIT\tj1", Request("WAIT", "j1")),
+        (b"run\t sum [1]", Request("RUN", "sum [1]")),
+        (b"\tPING\t", Request("PING", "")),
+    ],
+)
+def test_verb_is_split_on_any_whitespace(line, request_):
+    """A tab (or tab and spaces) after the verb separates it from the rest like a space does."""
+    assert parse_request(line) == request_
+
+
 def test_rest_keeps_inner_spacing():
     """Only the first space separates verb and rest; the rest keeps its own spacing."""
     assert parse_request(b"WAIT   j1") == Request("WAIT", "j1")
@@ -73,8 +86,15 @@ def test_invalid_utf8_is_bad_encoding():
 def test_task_and_input():
     """`<task> <input-json>` parses to the task name, the decoded input and no options."""
     req = parse_job_request("sum [1,2,3]")
-    assert req == JobRequest("sum", [1, 2, 3], {})
+    assert req == JobRequest("sum", [1, 2, 3], {}, "[1,2,3]")
     assert req.chunks is None
+
+
+def test_input_json_is_the_input_exactly_as_sent():
+    """input_json keeps the input's text exactly as sent (for the journal), without the options."""
+    req = parse_job_request('sum [1,  2, 3]  {"chunks": 2}')
+    assert req.input_json == "[1,  2, 3]"
+    assert req.input == [1, 2, 3]
 
 
 def test_input_may_be_any_json_value():
@@ -110,6 +130,62 @@ def test_bad_chunks_values(value):
     err = wire_error(parse_job_request, f'sum [1] {{"chunks": {value}}}')
     assert err.code == ErrorCode.BAD_REQUEST
     assert "chunks" in err.message
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"timeout": 1},
+        {"timeout": 0.25},
+        {"timeout": None},
+        {"attempts": 1},
+        {"attempts": 100},
+        {"key": "k"},
+        {"key": "x" * 200},
+        {"chunks": 3, "timeout": 5, "attempts": 2, "key": "batch-7"},
+    ],
+)
+def test_timeout_attempts_and_key_options(options):
+    """timeout (positive seconds), attempts (1-100) and key (1-200 characters) are job options."""
+    assert parse_job_request(f"sum [1] {json.dumps(options)}").options == options
+
+
+@pytest.mark.parametrize(
+    "options, word",
+    [
+        ({"timeout": 0}, "timeout"),
+        ({"timeout": -1}, "timeout"),
+        ({"timeout": "5"}, "timeout"),
+        ({"timeout": True}, "timeout"),
+        ({"timeout": [1]}, "timeout"),
+        ({"attempts": 0}, "attempts"),
+        ({"attempts": 101}, "attempts"),
+        ({"attempts": 2.0}, "attempts"),
+        ({"attempts": True}, "attempts"),
+        ({"attempts": "3"}, "attempts"),
+        ({"key": ""}, "key"),
+        ({"key": "x" * 201}, "key"),
+        ({"key": 7}, "key"),
+        ({"key": ["k"]}, "key"),
+    ],
+)
+def test_bad_timeout_attempts_and_key_values(options, word):
+    """A timeout that is not a positive number, attempts outside 1-100 or not an integer, and a
+    key that is not a 1-200 character string are BAD_REQUEST naming the option."""
+    err = wire_error(parse_job_request, f"sum [1] {json.dumps(options)}")
+    assert err.code == ErrorCode.BAD_REQUEST
+    assert f"'{word}'" in err.message
+
+
+def test_failure_codes_are_stable():
+    """The codes a FAILED or ERR line may carry keep their exact spelling (clients match them)."""
+    assert (
+        ErrorCode.BUSY,
+        ErrorCode.TIMEOUT,
+        ErrorCode.CHILD_DIED,
+        ErrorCode.WORKER_LOST,
+        ErrorCode.TASK_MISSING,
+    ) == ("BUSY", "TIMEOUT", "CHILD_DIED", "WORKER_LOST", "TASK_MISSING")
 
 
 def test_big_chunks_is_accepted_by_the_parser():
@@ -247,8 +323,9 @@ def test_wire_error_str():
     assert str(WireError("BAD_JSON", "nope")) == "BAD_JSON: nope"
 
 
-def test_verb_tables_do_not_overlap():
-    """No verb is both a client and a worker verb, so the role decides unambiguously."""
-    assert not set(CLIENT_VERBS) & set(WORKER_VERBS)
+def test_verb_tables_overlap_only_in_ping():
+    """Only PING is both a client and a worker verb (both roles answer it OK PONG), so the role
+    decides every other verb unambiguously."""
+    assert set(CLIENT_VERBS) & set(WORKER_VERBS) == {"PING"}
     assert {"RUN", "SUBMIT", "PING", "QUIT"} <= set(CLIENT_VERBS)
-    assert set(WORKER_VERBS) == {"REGISTER", "DONE", "ERROR"}
+    assert set(WORKER_VERBS) == {"REGISTER", "DONE", "ERROR", "DRAIN", "PING"}

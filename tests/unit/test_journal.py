@@ -1,0 +1,442 @@
+"""Journal: durability gates, recovery after a restart, idempotent keys, retention, and the
+SQLite journal's storage (round trip, group-commit thread, refusal of corrupt or foreign files)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+from helpers import add_worker as add
+from helpers import result_of
+from twisted.internet.task import Clock
+
+from clusterd.core.jobs import JobState
+from clusterd.core.journal import (
+    JobAccepted,
+    JobEnded,
+    JournalError,
+    MemoryJournal,
+    ResultRecorded,
+)
+from clusterd.core.scheduler import Scheduler, TaskFailed
+from clusterd.core.wire import ErrorCode, WireError
+from clusterd.server.protocol import final_reply
+from clusterd.server.sqlite_journal import SqliteJournal, _Forget
+from clusterd.tasks import Registry
+from clusterd.tasks.builtins import TASKS
+
+
+@pytest.fixture
+def clock():
+    c = Clock()
+    yield c
+    assert c.getDelayedCalls() == []
+
+
+@pytest.fixture
+def registry():
+    return Registry(TASKS)
+
+
+def restart(registry, journal, at: float = 100.0, **settings) -> Scheduler:
+    """A fresh scheduler over the same journal, as after a crash and restart, recovered."""
+    clock = Clock()
+    clock.advance(at)
+    core = Scheduler(registry, clock, journal=journal, **settings)
+    core.recover()
+    return core
+
+
+# -- durability gates ----------------------------------------------------------------------------
+
+
+def test_a_job_is_durable_only_once_its_accepted_record_is_flushed(registry, clock):
+    """when_durable fires only once the JobAccepted record is flushed, with every field recorded."""
+    journal = MemoryJournal(hold=True)
+    core = Scheduler(registry, clock, journal=journal)
+    clock.advance(3)
+    job = core.submit("sum", [1, 2, 3], chunks=2, options={"key": "k1"}, input_json="[1,2,3]")
+    durable = job.when_durable()
+    assert not durable.called
+    assert journal.jobs == {}
+    journal.flush()
+    assert result_of(durable) is job
+    assert journal.appended == [
+        JobAccepted("j1", 1, "sum", "[1,2,3]", 2, {"timeout": None, "attempts": 3}, "k1", 3.0)
+    ]
+    assert result_of(job.when_durable()) is job  # a late subscriber is answered at once
+    core.cancel(job.id)
+    journal.flush()
+
+
+def test_a_job_end_is_told_only_once_its_ended_record_is_durable(registry, clock):
+    """A finished job's waiters fire only once its JobEnded record is flushed, after its results."""
+    journal = MemoryJournal(hold=True)
+    core = Scheduler(registry, clock, journal=journal)
+    w = add(core, "w1", slots=2)
+    job = core.submit("sum", [1, 2, 3, 4], chunks=2)
+    waiter = job.wait()
+    w.answer_all()
+    assert job.state == JobState.DONE
+    assert not waiter.called
+    assert not job.settled
+    journal.flush()
+    assert result_of(waiter) is job
+    assert [type(r).__name__ for r in journal.appended] == [
+        "JobAccepted",
+        "ResultRecorded",
+        "ResultRecorded",
+        "JobEnded",
+    ]
+    assert journal.appended[-1] == JobEnded("j1", "done", "10", None, 2, 0.0)
+    assert core.stats()["journal"] is True
+
+
+# -- recovery ------------------------------------------------------------------------------------
+
+
+def test_finished_jobs_are_retrievable_after_a_restart(registry, clock):
+    """Done, failed and cancelled jobs come back from the journal with their answers and errors,
+    settled, so WAIT answers at once; nothing is dispatched for them."""
+    journal = MemoryJournal()
+    core = Scheduler(registry, clock, journal=journal)
+    w = add(core, "w1", slots=2)
+    done = core.submit("sum", [1, 2, 3, 4], chunks=2)
+    w.answer_all()
+    failed = core.submit("sum", [5], chunks=1, options={"attempts": 1})
+    w.calls[-1][1].errback(TaskFailed("ValueError", "bad"))
+    cancelled = core.submit("sum", [6], chunks=1)
+    core.cancel(cancelled.id)
+
+    core2 = restart(registry, journal)
+    assert core2.stats()["jobs_recovered"] == 0
+    j = core2.get(done.id)
+    assert (j.state, j.result_json, j.total) == (JobState.DONE, "10", 2)
+    assert result_of(j.wait()) is j
+    assert final_reply(j) == "RESULT j1 10"
+    f = core2.get(failed.id)
+    assert f.state == JobState.FAILED
+    assert f.error == failed.error
+    assert final_reply(f) == final_reply(failed)
+    assert core2.get(cancelled.id).state == JobState.CANCELLED
+    w2 = add(core2, "w2", slots=4)
+    assert w2.calls == []
+    assert core2.submit("sum", [1], chunks=1).id == "j4"  # ids continue after the journal's
+    w2.answer_all()
+
+
+def test_a_recovered_finished_job_reports_all_its_subtasks_done(registry, clock):
+    """After a restart, STATUS of a job that had finished successfully still says done == total."""
+    journal = MemoryJournal()
+    core = Scheduler(registry, clock, journal=journal)
+    w = add(core, "w1", slots=2)
+    job = core.submit("sum", [1, 2, 3, 4], chunks=2)
+    w.answer_all()
+    before = job.status()
+    status = restart(registry, journal).get(job.id).status()
+    assert (status["state"], status["done"], status["total"]) == ("done", 2, 2)
+    for field in ("submitted", "finished", "elapsed", "running", "queued", "retrying"):
+        assert status[field] == before[field], field
+
+
+def test_an_unfinished_job_resumes_running_only_its_missing_subtasks(registry, clock):
+    """After a restart an unfinished job keeps its recorded results, dispatches only the missing
+    sub-tasks and combines the right answer."""
+    journal = MemoryJournal()
+    core = Scheduler(registry, clock, journal=journal)
+    w = add(core, "w1", slots=4)
+    job = core.submit("sum", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], chunks=5)
+    w.answer(*w.calls[0])
+    w.answer(*w.calls[3])
+    # Crash now: sub-tasks 1 and 2 in flight, 4 still queued.
+
+    core2 = restart(registry, journal)
+    assert core2.stats()["jobs_recovered"] == 1
+    resumed = core2.get(job.id)
+    assert resumed.state == JobState.RUNNING
+    assert (resumed.done, resumed.recovered) == (2, 2)
+    assert resumed.status()["recovered"] == 2
+    w2 = add(core2, "w2", slots=4)
+    assert w2.indices() == [1, 2, 4]
+    assert [s.input for s, _ in w2.calls] == [[3, 4], [5, 6], [9, 10]]
+    w2.answer_all()
+    assert resumed.result == 55
+    assert result_of(resumed.wait()).state == JobState.DONE
+    assert resumed.ran_on == {"w2": 3}
+
+
+def test_a_job_with_every_result_recorded_is_combined_at_recovery(registry, clock):
+    """A job whose results were all durable but whose end was not is combined during recovery."""
+    journal = MemoryJournal(hold=True)
+    core = Scheduler(registry, clock, journal=journal)
+    w = add(core, "w1", slots=2)
+    job = core.submit("sum", [1, 2], chunks=2)
+    w.answer_all()
+    journal.pending = [(r, d) for r, d in journal.pending if not isinstance(r, JobEnded)]
+    journal.flush()  # the crash lost only the JobEnded record
+    core2 = restart(registry, journal)
+    assert core2.get(job.id).state == JobState.DONE
+    assert core2.get(job.id).result == 3
+    assert core2.stats()["jobs_recovered"] == 1
+
+
+def test_a_recovered_job_whose_task_is_gone_fails_with_task_missing(registry, clock):
+    """An unfinished job whose task the restarted server no longer has fails with TASK_MISSING."""
+    journal = MemoryJournal()
+    core = Scheduler(registry, clock, journal=journal)
+    job = core.submit("primes", {"stop": 100}, chunks=2)
+    only_sum = Registry([t for t in TASKS if t.name == "sum"])
+    core2 = restart(only_sum, journal)
+    lost = core2.get(job.id)
+    assert lost.state == JobState.FAILED
+    assert lost.error["code"] == ErrorCode.TASK_MISSING
+    assert result_of(lost.wait()) is lost
+
+
+# -- idempotent keys -----------------------------------------------------------------------------
+
+
+def test_a_key_makes_submit_idempotent(registry, clock):
+    """Submitting again under the same key returns the same job, journals nothing new and
+    dispatches nothing new; another key is another job."""
+    journal = MemoryJournal()
+    core = Scheduler(registry, clock, journal=journal)
+    w = add(core, "w1", slots=4)
+    job = core.submit("sum", [1, 2], chunks=2, options={"key": "batch-1"})
+    assert core.submit("sum", [1, 2], chunks=2, options={"key": "batch-1"}) is job
+    assert len(journal.appended) == 1
+    assert len(w.calls) == 2
+    assert core.stats()["jobs_submitted"] == 1
+    assert job.status()["key"] == "batch-1"
+    other = core.submit("sum", [1, 2], chunks=2, options={"key": "batch-2"})
+    assert other is not job
+    w.answer_all()
+    assert core.submit("sum", [9], options={"key": "batch-1"}) is job  # ended: still the answer
+    assert job.result == 3
+
+
+def test_a_key_is_still_honoured_after_a_restart(registry, clock):
+    """A key submitted before a restart returns the recovered job, whether it ended or not."""
+    journal = MemoryJournal()
+    core = Scheduler(registry, clock, journal=journal)
+    w = add(core, "w1", slots=1)
+    finished = core.submit("sum", [5], chunks=1, options={"key": "a"})
+    w.answer_all()
+    running = core.submit("sum", [1, 2], chunks=2, options={"key": "b"})
+    core2 = restart(registry, journal)
+    again = core2.submit("sum", [5], chunks=1, options={"key": "a"})
+    assert (again.id, again.state, again.result_json) == (finished.id, JobState.DONE, "5")
+    resumed = core2.submit("sum", [1, 2], chunks=2, options={"key": "b"})
+    assert resumed.id == running.id
+    assert resumed is core2.get(running.id)
+    assert len(core2.jobs()) == 2
+    add(core2, "w2", slots=2).answer_all()
+    assert resumed.result == 3
+
+
+# -- retention -----------------------------------------------------------------------------------
+
+
+def test_expire_removes_old_jobs_from_the_journal_too(registry, clock):
+    """Expiring an ended job forgets it in the journal, so it does not come back on restart."""
+    journal = MemoryJournal()
+    core = Scheduler(registry, clock, journal=journal, retention=10)
+    w = add(core, "w1")
+    old = core.submit("sum", [1], chunks=1, options={"key": "k"})
+    w.answer_all()
+    clock.advance(5)
+    young = core.submit("sum", [2], chunks=1)
+    w.answer_all()
+    clock.advance(6)
+    assert core.expire() == 1
+    assert set(journal.jobs) == {young.id}
+    core2 = restart(registry, journal, at=11)
+    with pytest.raises(WireError) as info:
+        core2.get(old.id)
+    assert info.value.code == ErrorCode.UNKNOWN_JOB
+    assert core2.get(young.id).result_json == "2"
+    assert core2.submit("sum", [3], chunks=1, options={"key": "k"}).id != old.id
+
+
+def test_recovery_forgets_ended_jobs_already_past_retention(registry, clock):
+    """Jobs that ended longer ago than the retention time are dropped from the journal at recovery."""
+    journal = MemoryJournal()
+    core = Scheduler(registry, clock, journal=journal, retention=50)
+    w = add(core, "w1")
+    job = core.submit("sum", [1], chunks=1)
+    w.answer_all()
+    core2 = restart(registry, journal, at=51, retention=50)
+    assert core2.jobs() == []
+    assert journal.jobs == {}
+    assert job.id not in journal.jobs
+
+
+def test_job_ids_are_not_reused_after_expiry_and_a_restart(registry, clock):
+    """A job id forgotten by expiry is never handed out again, even after a restart."""
+    journal = MemoryJournal()
+    core = Scheduler(registry, clock, journal=journal, retention=1)
+    w = add(core, "w1")
+    first = core.submit("sum", [1], chunks=1)
+    w.answer_all()
+    clock.advance(2)
+    assert core.expire() == 1
+    core2 = restart(registry, journal)
+    assert core2.submit("sum", [1], chunks=1).id != first.id
+
+
+# -- SqliteJournal -------------------------------------------------------------------------------
+
+
+def accepted(job: str, seq: int, **kw) -> JobAccepted:
+    fields = dict(
+        task="sum",
+        input_json="[1,2]",
+        chunks=2,
+        options={"timeout": None, "attempts": 3},
+        key=None,
+        submitted=1.5,
+    )
+    fields.update(kw)
+    return JobAccepted(job, seq, **fields)
+
+
+class QueueReactor:
+    """Stands in for the reactor: callFromThread only queues; the test runs the calls on its own
+    thread once the writer thread has finished, so nothing races."""
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def callFromThread(self, f, *args) -> None:
+        self.calls.append((f, args))
+
+    def run_calls(self) -> None:
+        calls, self.calls = self.calls, []
+        for f, args in calls:
+            f(*args)
+
+
+def test_sqlite_journal_round_trip(tmp_path):
+    """Accepted, result and ended records read back as written; a result is kept once, ended jobs
+    drop their partial results, forget deletes, and next_seq survives forgetting the newest job."""
+    path = str(tmp_path / "journal.db")
+    j = SqliteJournal(path, reactor=None)
+    ended = JobEnded("j2", "failed", None, {"code": "TASK_ERROR", "index": 0}, 2, 9.25)
+    j._write(
+        [
+            accepted("j1", 1, key="k1", options={"timeout": 2.5, "attempts": 1}),
+            ResultRecorded("j1", 1, '{"a":1}'),
+            ResultRecorded("j1", 1, "999"),  # a second result for the index is ignored
+            accepted("j2", 2),
+            ResultRecorded("j2", 0, "3"),
+            ended,
+            accepted("j3", 3, input_json='"text"', chunks=1),
+        ]
+    )
+    rec = j.load()
+    assert rec.next_seq == 4
+    by_id = {r.accepted.job: r for r in rec.jobs}
+    assert [r.accepted.job for r in rec.jobs] == ["j1", "j2", "j3"]
+    assert by_id["j1"].accepted == accepted(
+        "j1", 1, key="k1", options={"timeout": 2.5, "attempts": 1}
+    )
+    assert by_id["j1"].results == {1: '{"a":1}'}
+    assert by_id["j1"].ended is None
+    assert by_id["j2"].ended == ended
+    assert by_id["j2"].results == {}
+    assert by_id["j3"].accepted.input_json == '"text"'
+    j._write([_Forget(["j3", "j2"])])
+    result_of(j.close())
+
+    reopened = SqliteJournal(path, reactor=None)
+    rec = reopened.load()
+    assert [r.accepted.job for r in rec.jobs] == ["j1"]
+    assert rec.next_seq == 4  # j3 is forgotten, its id is not reused
+    result_of(reopened.close())
+
+
+def test_sqlite_journal_writer_thread_commits_and_fires_on_the_reactor(tmp_path):
+    """Records appended to a started journal are committed by its thread; their Deferreds and the
+    close Deferred fire through callFromThread, and a new journal on the file reads them back."""
+    path = str(tmp_path / "journal.db")
+    reactor = QueueReactor()
+    j = SqliteJournal(path, reactor)
+    j.start()
+    ds = [j.append(accepted("j1", 1)), j.append(ResultRecorded("j1", 0, "3"))]
+    j.forget(["nothing"])
+    closed = j.close()
+    j._thread.join(10)
+    assert not j._thread.is_alive()
+    assert not any(d.called for d in ds)  # nothing fires off the reactor thread
+    reactor.run_calls()
+    assert [result_of(d) for d in ds] == [None, None]
+    assert result_of(closed) is None
+    assert j.records == 3
+    assert 1 <= j.commits <= 2
+
+    rec = SqliteJournal(path, reactor).load()
+    assert [(r.accepted.job, r.results) for r in rec.jobs] == [("j1", {0: "3"})]
+
+
+def test_a_scheduler_recovers_from_an_sqlite_journal(tmp_path, registry, clock):
+    """An unfinished job journaled to SQLite resumes after a restart with only its missing
+    sub-tasks."""
+    path = str(tmp_path / "journal.db")
+    reactor = QueueReactor()
+    journal = SqliteJournal(path, reactor)
+    journal.start()
+    core = Scheduler(registry, clock, journal=journal)
+    w = add(core, "w1", slots=3)
+    job = core.submit("sum", [1, 2, 3, 4, 5, 6], chunks=3)
+    w.answer(*w.calls[1])
+    closed = core.stop()
+    journal._thread.join(10)
+    reactor.run_calls()
+    assert result_of(closed) is None
+    assert result_of(job.when_durable()) is job
+
+    journal2 = SqliteJournal(path, QueueReactor())
+    core2 = restart(registry, journal2)
+    w2 = add(core2, "w2", slots=3)
+    assert w2.indices() == [0, 2]
+    w2.answer_all()
+    assert core2.get(job.id).result == 21
+    result_of(journal2.close())
+
+
+def test_a_corrupt_journal_file_is_refused(tmp_path):
+    """A journal file that is not an SQLite database raises JournalError when opened."""
+    path = tmp_path / "journal.db"
+    path.write_bytes(b"this is not a database\x00\xff" * 500)
+    with pytest.raises(JournalError) as info:
+        SqliteJournal(str(path), reactor=None)
+    assert str(path) in str(info.value)
+
+
+def test_a_foreign_sqlite_database_is_refused(tmp_path):
+    """An SQLite database that is not a clusterd journal raises JournalError, untouched."""
+    path = tmp_path / "other.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE users (name TEXT)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(JournalError) as info:
+        SqliteJournal(str(path), reactor=None)
+    assert "not a clusterd journal" in str(info.value)
+    conn = sqlite3.connect(path)
+    tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master")]
+    conn.close()
+    assert tables == ["users"]
+
+
+def test_a_journal_of_another_schema_version_is_refused(tmp_path):
+    """A clusterd journal written with another schema version raises JournalError."""
+    path = str(tmp_path / "journal.db")
+    result_of(SqliteJournal(path, reactor=None).close())
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE meta SET value='99' WHERE key='schema'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(JournalError) as info:
+        SqliteJournal(path, reactor=None)
+    assert "schema 99" in str(info.value)
