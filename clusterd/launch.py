@@ -54,12 +54,16 @@ class LocalCluster:
         server_args: list[str] | None = None,
         start_timeout: float = 30.0,
         env: dict[str, str] | None = None,
+        client_secret: bytes | None = None,
     ) -> None:
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="clusterd-"))
         self.server_args = list(server_args or [])
         self.start_timeout = start_timeout
         self.env = {**os.environ, **(env or {})}
+        self.client_secret = client_secret
+        self.listen_template: str | None = None
+        self.client_address: str | None = None  # "{port}" template, e.g. a tls: string
         self.server: subprocess.Popen[bytes] | None = None
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
         self.port: int | None = None
@@ -85,10 +89,14 @@ class LocalCluster:
         path = self.workdir / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def start_server(self, port: int = 0) -> int:
+    def start_server(self, port: int = 0, listen: str | None = None) -> int:
+        """Start the server; ``listen`` is an endpoint string with ``{port}`` in it (default
+        ``tcp:{port}:interface=127.0.0.1``). Returns the port bound."""
+        template = listen or self.listen_template or "tcp:{port}:interface=127.0.0.1"
+        self.listen_template = template
         self.server = self._spawn(
             "server",
-            ["clusterd-server", "--listen", f"tcp:{port}:interface=127.0.0.1", *self.server_args],
+            ["clusterd-server", "--listen", template.format(port=port), *self.server_args],
         )
 
         def bound() -> int | None:
@@ -102,7 +110,9 @@ class LocalCluster:
 
     @property
     def address(self) -> str:
-        return f"tcp:127.0.0.1:{self.port}"
+        """Where clients and workers connect (``client_address`` when set, e.g. for TLS)."""
+        template = self.client_address or "tcp:127.0.0.1:{port}"
+        return template.format(port=self.port)
 
     def start_worker(
         self,
@@ -146,7 +156,7 @@ class LocalCluster:
         wait_for(registered, timeout or self.start_timeout, f"workers {sorted(want)} to register")
 
     def client(self, timeout: float | None = None) -> BlockingClient:
-        return BlockingClient(self.address, timeout=timeout)
+        return BlockingClient(self.address, timeout=timeout, secret=self.client_secret)
 
     def kill_worker(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.workers.pop(name)

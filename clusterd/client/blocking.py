@@ -4,12 +4,16 @@
         print(c.run("primes", {"start": 0, "stop": 100000}))
 
 It speaks the same protocol and raises the same exceptions as the Deferred API. It understands
-``tcp:HOST:PORT``, ``HOST:PORT`` and ``unix:PATH`` addresses; for TLS use the Deferred API.
+``tcp:HOST:PORT``, ``HOST:PORT``, ``unix:PATH`` and the common form of Twisted's TLS client
+string, ``tls:HOST:PORT[:trustRoots=DIR][:certificate=CERT:privateKey=KEY]`` (the host name is
+checked against the server certificate).
 """
 
 from __future__ import annotations
 
+import os
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -22,11 +26,12 @@ __all__ = ["BlockingClient", "parse_address"]
 
 
 def parse_address(address: str) -> tuple[int, Any]:
-    """(address family, sockaddr) for ``tcp:HOST:PORT[:...]``, ``HOST:PORT`` or ``unix:PATH``."""
+    """(address family, sockaddr) for ``tcp:``/``tls:HOST:PORT[:...]``, ``HOST:PORT`` or
+    ``unix:PATH``."""
     if address.startswith("unix:"):
         return socket.AF_UNIX, address[5:].split(":")[0]
-    parts = address.split(":")
-    if parts[0] == "tcp":
+    parts = [p for p in address.split(":") if "=" not in p]
+    if parts[0] in ("tcp", "tls"):
         parts = parts[1:]
     if len(parts) == 1:
         parts.append(str(DEFAULT_PORT))
@@ -34,6 +39,25 @@ def parse_address(address: str) -> tuple[int, Any]:
         return socket.AF_INET, (parts[0], int(parts[1]))
     except (IndexError, ValueError):
         raise ClusterError(f"cannot read server address {address!r}") from None
+
+
+def tls_context(address: str) -> ssl.SSLContext | None:
+    """An SSL context for a ``tls:`` address (None for any other): trust roots from the
+    ``trustRoots`` directory (default: the system's), and a client certificate if given."""
+    if not address.startswith("tls:"):
+        return None
+    args = dict(p.split("=", 1) for p in address.split(":") if "=" in p)
+    ctx = ssl.create_default_context()
+    roots = args.get("trustRoots")
+    if roots:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        for name in sorted(os.listdir(roots)):
+            path = os.path.join(roots, name)
+            if os.path.isfile(path):
+                ctx.load_verify_locations(cafile=path)
+    if "certificate" in args:
+        ctx.load_cert_chain(args["certificate"], args.get("privateKey"))
+    return ctx
 
 
 class BlockingClient:
@@ -48,10 +72,14 @@ class BlockingClient:
             self.sock = socket.socket(family, socket.SOCK_STREAM)
             self.sock.settimeout(timeout)
             self.sock.connect(sockaddr)
-        except OSError as e:
+            if family == socket.AF_INET:
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            ctx = tls_context(address)
+            if ctx is not None:
+                self.sock = ctx.wrap_socket(self.sock, server_hostname=sockaddr[0])
+        except (OSError, ssl.SSLError) as e:
+            self.sock.close()
             raise ClusterError(f"cannot connect to {address}: {e}") from e
-        if family == socket.AF_INET:
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.file = self.sock.makefile("rwb")
         try:
             version, self.server_info = parse_greeting(self._readline())

@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"server endpoint (default $CLUSTERD_SERVER or {DEFAULT_SERVER}); "
         "tcp:HOST:PORT, unix:PATH, tls:HOST:PORT:trustRoots=DIR",
     )
+    p.add_argument(
+        "--secret-file",
+        help="file holding the client secret, if the server requires one (or set $CLUSTERD_SECRET)",
+    )
     p.add_argument("--version", action="version", version=f"clusterd {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -149,9 +153,18 @@ def _print_json(value: Any, pretty: bool = True) -> None:
 
 async def _main(reactor: Any, args: argparse.Namespace) -> int:
     from clusterd.client.api import connect
+    from clusterd.core.auth import SecretError, load_secret
 
     try:
-        client = await connect(reactor, args.server)
+        secret = load_secret(args.secret_file, "CLUSTERD_SECRET")
+    except SecretError as e:
+        print(f"clusterd: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        client = await connect(reactor, args.server, secret)
+    except RequestRefused as e:
+        print(f"clusterd: server refused: {e.code} {e.message}", file=sys.stderr)
+        return EXIT_REFUSED
     except Exception as e:
         print(f"clusterd: cannot connect to {args.server}: {e}", file=sys.stderr)
         return EXIT_CONNECTION

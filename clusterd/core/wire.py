@@ -224,7 +224,7 @@ def parse_job_request(
     options_text = payload[end:].strip()
     options: dict[str, Any] = {}
     if options_text:
-        options = parse_json_object(options_text, "the job options")
+        options = parse_json_object(options_text, "the job options", max_depth)
     unknown = sorted(set(options) - JOB_OPTIONS)
     if unknown:
         raise WireError(

@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, IReactorTime
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IHandshakeListener,
+    IPushProducer,
+    IReactorTime,
+    ISSLTransport,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -83,7 +89,7 @@ class ConnectionSettings:
     max_connections_per_ip: int = 64
 
 
-@implementer(IHalfCloseableProtocol, IPushProducer)
+@implementer(IHalfCloseableProtocol, IPushProducer, IHandshakeListener)
 class ServerProtocol(Protocol):
     log = Logger()
 
@@ -132,9 +138,8 @@ class ServerProtocol(Protocol):
                 self.transport.loseConnection()
                 return
             self.counted = True
-        # Backpressure: when this peer reads slower than we write, the transport pauses us and
-        # we stop reading its requests, instead of buffering replies without bound.
-        self.transport.registerProducer(self, True)
+        if not ISSLTransport.providedBy(self.transport):
+            self._register_producer()
         secrets = self.settings.secrets
         self.roles = {r for r in ROLES if r not in secrets}
         extra: dict[str, Any] = {}
@@ -157,6 +162,17 @@ class ServerProtocol(Protocol):
                 )
             )
             self.transport.loseConnection()
+
+    def handshakeCompleted(self) -> None:
+        self._register_producer()
+
+    def _register_producer(self) -> None:
+        """Backpressure: when this peer reads slower than we write, the transport pauses us and
+        we stop reading its requests, instead of buffering replies without bound. On TLS this
+        waits for the handshake: TLS pauses producers until then, and pausing our reads would
+        stall the very handshake being waited for."""
+        if not self.quitting:
+            self.transport.registerProducer(self, True)
 
     # IPushProducer: the transport's write buffer is full (pause) or drained (resume).
     def pauseProducing(self) -> None:

@@ -245,14 +245,20 @@ def test_wrong_protocol_version_disconnects(pool, clock):
     assert not w.proto.registered
 
 
-def test_server_err_before_registration_disconnects(pool, clock):
-    """An ERR from the server before registration (a refused REGISTER) closes the connection."""
+def test_server_err_before_registration_disconnects_after_a_backoff(pool, clock):
+    """An ERR before registration (a refused REGISTER or AUTH) closes the connection, but only
+    after a backoff that grows with each refusal, so a refusing server is not hammered."""
     w = Worker(pool, clock)
     w.send(GREETING)
     w.lines()
     w.send("ERR BAD_REQUEST REGISTER needs 'slots': an integer 1-4096.\n")
+    assert not w.tr.disconnecting
+    clock.advance(0.99)
+    assert not w.tr.disconnecting
+    clock.advance(0.01)
     assert w.tr.disconnecting
     assert not w.proto.registered
+    assert w.proto.factory.rejections == 1
 
 
 def test_server_err_after_registration_keeps_the_connection(pool, clock):

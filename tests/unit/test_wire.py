@@ -242,11 +242,31 @@ def test_nan_and_infinity_are_rejected(rest):
     assert wire_error(parse_job_request, rest).code == ErrorCode.BAD_JSON
 
 
-def test_deeply_nested_input_is_bad_json_not_a_crash():
-    """An input nested past the recursion limit is BAD_JSON rather than a RecursionError."""
+def test_deeply_nested_input_is_json_too_deep_not_a_crash():
+    """An input nested past the recursion limit is JSON_TOO_DEEP rather than a RecursionError."""
     err = wire_error(parse_job_request, "sum " + "[" * 100_000 + "]" * 100_000)
-    assert err.code == ErrorCode.BAD_JSON
-    assert "nested too deeply" in err.message
+    assert err.code == ErrorCode.JSON_TOO_DEEP
+
+
+@pytest.mark.parametrize("depth, ok", [(64, True), (65, False)])
+def test_json_depth_limit_is_exact(depth, ok):
+    """Nesting up to the limit (64 by default) parses; one level more is JSON_TOO_DEEP, in the
+    job input, in its options and in any JSON payload."""
+    doc = "[" * depth + "1" + "]" * depth
+    if ok:
+        assert parse_job_request("sum " + doc).input is not None
+        assert parse_json(doc) is not None
+    else:
+        assert wire_error(parse_job_request, "sum " + doc).code == ErrorCode.JSON_TOO_DEEP
+        assert wire_error(parse_json, doc).code == ErrorCode.JSON_TOO_DEEP
+        deep_options = '[1] {"chunks": 1, "key": ' + doc.replace("1", '"k"', 1) + "}"
+        assert wire_error(parse_job_request, "sum " + deep_options).code == ErrorCode.JSON_TOO_DEEP
+
+
+def test_json_depth_limit_is_configurable():
+    """A smaller depth limit applies to the job input."""
+    assert wire_error(parse_job_request, "sum [[[1]]]", "RUN", 2).code == ErrorCode.JSON_TOO_DEEP
+    assert parse_job_request("sum [[1]]", "RUN", 2).input == [[1]]
 
 
 def test_parse_json_and_object():
