@@ -115,6 +115,8 @@ class Job:
     @property
     def queued(self) -> int:
         """Sub-tasks waiting for a worker (not counting those waiting out a retry backoff)."""
+        if self.state in JobState.FINAL:
+            return 0
         return (self.total - self.next_index) + len(self.retry)
 
     def has_pending(self) -> bool:

@@ -216,7 +216,14 @@ class Scheduler:
         options = options or {}
         key = options.get("key")
         if key is not None and key in self._keys:
-            return self._keys[key]
+            existing = self._keys[key]
+            if existing.task != task_name:
+                raise WireError(
+                    ErrorCode.BAD_REQUEST,
+                    f"key {key!r} already names job {existing.id} of task {existing.task}; "
+                    "use a new key for a different job.",
+                )
+            return existing
         task = self.registry.get(task_name)
         if task is None:
             raise WireError(
@@ -273,13 +280,31 @@ class Scheduler:
             key,
             job.submitted,
         )
-        self.journal.append(record).addCallback(lambda _: job.mark_durable())
+        self.journal.append(record).addCallbacks(
+            lambda _: job.mark_durable(), self._not_durable, errbackArgs=(job,)
+        )
         if job.total == 0:
             self._combine(job)
         else:
             self._enring(job)
             self._pump()
         return job
+
+    def _not_durable(self, failure: Failure, job: Job) -> None:
+        """The journal could not record the job: it must not run as if accepted."""
+        self.log.failure("journal write for job {job_id} failed", failure=failure, job_id=job.id)
+        if not job.is_final:
+            self._end(
+                job,
+                JobState.FAILED,
+                error={
+                    "code": ErrorCode.JOURNAL_ERROR,
+                    "type": "JournalError",
+                    "message": failure.getErrorMessage(),
+                },
+                durable=False,
+            )
+        job.mark_durable()
 
     def _split(self, task_name: str, value: Any, chunks: int) -> list[Any]:
         task = self.registry.get(task_name)
@@ -637,6 +662,19 @@ class Scheduler:
                     "message": f"sub-task ran longer than {job.options.timeout}s",
                 },
             )
+        elif failure.check(TaskFailed) and failure.value.type == "ResultTooLarge":
+            err = failure.value  # retrying cannot make it fit
+            self._end(
+                job,
+                JobState.FAILED,
+                error={
+                    "code": ErrorCode.RESULT_TOO_LARGE,
+                    "type": err.type,
+                    "message": err.message,
+                    "index": index,
+                    "worker": worker.name,
+                },
+            )
         elif failure.check(TaskFailed):
             err = failure.value
             code = ErrorCode.CHILD_DIED if err.type == "ChildDied" else ErrorCode.TASK_ERROR
@@ -775,6 +813,7 @@ class Scheduler:
         result: Any = None,
         error: dict | None = None,
         encoded: str | None = None,
+        durable: bool = True,
     ) -> None:
         job.result_json = encoded
         job.finish(state, self.clock.seconds(), result=result, error=error)
@@ -798,8 +837,17 @@ class Scheduler:
             elapsed=job.finished - job.submitted,
             n=job.total,
         )
+        if not durable:
+            job.settle()
+            return
         record = JobEnded(job.id, state, encoded, error, job.total, job.finished)
-        self.journal.append(record).addCallback(lambda _: job.settle())
+
+        def not_recorded(failure: Failure) -> None:
+            # The answer stands in memory; only its survival of a restart is lost.
+            self.log.failure("journal write for the end of {job_id} failed", failure, job_id=job.id)
+            job.settle()
+
+        self.journal.append(record).addCallbacks(lambda _: job.settle(), not_recorded)
 
     # -- views ---------------------------------------------------------------------------------
 

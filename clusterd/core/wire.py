@@ -61,6 +61,8 @@ class ErrorCode:
     CHILD_DIED = "CHILD_DIED"
     WORKER_LOST = "WORKER_LOST"
     COMBINE_ERROR = "COMBINE_ERROR"
+    RESULT_TOO_LARGE = "RESULT_TOO_LARGE"
+    JOURNAL_ERROR = "JOURNAL_ERROR"
     TASK_MISSING = "TASK_MISSING"
 
 
@@ -78,7 +80,7 @@ class WireError(Exception):
 
 CLIENT_VERBS: dict[str, str] = {
     "RUN": "RUN <task> <input-json> [<options-json>]  submit a job and wait for its result",
-    "SUBMIT": "SUBMIT <task> <input-json> [<options-json>]  submit a job; replies OK <job-id> at once",
+    "SUBMIT": "SUBMIT <task> <input-json> [<options-json>]  submit a job; replies OK <job-id> once it is recorded",
     "WAIT": "WAIT <job-id>  wait for a job's result",
     "STATUS": "STATUS <job-id>  a job's state and progress",
     "WATCH": "WATCH <job-id>  PROGRESS lines until the job ends, then its result",
@@ -198,7 +200,9 @@ def parse_job_request(
     rest: str, verb: str = "RUN", max_depth: int = DEFAULT_MAX_JSON_DEPTH
 ) -> JobRequest:
     """Parse ``<task> <input-json> [<options-json>]`` as RUN and SUBMIT take it."""
-    task, _, payload = rest.partition(" ")
+    parts = rest.split(None, 1)
+    task = parts[0] if parts else ""
+    payload = parts[1] if len(parts) > 1 else ""
     if not task:
         raise WireError(
             ErrorCode.BAD_REQUEST,

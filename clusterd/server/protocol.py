@@ -445,7 +445,7 @@ class ServerProtocol(Protocol):
 
     def _job_id(self, rest: str, verb: str) -> str:
         job_id = rest.strip()
-        if not job_id or " " in job_id:
+        if not job_id or any(c.isspace() for c in job_id):
             raise WireError(ErrorCode.BAD_REQUEST, f"{verb} takes one job id, e.g. {verb} j1.")
         return job_id
 
