@@ -54,7 +54,6 @@ class ErrorCode:
     AUTH_TIMEOUT = "AUTH_TIMEOUT"
     JSON_TOO_DEEP = "JSON_TOO_DEEP"
     TOO_MANY_CONNECTIONS = "TOO_MANY_CONNECTIONS"
-    RESULT_TOO_LARGE = "RESULT_TOO_LARGE"
     # Codes a FAILED reply carries (why a job failed):
     TASK_ERROR = "TASK_ERROR"
     TIMEOUT = "TIMEOUT"
