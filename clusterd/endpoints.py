@@ -12,7 +12,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from zope.interface import implementer
 
-__all__ = ["LoggingEndpoint", "listening_service", "describe_address"]
+__all__ = ["LoggingEndpoint", "listening_service", "describe_address", "no_delay"]
 
 
 def describe_address(addr: Any) -> str:
@@ -55,3 +55,17 @@ def listening_service(
     )
     svc._raiseSynchronously = True
     return svc
+
+
+def no_delay(transport: Any) -> None:
+    """Turn off Nagle's algorithm where the transport has it (TCP, and TLS over TCP): the
+    protocol is request/response in small lines, and Nagle combined with delayed ACKs would hold
+    each small reply for tens of milliseconds."""
+    for candidate in (transport, getattr(transport, "transport", None)):
+        setter = getattr(candidate, "setTcpNoDelay", None)
+        if setter is not None:
+            try:
+                setter(True)
+            except OSError:  # pragma: no cover - e.g. a socket already closing
+                pass
+            return

@@ -25,6 +25,7 @@ from clusterd.client.errors import ClusterError, raise_for
 from clusterd.core.auth import proof
 from clusterd.core.framing import LineFramer, LineTooLong
 from clusterd.core.wire import Reply, WireError, dumps, parse_greeting, parse_json, parse_reply
+from clusterd.endpoints import no_delay
 
 __all__ = ["ClientProtocol", "Client", "connect", "job_line", "auth_line"]
 
@@ -56,6 +57,9 @@ class ClientProtocol(Protocol):
         self.greeted: Deferred[dict[str, Any]] = Deferred()
         self.server_info: dict[str, Any] | None = None
         self.closed = False
+
+    def connectionMade(self) -> None:
+        no_delay(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         for event in self.framer.feed(data):

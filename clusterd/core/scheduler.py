@@ -76,6 +76,18 @@ class WorkerLost(Exception):
     """A dispatched sub-task will get no answer from this worker; it runs again elsewhere."""
 
 
+class TimedResult:
+    """A result with the seconds its task function ran, as the worker measured it. Runners may
+    fire with one instead of a bare value; the scheduler learns sub-task sizes from it without
+    counting time spent queued on the worker."""
+
+    __slots__ = ("value", "seconds")
+
+    def __init__(self, value: Any, seconds: float) -> None:
+        self.value = value
+        self.seconds = seconds
+
+
 @dataclass(eq=False)
 class WorkerHandle:
     name: str
@@ -90,11 +102,17 @@ class WorkerHandle:
     failed: int = 0
     alive: bool = True
     draining: bool = False
+    prefetch: int = 1  # sub-tasks per slot it may hold when they are short (queued on the worker)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def free(self) -> int:
         return self.slots - self.busy if self.alive and not self.draining else 0
+
+    @property
+    def open(self) -> bool:
+        """May take more work of some kind (short sub-tasks may be prefetched)."""
+        return self.alive and not self.draining and self.busy < self.slots * self.prefetch
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -102,7 +120,8 @@ class WorkerHandle:
             "address": self.address,
             "tasks": sorted(self.tasks),
             "slots": self.slots,
-            "busy": self.busy,
+            "busy": min(self.busy, self.slots),
+            "prefetched": max(0, self.busy - self.slots),
             "done": self.done,
             "failed": self.failed,
             "draining": self.draining,
@@ -139,6 +158,8 @@ class SchedulerConfig:
     speculate_min_done: int = 3  # finished sub-tasks needed before the mean is trusted
     speculate_min_seconds: float = 1.0  # never speculate on sub-tasks younger than this
     max_result_bytes: int = 64 * 1024 * 1024  # a job's encoded answer
+    prefetch: int = 1  # short sub-tasks a worker may hold per slot (the server's default is 32)
+    prefetch_below: float = 0.01  # a job whose sub-tasks run shorter than this (mean) is short
 
 
 class Scheduler:
@@ -473,6 +494,7 @@ class Scheduler:
         handle = WorkerHandle(
             name, frozenset(tasks), slots, runner, close, address, self.clock.seconds()
         )
+        handle.prefetch = self.config.prefetch
         self._workers[name] = handle
         self.counters["workers_registered"] += 1
         self.log.info(
@@ -535,6 +557,15 @@ class Scheduler:
             else:
                 self._ring.append(job)
 
+    def _limit(self, worker: WorkerHandle, job: Job) -> int:
+        """How many sub-tasks ``worker`` may hold while taking one of ``job``'s: its slots, or,
+        for a job whose sub-tasks are short (and have no timeout, which runs from dispatch),
+        slots x prefetch, so that one message round trip is not paid per tiny sub-task."""
+        if job.options.timeout is None and job.durations_n:
+            if job.durations_sum < self.config.prefetch_below * job.durations_n:
+                return worker.slots * worker.prefetch
+        return worker.slots
+
     def _next_job_for(self, worker: WorkerHandle) -> Job | None:
         for _ in range(len(self._ring)):
             job = self._ring.popleft()
@@ -542,35 +573,40 @@ class Scheduler:
                 self._in_ring.discard(job.id)
                 continue
             self._ring.append(job)
-            if job.task in worker.tasks:
+            if job.task in worker.tasks and worker.busy < self._limit(worker, job):
                 self._last_served = job
                 return job
         return None
 
-    def _pump(self) -> None:
-        """Dispatch while some worker has a free slot and some job has work it can run.
-        Re-entrant calls (a runner that answers synchronously) just ask for another pass."""
+    def _pump(self, only: WorkerHandle | None = None) -> None:
+        """Dispatch while some worker can take work and some job has work it can run. With
+        ``only``, just that worker changed (it answered a sub-task): refill it alone, so an
+        answer costs O(1), not a scan of every worker. Re-entrant calls (a runner that answers
+        synchronously) ask for another full pass."""
         if self._pumping:
             self._again = True
             return
         self._pumping = True
         try:
-            self._again = True
+            self._dispatch(only)
             while self._again:
                 self._again = False
-                self._dispatch()
+                self._dispatch(None)
         finally:
             self._pumping = False
 
-    def _dispatch(self) -> None:
+    def _dispatch(self, only: WorkerHandle | None) -> None:
         while self._ring:
-            free = [w for w in self._workers.values() if w.free > 0]
-            if not free:
+            if only is not None:
+                candidates = [only] if only.open and only is self._workers.get(only.name) else []
+            else:
+                candidates = [w for w in self._workers.values() if w.open]
+            if not candidates:
                 return
-            # Most free slots first, one sub-task each per round: spreads a job over workers.
-            free.sort(key=lambda w: -w.free)
+            # Least loaded first, one sub-task each per round: spreads a job over workers.
+            candidates.sort(key=lambda w: w.busy / w.slots)
             sent = False
-            for worker in free:
+            for worker in candidates:
                 job = self._next_job_for(worker)
                 if job is None:
                     continue
@@ -623,7 +659,11 @@ class Scheduler:
     def _on_result(self, result: Any, disp: _Dispatch) -> None:
         self._release(disp)
         job, index, worker = disp.job, disp.index, disp.worker
-        if job.record(index, result, worker.name, self.clock.seconds() - disp.started):
+        if type(result) is TimedResult:
+            result, duration = result.value, result.seconds
+        else:
+            duration = self.clock.seconds() - disp.started
+        if job.record(index, result, worker.name, duration):
             worker.done += 1
             self.counters["subtasks_completed"] += 1
             if self.journal.durable:
@@ -634,7 +674,7 @@ class Scheduler:
                 self._combine(job)
         else:
             self.counters["results_duplicate"] += 1
-        self._pump()
+        self._pump(worker)
 
     def _on_error(self, failure: Failure, disp: _Dispatch) -> None:
         self._release(disp)

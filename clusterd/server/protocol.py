@@ -30,7 +30,14 @@ from clusterd import PROTOCOL_VERSION
 from clusterd.core.auth import ROLES, new_nonce, verify
 from clusterd.core.framing import DEFAULT_MAX_LINE, LineFramer, LineTooLong
 from clusterd.core.jobs import Job, JobState
-from clusterd.core.scheduler import Scheduler, SubTask, TaskFailed, WorkerHandle, WorkerLost
+from clusterd.core.scheduler import (
+    Scheduler,
+    SubTask,
+    TaskFailed,
+    TimedResult,
+    WorkerHandle,
+    WorkerLost,
+)
 from clusterd.core.wire import (
     CLIENT_VERBS,
     DEFAULT_MAX_JSON_DEPTH,
@@ -44,6 +51,7 @@ from clusterd.core.wire import (
     parse_json_object,
     parse_request,
 )
+from clusterd.endpoints import no_delay
 from clusterd.heartbeat import Heartbeat
 
 __all__ = ["ServerProtocol", "ServerFactory", "final_reply"]
@@ -129,6 +137,7 @@ class ServerProtocol(Protocol):
         self.host = str(getattr(peer, "host", peer))
         self.peer = f"{self.host}:{getattr(peer, 'port', '')}".rstrip(":")
         self.log.debug("connection from {peer}", peer=self.peer)
+        no_delay(self.transport)
         factory = getattr(self, "factory", None)
         if factory is not None:
             refusal = factory.admit(self)
@@ -586,7 +595,11 @@ class ServerProtocol(Protocol):
             self.core.late_result()
             return
         if verb == "DONE":
-            d.callback(msg.get("result"))
+            seconds = msg.get("t")
+            if type(seconds) is float and seconds >= 0:
+                d.callback(TimedResult(msg.get("result"), seconds))
+            else:
+                d.callback(msg.get("result"))
         else:
             d.errback(TaskFailed(str(msg.get("type", "Error")), str(msg.get("message", ""))))
 

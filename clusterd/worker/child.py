@@ -13,28 +13,44 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any, BinaryIO
 
 
+def run_one(registry: Any, msg: Any) -> dict[str, Any] | None:
+    """Run one request; the reply carries the seconds the task function took (``t``)."""
+    if not isinstance(msg, dict) or "id" not in msg:
+        return None
+    ticket = msg["id"]
+    try:
+        task = registry.get(msg.get("task"))
+        if task is None:
+            raise LookupError(f"this worker has no task named {msg.get('task')!r}")
+        start = time.perf_counter()
+        result = task.run(msg.get("input"))
+        out = {"id": ticket, "ok": True, "result": result, "t": time.perf_counter() - start}
+        json.dumps(out, allow_nan=False)  # refuse NaN and unencodable results here, per task
+        return out
+    except Exception as e:
+        return {"id": ticket, "ok": False, "type": type(e).__name__, "message": str(e)}
+
+
 def serve(registry: Any, requests: BinaryIO, replies: BinaryIO) -> None:
+    """One request, or a JSON array of them (a batch), per line; one reply line for each line."""
     for raw in requests:
         try:
             msg = json.loads(raw)
-            ticket = msg["id"]
-        except (ValueError, KeyError, TypeError):
+        except ValueError:
             continue
-        try:
-            task = registry.get(msg.get("task"))
-            if task is None:
-                raise LookupError(f"this worker has no task named {msg.get('task')!r}")
-            out = {"id": ticket, "ok": True, "result": task.run(msg.get("input"))}
-            data = json.dumps(out, separators=(",", ":"), allow_nan=False)
-        except Exception as e:
-            data = json.dumps(
-                {"id": ticket, "ok": False, "type": type(e).__name__, "message": str(e)},
-                separators=(",", ":"),
-            )
-        replies.write(data.encode("utf-8") + b"\n")
+        if isinstance(msg, list):
+            out: Any = [r for r in (run_one(registry, m) for m in msg) if r is not None]
+            if not out:
+                continue
+        else:
+            out = run_one(registry, msg)
+            if out is None:
+                continue
+        replies.write(json.dumps(out, separators=(",", ":")).encode("utf-8") + b"\n")
         replies.flush()
 
 

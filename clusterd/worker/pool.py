@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import deque
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
@@ -20,11 +20,18 @@ from twisted.python.failure import Failure
 
 from clusterd.core.framing import LineFramer
 
-__all__ = ["PoolService", "ChildDied"]
+__all__ = ["PoolService", "ChildDied", "RunResult"]
 
 
 class ChildDied(Exception):
     """The pool process running a sub-task exited before answering."""
+
+
+class RunResult(NamedTuple):
+    """What a pool run fires with: the task's return value and the seconds it ran."""
+
+    value: Any
+    seconds: float
 
 
 class _Child(ProcessProtocol):
@@ -34,29 +41,34 @@ class _Child(ProcessProtocol):
         self.pool = pool
         self.slot = slot
         self.framer = LineFramer(1 << 40)
-        self.current: tuple[int, Deferred[Any]] | None = None
+        self.current: dict[int, Deferred[Any]] = {}  # the batch it is running, by ticket
         self.ended: Deferred[None] = Deferred()
         self.alive = True
 
-    def send(self, ticket: int, task: str, value: Any, d: Deferred[Any]) -> None:
-        self.current = (ticket, d)
-        data = json.dumps({"id": ticket, "task": task, "input": value}, separators=(",", ":"))
+    def send(self, batch: list[tuple[int, str, Any, Deferred[Any]]]) -> None:
+        """Hand the child one run, or several as one message (one pipe round trip for a batch
+        of tiny sub-tasks instead of one each)."""
+        self.current = {ticket: d for ticket, _, _, d in batch}
+        msgs = [{"id": ticket, "task": task, "input": value} for ticket, task, value, _ in batch]
+        data = json.dumps(msgs[0] if len(msgs) == 1 else msgs, separators=(",", ":"))
         self.transport.write(data.encode("utf-8") + b"\n")
 
     def outReceived(self, data: bytes) -> None:
         for line in self.framer.feed(data):
-            if not isinstance(line, bytes) or self.current is None:
+            if not isinstance(line, bytes) or not self.current:
                 continue
-            ticket, d = self.current
             msg = json.loads(line)
-            if msg.get("id") != ticket:
-                continue
-            self.current = None
-            self.pool._released(self)
-            if msg.get("ok"):
-                d.callback(msg.get("result"))
-            else:
-                d.errback(_TaskError(msg.get("type", "Error"), msg.get("message", "")))
+            replies = msg if isinstance(msg, list) else [msg]
+            fired = [(self.current.pop(r.get("id"), None), r) for r in replies]
+            if not self.current:
+                self.pool._released(self)
+            for d, r in fired:
+                if d is None:
+                    continue  # cancelled while in a batch: its answer is not wanted
+                if r.get("ok"):
+                    d.callback(RunResult(r.get("result"), r.get("t", 0.0)))
+                else:
+                    d.errback(_TaskError(r.get("type", "Error"), r.get("message", "")))
 
     def kill(self) -> None:
         try:
@@ -71,13 +83,13 @@ class _Child(ProcessProtocol):
 
     def processEnded(self, reason: Failure) -> None:
         self.alive = False
-        current, self.current = self.current, None
+        current, self.current = self.current, {}
         self.pool._child_ended(self, reason)
-        if current is not None:
-            code = getattr(reason.value, "exitCode", None)
-            sig = getattr(reason.value, "signal", None)
-            how = f"signal {sig}" if sig else f"exit code {code}"
-            current[1].errback(ChildDied(f"pool process died ({how}) while running the sub-task"))
+        code = getattr(reason.value, "exitCode", None)
+        sig = getattr(reason.value, "signal", None)
+        how = f"signal {sig}" if sig else f"exit code {code}"
+        for d in current.values():
+            d.errback(ChildDied(f"pool process died ({how}) while running the sub-task"))
         self.ended.callback(None)
 
 
@@ -105,6 +117,7 @@ class PoolService(Service):
         self.idle: deque[_Child] = deque()
         self.waiting: deque[tuple[int, str, Any, Deferred[Any]]] = deque()
         self.ticket = 0
+        self.batch_max = 64
 
     TaskError = _TaskError
 
@@ -137,14 +150,19 @@ class PoolService(Service):
                     self.waiting.remove(item)
                     return
             for child in self.children:
-                if child.current is not None and child.current[0] == ticket:
-                    child.current = None
-                    child.kill()
+                if ticket in child.current:
+                    if len(child.current) == 1:
+                        # Alone in its child: kill it, the only way to stop Python code.
+                        child.current = {}
+                        child.kill()
+                    else:
+                        # In a batch of short runs: let it finish and drop its answer.
+                        del child.current[ticket]
                     return
 
         d: Deferred[Any] = Deferred(cancel)
         if self.idle:
-            self.idle.popleft().send(ticket, task, value, d)
+            self.idle.popleft().send([(ticket, task, value, d)])
         else:
             self.waiting.append((ticket, task, value, d))
         return d
@@ -152,13 +170,15 @@ class PoolService(Service):
     @property
     def busy(self) -> int:
         """Runs held: running in a child or queued for one."""
-        return len(self.waiting) + sum(1 for c in self.children if c.current is not None)
+        return len(self.waiting) + sum(len(c.current) for c in self.children)
 
     def _released(self, child: _Child) -> None:
         if not child.alive:
             return
         if self.waiting:
-            child.send(*self.waiting.popleft())
+            # Share what waits among the children, at most batch_max per message.
+            n = max(1, min(self.batch_max, len(self.waiting) // self.slots))
+            child.send([self.waiting.popleft() for _ in range(n)])
         else:
             self.idle.append(child)
 

@@ -19,8 +19,9 @@ from clusterd import PROTOCOL_VERSION
 from clusterd.core.auth import proof
 from clusterd.core.framing import DEFAULT_MAX_LINE, LineFramer, LineTooLong
 from clusterd.core.wire import WireError, dumps, parse_greeting, parse_json_object
+from clusterd.endpoints import no_delay
 from clusterd.heartbeat import Heartbeat
-from clusterd.worker.pool import ChildDied, PoolService
+from clusterd.worker.pool import ChildDied, PoolService, RunResult
 
 __all__ = ["WorkerProtocol", "WorkerFactory"]
 
@@ -49,6 +50,7 @@ class WorkerProtocol(Protocol):
         )
 
     def connectionMade(self) -> None:
+        no_delay(self.transport)
         self.factory.current = self
         self.heartbeat.start()
 
@@ -139,8 +141,14 @@ class WorkerProtocol(Protocol):
         d = self.factory.pool.run(str(msg.get("task")), msg.get("input"))
         self.running[ticket] = d
 
-        def ok(result: Any) -> None:
-            line = "DONE " + dumps({"id": ticket, "job": msg.get("job"), "result": result})
+        def ok(run: Any) -> None:
+            # A pool fires with a RunResult (value and run time) or, for simple pools, a value.
+            done = {"id": ticket, "job": msg.get("job")}
+            if isinstance(run, RunResult):
+                done.update(result=run.value, t=run.seconds)
+            else:
+                done["result"] = run
+            line = "DONE " + dumps(done)
             if len(line.encode("utf-8")) > self.server_max_line:
                 self._error(
                     ticket,

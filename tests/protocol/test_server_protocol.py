@@ -381,6 +381,7 @@ def test_workers_lists_registered_workers(factory, client, clock):
         "tasks": ["sum"],
         "slots": 2,
         "busy": 0,
+        "prefetched": 0,
         "done": 0,
         "failed": 0,
         "draining": False,

@@ -32,7 +32,12 @@ def run_child(*requests) -> list[dict]:
     serve(REGISTRY, io.BytesIO(data), out)
     raw = out.getvalue()
     assert raw == b"" or raw.endswith(b"\n")
-    return [json.loads(line) for line in raw.splitlines()]
+    replies = [json.loads(line) for line in raw.splitlines()]
+    for reply in replies:
+        if isinstance(reply, dict) and reply.get("ok"):
+            # Every success carries the seconds its task ran; compare the rest exactly.
+            assert isinstance(reply.pop("t"), float)
+    return replies
 
 
 def test_result():
@@ -109,3 +114,21 @@ def test_garbage_lines_are_skipped():
 def test_empty_input_gives_no_output():
     """With no requests the child writes nothing."""
     assert run_child() == []
+
+
+def test_a_batch_line_gets_one_reply_line_in_order():
+    """A JSON array of requests (a batch) is answered by one line: an array of replies in the
+    same order, failures included, each with the seconds its task ran when it succeeded."""
+    out = io.BytesIO()
+    batch = [
+        {"id": 1, "task": "sum", "input": [1, 2]},
+        {"id": 2, "task": "nosuch", "input": 1},
+        {"id": 3, "task": "sort", "input": [2, 1]},
+    ]
+    serve(REGISTRY, io.BytesIO(json.dumps(batch).encode() + b"\n"), out)
+    [line] = out.getvalue().splitlines()
+    replies = json.loads(line)
+    assert [r["id"] for r in replies] == [1, 2, 3]
+    assert (replies[0]["result"], replies[2]["result"]) == (3, [1, 2])
+    assert replies[1]["ok"] is False and replies[1]["type"] == "LookupError"
+    assert all(r["t"] >= 0 for r in (replies[0], replies[2]))

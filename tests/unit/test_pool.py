@@ -77,7 +77,7 @@ def test_run_sends_the_task_to_an_idle_child_and_fires_with_its_answer(pool, rea
     assert child.written == [{"id": 1, "task": "sum", "input": [1, 2]}]
     assert pool.busy == 1
     child.answer(3)
-    assert result_of(d) == 3
+    assert result_of(d).value == 3
     assert pool.busy == 0
 
 
@@ -92,7 +92,7 @@ def test_cancelling_a_queued_run_drops_it(pool, reactor):
         result_of(queued)
     assert pool.busy == 1
     child.answer(1)
-    assert result_of(first) == 1
+    assert result_of(first).value == 1
     assert [w["id"] for w in child.written] == [1]
     assert child.signals == []
 
@@ -112,7 +112,7 @@ def test_cancelling_a_running_task_kills_its_child_and_a_new_child_takes_the_que
     assert new is not child
     assert new.written == [{"id": 2, "task": "sum", "input": [2]}]
     new.answer(2)
-    assert result_of(queued) == 2
+    assert result_of(queued).value == 2
 
 
 def test_a_child_dying_mid_task_fails_it_with_child_died(pool, reactor):
@@ -125,7 +125,7 @@ def test_a_child_dying_mid_task_fails_it_with_child_died(pool, reactor):
     assert len(reactor.processes) == 2
     after = pool.run("sum", [3])
     reactor.processes[-1].answer(3)
-    assert result_of(after) == 3
+    assert result_of(after).value == 3
 
 
 def test_stop_closes_stdin_and_fails_what_is_left(pool, reactor):

@@ -403,6 +403,7 @@ def test_worker_describe(core, clock):
         "tasks": ["primes", "sum"],
         "slots": 3,
         "busy": 0,
+        "prefetched": 0,
         "done": 0,
         "failed": 0,
         "draining": False,
