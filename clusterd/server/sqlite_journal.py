@@ -54,7 +54,12 @@ class SqliteJournal:
     durable = True
     log = Logger()
 
-    def __init__(self, path: str, reactor: Any, batch_max: int = 20_000) -> None:
+    def __init__(
+        self, path: str, reactor: Any, batch_max: int = 20_000, sync: str = "full"
+    ) -> None:
+        if sync not in ("full", "normal"):
+            raise JournalError(f"journal sync must be 'full' or 'normal', not {sync!r}")
+        self.sync = sync
         self.path = path
         self.reactor = reactor
         self.batch_max = batch_max
@@ -89,7 +94,8 @@ class SqliteJournal:
             raise JournalError(f"{self.path} is an SQLite file but not a clusterd journal")
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL: a committed record survives power loss too, not only a process crash.
-        conn.execute("PRAGMA synchronous=FULL")
+        # NORMAL (in WAL mode) survives a crash of the server process, not of the machine.
+        conn.execute(f"PRAGMA synchronous={self.sync.upper()}")
         conn.executescript(_SCHEMA)
         version = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if version is None:

@@ -68,6 +68,13 @@ class Options(usage.Options):
             "loses nothing. 'none' runs without one (nothing survives a restart).",
         ],
         [
+            "journal-sync",
+            None,
+            "full",
+            "full: each commit is fsynced, so it survives power loss; normal: it survives a "
+            "crash of the server process but not of the machine, for lower latency.",
+        ],
+        [
             "heartbeat-interval",
             None,
             5.0,
@@ -231,7 +238,7 @@ class Options(usage.Options):
             raise usage.UsageError(f"cannot load tasks: {e}") from e
 
 
-def open_journal(path: str, reactor: Any) -> Any:
+def open_journal(path: str, reactor: Any, sync: str = "full") -> Any:
     """The journal for ``--journal``: SQLite at ``path``, or none for ``none``."""
     from twisted.logger import Logger
 
@@ -243,7 +250,7 @@ def open_journal(path: str, reactor: Any) -> Any:
         return NullJournal()
     from clusterd.server.sqlite_journal import SqliteJournal
 
-    journal = SqliteJournal(path, reactor)
+    journal = SqliteJournal(path, reactor, sync=sync)
     log.info("journal: {path}", path=os.path.abspath(path))
     return journal
 
@@ -273,7 +280,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     )
     try:
         core = Scheduler(
-            options.registry, reactor, open_journal(options["journal"], reactor), config
+            options.registry,
+            reactor,
+            open_journal(options["journal"], reactor, options["journal-sync"]),
+            config,
         )
         core.recover()
     except JournalError as e:

@@ -440,3 +440,16 @@ def test_a_journal_of_another_schema_version_is_refused(tmp_path):
     with pytest.raises(JournalError) as info:
         SqliteJournal(path, reactor=None)
     assert "schema 99" in str(info.value)
+
+
+@pytest.mark.parametrize("sync, pragma", [("full", 2), ("normal", 1)])
+def test_journal_sync_sets_sqlite_synchronous(tmp_path, sync, pragma):
+    """--journal-sync picks SQLite's synchronous level (FULL=2 survives power loss, NORMAL=1 a
+    process crash); anything else is refused."""
+    j = SqliteJournal(str(tmp_path / "j.sqlite"), reactor=None, sync=sync)
+    try:
+        assert j._conn.execute("PRAGMA synchronous").fetchone()[0] == pragma
+    finally:
+        j._conn.close()
+    with pytest.raises(JournalError):
+        SqliteJournal(str(tmp_path / "k.sqlite"), reactor=None, sync="sometimes")
