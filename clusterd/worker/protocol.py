@@ -141,6 +141,12 @@ class WorkerProtocol(Protocol):
 
     def _do(self, msg: dict[str, Any]) -> None:
         ticket = msg.get("id")
+        if ticket in self.running:
+            # The server never reuses an id on one connection; a repeat is not ours to run twice.
+            self.log.error(
+                "server sent DO for sub-task {ticket!r} already held; ignored", ticket=ticket
+            )
+            return
         d = self.factory.pool.run(str(msg.get("task")), msg.get("input"))
         self.running[ticket] = d
 
