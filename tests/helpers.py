@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from hypothesis import HealthCheck, settings
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.logger import eventAsText, globalLogPublisher
 from twisted.python.failure import Failure
 
 from clusterd.core.scheduler import Scheduler, SubTask, WorkerLost
 
-__all__ = ["result_of", "deterministic", "FakeWorker", "add_worker"]
+__all__ = [
+    "result_of",
+    "deterministic",
+    "FakeWorker",
+    "add_worker",
+    "no_errors_logged",
+    "LineConn",
+]
 
 
 def result_of(d: Deferred[Any]) -> Any:
@@ -93,3 +107,60 @@ def add_worker(
     w = FakeWorker(name, core.registry)
     core.add_worker(name, tasks, slots, w.runner, w.close, address="10.0.0.1:1")
     return w
+
+
+@contextmanager
+def no_errors_logged() -> Iterator[list[dict]]:
+    """The autouse ``no_logged_errors`` fixture for one block, e.g. one hypothesis example, so
+    that a logged error fails (and is shrunk to) the example that caused it. Collects garbage at
+    the end, so an unhandled Deferred error dropped inside the block is seen too."""
+    seen: list[dict] = []
+
+    def observer(event: dict) -> None:
+        if event.get("log_failure") is not None or event.get("isError"):
+            seen.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield seen
+    finally:
+        # Collected even when the block failed, so that its garbage cannot log an error into
+        # whichever test happens to run the next collection.
+        gc.collect()
+        # What is still alive is not this block's garbage: freeze it (as conftest does after
+        # collection), so that the next block's collection stays cheap.
+        gc.freeze()
+        globalLogPublisher.removeObserver(observer)
+    assert not seen, eventAsText(seen[0])
+
+
+class LineConn:
+    """A protocol from ``factory`` on a StringTransport whose peer is ``host:port``, with
+    line-level helpers. What the protocol writes on connecting is kept in ``greeting``."""
+
+    def __init__(self, factory: Any, host: str = "10.0.0.1", port: int = 1234) -> None:
+        self.proto = factory.buildProtocol(IPv4Address("TCP", host, port))
+        self.tr = StringTransport(peerAddress=IPv4Address("TCP", host, port))
+        self.closed = False
+        self.proto.makeConnection(self.tr)
+        self.greeting = self.lines()
+
+    def send(self, data: str | bytes) -> None:
+        self.proto.dataReceived(data.encode() if isinstance(data, str) else data)
+
+    def lines(self) -> list[str]:
+        """Lines written since the last call (each must be whole, UTF-8)."""
+        out = self.tr.value().decode("utf-8")
+        self.tr.clear()
+        assert out == "" or out.endswith("\n"), f"partial line written: {out!r}"
+        return out.splitlines()
+
+    def ask(self, line: str) -> list[str]:
+        self.send(line + "\n")
+        return self.lines()
+
+    def lose(self) -> None:
+        """The connection ends (as the reactor reports it after loseConnection); idempotent."""
+        if not self.closed:
+            self.closed = True
+            self.proto.connectionLost(Failure(ConnectionDone()))

@@ -248,6 +248,8 @@ def parse_job_request(
             ErrorCode.BAD_REQUEST, f"option 'attempts' must be an integer from 1 to {MAX_ATTEMPTS}."
         )
     key = options.get("key")
+    if isinstance(key, str) and not _is_utf8(key):
+        raise WireError(ErrorCode.BAD_REQUEST, "option 'key' must be valid Unicode text.")
     if key is not None and (not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_LENGTH):
         raise WireError(
             ErrorCode.BAD_REQUEST,
@@ -256,9 +258,25 @@ def parse_job_request(
     return JobRequest(task, value, options, payload[:end])
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def dumps(value: Any) -> str:
-    """Compact JSON on one line; NaN and infinities are refused, since they are not JSON."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    """Compact JSON on one line; NaN and infinities are refused, since they are not JSON.
+    Text stays readable UTF-8, except that a lone surrogate (legal in JSON, not in UTF-8)
+    makes the whole value ASCII-escaped, so every line and journal record is valid UTF-8."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+    return text
 
 
 def format_error(code: str, message: str) -> str:
@@ -321,11 +339,14 @@ def parse_reply(line: str) -> Reply:
         return Reply("ERR", code=code, text=message)
     if kind in ("RESULT", "PROGRESS"):
         job, _, payload = rest.partition(" ")
-        return Reply(kind, job=job, value=parse_json(payload, f"the {kind} payload"))
+        # Results are the task's, of any depth; the request depth limit is the server's guard.
+        return Reply(kind, job=job, value=parse_json(payload, f"the {kind} payload", 100_000))
     if kind == "FAILED":
         job, _, rest = rest.partition(" ")
         code, _, payload = rest.partition(" ")
-        return Reply("FAILED", job=job, code=code, value=parse_json(payload or "{}"))
+        return Reply(
+            "FAILED", job=job, code=code, value=parse_json(payload or "{}", "FAILED", 100_000)
+        )
     if kind == "CANCELLED":
         return Reply("CANCELLED", job=rest.strip())
     raise WireError(ErrorCode.BAD_REQUEST, f"unexpected reply from server: {line[:80]!r}")

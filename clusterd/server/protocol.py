@@ -235,7 +235,7 @@ class ServerProtocol(Protocol):
 
     def _write(self, line: str) -> None:
         if self.transport is not None and not self.transport.disconnecting:
-            self.transport.write(line.encode("utf-8") + b"\n")
+            self.transport.write(line.encode("utf-8", "backslashreplace") + b"\n")
 
     # -- reply order ---------------------------------------------------------------------------
 
@@ -346,10 +346,17 @@ class ServerProtocol(Protocol):
             delay=delay,
         )
         last = self.auth_failures >= self.settings.max_auth_failures
+        if last:
+            self.quitting = True  # read nothing more: no further guesses on this connection
         slot = _Slot()
         self.slots.append(slot)
+        # Read nothing more until this answer goes out: requests piling up behind a delayed
+        # answer would otherwise hold memory without bound.
+        self.transport.pauseProducing()
 
         def answer() -> None:
+            if not last and not self.paused:
+                self.transport.resumeProducing()
             self._finish(
                 slot,
                 format_error(
@@ -554,9 +561,10 @@ class ServerProtocol(Protocol):
                 "input": sub.input,
             }
         )
-        if len(line) > self.worker_max_line and len(line.encode("utf-8")) > self.worker_max_line:
+        size = len(line.encode("utf-8", "backslashreplace"))
+        if size > self.worker_max_line:
             raise ValueError(
-                f"its DO line has {len(line.encode('utf-8'))} bytes; worker "
+                f"its DO line has {size} bytes; worker "
                 f"{self.worker.name} accepts {self.worker_max_line}"
             )
         self.next_ticket += 1

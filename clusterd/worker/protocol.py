@@ -81,7 +81,8 @@ class WorkerProtocol(Protocol):
             if isinstance(info.get("max_line"), int):
                 self.server_max_line = info["max_line"]
             f = self.factory
-            if "worker" in info.get("auth", ()):
+            auth = info.get("auth")
+            if isinstance(auth, list) and "worker" in auth:
                 if f.secret is None:
                     self.log.error(
                         "the server requires a worker secret; give --secret-file or "
@@ -102,9 +103,13 @@ class WorkerProtocol(Protocol):
                 )
             )
         elif verb == "DO":
-            self._do(parse_json_object(rest, "DO"))
+            msg = parse_json_object(rest, "DO")
+            if not isinstance(msg.get("id"), (int, str)):
+                raise WireError("BAD_REQUEST", "DO without an id")
+            self._do(msg)
         elif verb == "CANCEL":
-            d = self.running.pop(parse_json_object(rest, "CANCEL").get("id"), None)
+            ticket = parse_json_object(rest, "CANCEL").get("id")
+            d = self.running.pop(ticket, None) if isinstance(ticket, (int, str)) else None
             if d is not None:
                 d.cancel()
         elif verb == "PING":
@@ -134,10 +139,16 @@ class WorkerProtocol(Protocol):
                 self.closing = True
                 self.factory.rejections += 1
                 delay = min(self.factory.max_delay, 0.5 * 2 ** min(self.factory.rejections, 10))
-                self.factory.clock.callLater(delay, self.transport.loseConnection)
+                self.backoff = self.factory.clock.callLater(delay, self.transport.loseConnection)
 
     def _do(self, msg: dict[str, Any]) -> None:
         ticket = msg.get("id")
+        if ticket in self.running:
+            # The server never reuses an id on one connection; a repeat is not ours to run twice.
+            self.log.error(
+                "server sent DO for sub-task {ticket!r} already held; ignored", ticket=ticket
+            )
+            return
         d = self.factory.pool.run(str(msg.get("task")), msg.get("input"))
         self.running[ticket] = d
 
@@ -149,7 +160,7 @@ class WorkerProtocol(Protocol):
             else:
                 done["result"] = run
             line = "DONE " + dumps(done)
-            if len(line.encode("utf-8")) > self.server_max_line:
+            if len(line.encode("utf-8", "backslashreplace")) > self.server_max_line:
                 self._error(
                     ticket,
                     msg,
@@ -185,7 +196,7 @@ class WorkerProtocol(Protocol):
 
     def _send(self, line: str) -> None:
         if not self.lost and not self.transport.disconnecting:
-            self.transport.write(line.encode("utf-8") + b"\n")
+            self.transport.write(line.encode("utf-8", "backslashreplace") + b"\n")
 
     # -- graceful stop -------------------------------------------------------------------------
 
@@ -215,6 +226,9 @@ class WorkerProtocol(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         self.lost = True
         self.heartbeat.stop()
+        backoff = getattr(self, "backoff", None)
+        if backoff is not None and backoff.active():
+            backoff.cancel()
         if self.factory.current is self:
             self.factory.current = None
         # The server requeues what we held; stop computing it here.

@@ -183,6 +183,20 @@ def test_do_runs_the_task_and_answers_done(pool, clock):
     assert verb_json(line) == ("DONE", {"id": 7, "job": "j3", "result": 6})
 
 
+def test_a_repeated_do_id_is_not_run_twice(pool, clock):
+    """A DO whose id the worker already holds is ignored: one run, one answer, and the held run
+    is the one cancelled when the connection goes."""
+    w = Worker(pool, clock)
+    w.register()
+    w.send(do_line(7, "sum", [1]))
+    w.send(do_line(7, "sum", [2]))
+    [(task, value, d)] = pool.calls
+    assert value == [1]
+    d.callback(1)
+    [line] = w.lines()
+    assert verb_json(line)[1]["result"] == 1
+
+
 def test_several_do_lines_answer_in_completion_order(pool, clock):
     """Sub-tasks run concurrently; each DONE goes out when its own pool call finishes."""
     w = Worker(pool, clock)
