@@ -1,0 +1,455 @@
+"""clusterd as a user runs it: real ``twistd`` server and workers on loopback (LocalCluster),
+the journal on (or ``--journal none`` for clusterd-nojournal), client and worker secrets from
+files, two workers with one slot each."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any
+
+from benchlib import (
+    BENCH_DIR,
+    PRIMES_BELOW,
+    Sizes,
+    TextInput,
+    check,
+    inc_answer,
+    latency_metrics,
+    percentile,
+    rss_bytes,
+)
+from pipeclient import PipeClient
+
+from clusterd.launch import LocalCluster, wait_for
+
+Metrics = list[tuple[str, float, str]]
+
+BENCH_TASKS = ["--tasks", "clusterd_bench_tasks"]
+W4_MAX_LINE = 134_217_728
+DEFAULT_MAX_SUBTASKS = 100_000  # the server's --max-subtasks default
+REQUEST_TIMEOUT = 900.0  # seconds any one reply may take (bounds every wait on a socket)
+
+
+def clusterd_cli() -> str:
+    """The installed ``clusterd`` command beside this interpreter."""
+    path = Path(sys.executable).with_name("clusterd")
+    if not path.exists():
+        raise RuntimeError(f"no clusterd command at {path}; install the package first")
+    return str(path)
+
+
+class ClusterdSystem:
+    """One way of running clusterd; each workload gets a fresh cluster."""
+
+    def __init__(
+        self,
+        name: str,
+        journal: bool,
+        root: Path,
+        sizes: Sizes,
+        note: Callable,
+        share: bool = False,
+    ):
+        self.name = name
+        # share: W1, W1b, W2, W3 and Scale use one cluster (the smoke run, to save start-ups);
+        # otherwise each workload starts its own, so none sees what an earlier one left behind.
+        self.share = share
+        self._shared: Any = None
+        self.journal = journal
+        self.root = root
+        self.sizes = sizes
+        self.note = note
+        self._n = 0
+        secret_dir = root / "secrets"
+        secret_dir.mkdir(parents=True, exist_ok=True)
+        self.client_secret_file = secret_dir / "client.secret"
+        self.worker_secret_file = secret_dir / "worker.secret"
+        for path in (self.client_secret_file, self.worker_secret_file):
+            if not path.exists():
+                path.write_text(secrets.token_hex(32) + "\n")
+                os.chmod(path, 0o600)
+        self.client_secret = self.client_secret_file.read_bytes().strip()
+
+    # -- clusters ------------------------------------------------------------------------------
+
+    @contextmanager
+    def cluster(
+        self,
+        label: str,
+        workers: int = 2,
+        server_extra: list[str] | None = None,
+        worker_extra: list[str] | None = None,
+    ) -> Iterator[LocalCluster]:
+        self._n += 1
+        workdir = self.root / f"{self.name}-{self._n:02d}-{label}"
+        workdir.mkdir(parents=True)
+        server_args = [
+            *BENCH_TASKS,
+            "--client-secret-file",
+            str(self.client_secret_file),
+            "--worker-secret-file",
+            str(self.worker_secret_file),
+            *([] if self.journal else ["--journal", "none"]),
+            *(server_extra or []),
+        ]
+        pythonpath = os.pathsep.join(p for p in (str(BENCH_DIR), os.environ.get("PYTHONPATH")) if p)
+        cluster = LocalCluster(
+            workdir,
+            server_args=server_args,
+            env={"PYTHONPATH": pythonpath},
+            client_secret=self.client_secret,
+            start_timeout=60,
+        )
+        try:
+            cluster.start_server()
+            for i in range(1, workers + 1):
+                cluster.start_worker(
+                    f"w{i}",
+                    slots=1,
+                    extra=[
+                        *BENCH_TASKS,
+                        "--secret-file",
+                        str(self.worker_secret_file),
+                        *(worker_extra or []),
+                    ],
+                )
+            if workers:
+                cluster.wait_workers(timeout=60)
+            yield cluster
+        except BaseException:
+            log = cluster.log_text("server")[-3000:]
+            if log:
+                print(f"--- {self.name} server log tail ({workdir}) ---\n{log}", file=sys.stderr)
+            raise
+        finally:
+            cluster.stop()
+
+    @contextmanager
+    def standard(self, label: str) -> Iterator[LocalCluster]:
+        """The usual cluster (server and two one-slot workers), shared when ``share`` is set."""
+        if not self.share:
+            with self.cluster(label) as cluster:
+                yield cluster
+            return
+        if self._shared is None:
+            manager = self.cluster("shared")
+            self._shared = (manager, manager.__enter__())
+        yield self._shared[1]
+
+    def close(self) -> None:
+        if self._shared is not None:
+            manager, self._shared = self._shared[0], None
+            manager.__exit__(None, None, None)
+
+    def _client(self, cluster: LocalCluster):
+        return cluster.client(timeout=REQUEST_TIMEOUT)
+
+    # -- workloads: each is a context manager yielding (warm_up, run_once) -----------------------
+
+    @contextmanager
+    def w1(self) -> Iterator[tuple[Callable, Callable]]:
+        n = self.sizes.w1_n
+        with self.standard("w1") as cluster, self._client(cluster) as c:
+
+            def warm() -> float:
+                """Returns the time one run would take at the warm-up's rate."""
+                k = min(200, n)
+                t0 = time.perf_counter()
+                check("W1 warm-up", c.run("inc", {"n": k}, chunks=k), inc_answer(k))
+                return (time.perf_counter() - t0) * n / k
+
+            def once() -> Metrics:
+                t0 = time.perf_counter()
+                total = c.run("inc", {"n": n}, chunks=n)
+                dt = time.perf_counter() - t0
+                check(f"W1 inc n={n}", total, inc_answer(n))
+                return [("subtasks_per_s", n / dt, "sub-tasks/s"), ("submit_to_result_s", dt, "s")]
+
+            yield warm, once
+
+    @contextmanager
+    def w1b(self) -> Iterator[tuple[Callable, Callable]]:
+        jobs, window = self.sizes.w1b_jobs, self.sizes.w1b_window
+        with self.standard("w1b") as cluster:
+            pc = PipeClient("127.0.0.1", cluster.port, self.client_secret, REQUEST_TIMEOUT)
+            try:
+
+                def run_jobs(count: int) -> float:
+                    lines = (f"RUN plus1 {k}" for k in range(count))
+                    t0 = time.perf_counter()
+                    got = 0
+                    for k, reply in enumerate(pc.pipeline(lines, window)):
+                        check(f"W1b job {k}", pc.result(reply), k + 1)
+                        got += 1
+                    dt = time.perf_counter() - t0
+                    check("W1b replies", got, count)
+                    return dt
+
+                def warm() -> float:
+                    k = min(200, jobs)
+                    return run_jobs(k) * jobs / k
+
+                def once() -> Metrics:
+                    dt = run_jobs(jobs)
+                    return [("jobs_per_s", jobs / dt, "jobs/s"), ("elapsed_s", dt, "s")]
+
+                yield warm, once
+            finally:
+                pc.close()
+
+    @contextmanager
+    def w2(self, seq_time: Callable[[], float | None]) -> Iterator[tuple[Callable, Callable]]:
+        stop, chunks = self.sizes.w2_stop, self.sizes.w2_chunks
+        with self.standard("w2") as cluster, self._client(cluster) as c:
+
+            def warm() -> None:
+                check("W2 warm-up", c.run("primes", {"start": 0, "stop": 1000}, chunks=2), 168)
+
+            def once() -> Metrics:
+                t0 = time.perf_counter()
+                count = c.run("primes", {"start": 0, "stop": stop}, chunks=chunks)
+                dt = time.perf_counter() - t0
+                check(f"W2 primes below {stop}", count, PRIMES_BELOW[stop])
+                out = [("elapsed_s", dt, "s")]
+                base = seq_time()
+                if base is not None:
+                    out.insert(0, ("speedup", base / dt, "x"))
+                return out
+
+            yield warm, once
+
+    @contextmanager
+    def w3(self) -> Iterator[tuple[Callable, Callable]]:
+        runs, warmups = self.sizes.w3_runs, self.sizes.w3_warmup
+        line = 'RUN inc {"n":1}'
+        with self.standard("w3") as cluster, self._client(cluster) as c:
+
+            def one() -> float:
+                t0 = time.perf_counter()
+                value = c.request(line).value
+                dt = time.perf_counter() - t0
+                check("W3 RUN inc n=1", value, 1)
+                return dt
+
+            def warm() -> None:
+                for _ in range(warmups):
+                    one()
+
+            def once() -> Metrics:
+                return latency_metrics([one() for _ in range(runs)])
+
+            yield warm, once
+
+    @contextmanager
+    def w4(self, text: Callable[[], TextInput]) -> Iterator[tuple[Callable, Callable]]:
+        chunks = self.sizes.w4_chunks
+        max_line = ["--max-line", str(W4_MAX_LINE)]
+        self.note(
+            f"W4 {self.name}: server and workers started with --max-line {W4_MAX_LINE} "
+            "(the 16 MiB default is smaller than the input line)"
+        )
+        with self.cluster("w4", server_extra=max_line, worker_extra=max_line) as cluster:
+            data = text()
+            cmd = [
+                clusterd_cli(),
+                "--server",
+                cluster.address,
+                "--secret-file",
+                str(self.client_secret_file),
+                "run",
+                "wordcount",
+                "--no-progress",
+                "--chunks",
+                str(chunks),
+                "--file",
+            ]
+
+            def run_file(path: Path) -> tuple[Any, float]:
+                t0 = time.perf_counter()
+                out = subprocess.run(
+                    [*cmd, str(path)], capture_output=True, timeout=REQUEST_TIMEOUT
+                )
+                dt = time.perf_counter() - t0
+                if out.returncode != 0:
+                    raise RuntimeError(
+                        f"clusterd run wordcount exited {out.returncode}: "
+                        f"{out.stderr.decode(errors='replace')[-1000:]}"
+                    )
+                return json.loads(out.stdout), dt
+
+            def warm() -> None:
+                small = cluster.workdir / "warm.txt"
+                small.write_text("a b a c\n")
+                check("W4 warm-up", run_file(small)[0], {"a": 2, "b": 1, "c": 1})
+
+            def once() -> Metrics:
+                counts, dt = run_file(data.path)
+                check("W4 word counts", counts, data.answer)
+                return [("mb_per_s", data.mb / dt, "MB/s"), ("elapsed_s", dt, "s")]
+
+            yield warm, once
+
+    @contextmanager
+    def m1(self) -> Iterator[tuple[Callable, Callable]]:
+        n = self.sizes.m1_n
+
+        def warm() -> None:
+            pass
+
+        def once() -> Metrics:
+            # A fresh server each time: RSS does not shrink, so a second job would reuse memory.
+            with self.cluster("m1", workers=0) as cluster, self._client(cluster) as c:
+                pid = cluster.server.pid
+                c.submit("inc", {"n": 10}, chunks=10)  # warm the submit path; stays queued
+                time.sleep(0.5)
+                before = rss_bytes(pid)
+                job = c.submit("inc", {"n": n}, chunks=n)
+                wait_for(
+                    lambda: c.status(job).get("queued") == n, 120, f"{n} sub-tasks to be queued"
+                )
+                time.sleep(0.5)
+                after = rss_bytes(pid)
+            return [
+                ("bytes_per_queued_subtask", (after - before) / n, "B"),
+                ("rss_before_mib", before / 2**20, "MiB"),
+                ("rss_after_mib", after / 2**20, "MiB"),
+            ]
+
+        yield warm, once
+
+    @contextmanager
+    def s1(self) -> Iterator[tuple[Callable, Callable]]:
+        count, n = self.sizes.s1_workers, self.sizes.s1_w1_n
+        limits = ["--max-connections", "4096", "--max-connections-per-ip", "4096"]
+        self.note(
+            f"S1 {self.name}: server started with {' '.join(limits)} (defaults 1024 and 64); "
+            f"{count} fake workers from bench/fakeworkers.py in one asyncio process"
+        )
+
+        def warm() -> None:
+            pass
+
+        def once() -> Metrics:
+            with self.cluster("s1", workers=0, server_extra=limits) as cluster:
+                return self._s1_once(cluster, count, n)
+
+        yield warm, once
+
+    def _s1_once(self, cluster: LocalCluster, count: int, n: int) -> Metrics:
+        pid = cluster.server.pid
+        with self._client(cluster) as c:
+            check("S1 warm-up ping", c.ping(), "PONG")
+            c.stats()
+            time.sleep(0.5)
+            before = rss_bytes(pid)
+            log = open(cluster.workdir / "fakeworkers.log", "wb")
+            t0 = time.perf_counter()
+            fake = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(BENCH_DIR / "fakeworkers.py"),
+                    "--connect",
+                    f"127.0.0.1:{cluster.port}",
+                    "--count",
+                    str(count),
+                    "--secret-file",
+                    str(self.worker_secret_file),
+                    "--max-seconds",
+                    "600",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+            log.close()
+            try:
+
+                def all_registered() -> bool:
+                    if fake.poll() is not None:
+                        raise RuntimeError(
+                            "fakeworkers exited early:\n"
+                            + (cluster.workdir / "fakeworkers.log").read_text()[-2000:]
+                        )
+                    return len(c.workers()) >= count
+
+                wait_for(all_registered, 120, f"{count} fake workers to register", 0.02)
+                register_s = time.perf_counter() - t0
+                time.sleep(1.0)
+                after = rss_bytes(pid)
+                stop = threading.Event()
+                pings: list[float] = []
+                errors: list[BaseException] = []
+
+                def pinger() -> None:
+                    try:
+                        with self._client(cluster) as pc:
+                            while not stop.is_set():
+                                t = time.perf_counter()
+                                check("S1 ping", pc.ping(), "PONG")
+                                pings.append(time.perf_counter() - t)
+                                stop.wait(0.005)
+                    except BaseException as e:  # noqa: BLE001 - reported below
+                        errors.append(e)
+
+                thread = threading.Thread(target=pinger, daemon=True)
+                thread.start()
+                try:
+                    t1 = time.perf_counter()
+                    total = c.run("inc", {"n": n}, chunks=n)
+                    dt = time.perf_counter() - t1
+                finally:
+                    stop.set()
+                    thread.join(30)
+                if errors:
+                    raise errors[0]
+                check(f"S1 W1 inc n={n}", total, inc_answer(n))
+                lost = c.stats().get("workers_lost", 0)
+                if lost:
+                    raise RuntimeError(f"S1: {lost} fake workers were lost during the run")
+            finally:
+                fake.terminate()
+                try:
+                    fake.wait(30)
+                except subprocess.TimeoutExpired:
+                    fake.kill()
+                    fake.wait()
+        pings.sort()
+        return [
+            ("register_s", register_s, "s"),
+            ("subtasks_per_s", n / dt, "sub-tasks/s"),
+            ("kib_per_worker", (after - before) / count / 1024, "KiB"),
+            ("ping_p50_ms", percentile(pings, 50) * 1e3, "ms"),
+            ("ping_p99_ms", percentile(pings, 99) * 1e3, "ms"),
+            ("pings", len(pings), "count"),
+        ]
+
+    @contextmanager
+    def scale(self, n: int, cluster: LocalCluster) -> Iterator[tuple[Callable, Callable]]:
+        with self._client(cluster) as c:
+
+            def warm() -> None:
+                check("Scale warm-up", c.run("inc", {"n": 100}, chunks=100), inc_answer(100))
+
+            def once() -> Metrics:
+                t0 = time.perf_counter()
+                total = c.run("inc", {"n": n}, chunks=n)
+                dt = time.perf_counter() - t0
+                check(f"Scale inc n={n}", total, inc_answer(n))
+                return [(f"us_per_subtask_n{n}", dt / n * 1e6, "us")]
+
+            yield warm, once
+
+    def scale_cluster(self) -> AbstractContextManager[LocalCluster]:
+        top = max(self.sizes.scale_ns)
+        if top <= DEFAULT_MAX_SUBTASKS:
+            return self.standard("scale")
+        return self.cluster("scale", server_extra=["--max-subtasks", str(top)])
