@@ -187,6 +187,7 @@ class Scheduler:
         self._ring: deque[Job] = deque()
         self._in_ring: set[str] = set()
         self._last_served: Job | None = None
+        self._task_mean: dict[str, float] = {}  # seconds, moving mean of recent sub-tasks
         self._workers: dict[str, WorkerHandle] = {}
         self._next_id = 1
         self._pumping = False
@@ -560,10 +561,19 @@ class Scheduler:
     def _limit(self, worker: WorkerHandle, job: Job) -> int:
         """How many sub-tasks ``worker`` may hold while taking one of ``job``'s: its slots, or,
         for a job whose sub-tasks are short (and have no timeout, which runs from dispatch),
-        slots x prefetch, so that one message round trip is not paid per tiny sub-task."""
-        if job.options.timeout is None and job.durations_n:
-            if job.durations_sum < self.config.prefetch_below * job.durations_n:
-                return worker.slots * worker.prefetch
+        slots x prefetch, so that one message round trip is not paid per tiny sub-task. A job
+        with no answers yet is judged by its task's recent sub-tasks, so a stream of small jobs
+        (one sub-task each) is prefetched too."""
+        if job.options.timeout is not None:
+            return worker.slots
+        if job.durations_n:
+            mean = job.durations_sum / job.durations_n
+        else:
+            mean = self._task_mean.get(job.task)
+            if mean is None:
+                return worker.slots
+        if mean < self.config.prefetch_below:
+            return worker.slots * worker.prefetch
         return worker.slots
 
     def _next_job_for(self, worker: WorkerHandle) -> Job | None:
@@ -663,6 +673,11 @@ class Scheduler:
             result, duration = result.value, result.seconds
         else:
             duration = self.clock.seconds() - disp.started
+        # A moving mean per task: how long this task's sub-tasks run lately.
+        previous = self._task_mean.get(job.task)
+        self._task_mean[job.task] = (
+            duration if previous is None else previous + 0.1 * (duration - previous)
+        )
         if job.record(index, result, worker.name, duration):
             worker.done += 1
             self.counters["subtasks_completed"] += 1

@@ -167,10 +167,10 @@ def check_depth(text: str, value: Any, limit: int, what: str) -> None:
         stack.extend((c, depth + 1) for c in children if isinstance(c, (list, dict)))
 
 
-def parse_json(
-    text: str, what: str = "the payload", max_depth: int = DEFAULT_MAX_JSON_DEPTH
-) -> Any:
-    text = text.strip()
+def _decode_prefix(text: str, what: str, max_depth: int) -> tuple[Any, int]:
+    """Decode the JSON value at the start of ``text``; returns it and where it ends. Errors
+    are WireErrors: malformed is BAD_JSON, too deep (by the limit, or past Python's recursion
+    limit) is JSON_TOO_DEEP."""
     try:
         value, end = _decoder.raw_decode(text)
     except RecursionError:
@@ -179,10 +179,18 @@ def parse_json(
         ) from None
     except ValueError as e:
         raise WireError(ErrorCode.BAD_JSON, f"{what} is not valid JSON: {_short(e)}.") from None
+    if isinstance(value, (list, dict)):
+        check_depth(text[:end], value, max_depth, what)
+    return value, end
+
+
+def parse_json(
+    text: str, what: str = "the payload", max_depth: int = DEFAULT_MAX_JSON_DEPTH
+) -> Any:
+    text = text.strip()
+    value, end = _decode_prefix(text, what, max_depth)
     if text[end:].strip():
         raise WireError(ErrorCode.BAD_JSON, f"{what} has unexpected text after the JSON value.")
-    if isinstance(value, (list, dict)):
-        check_depth(text, value, max_depth, what)
     return value
 
 
@@ -212,18 +220,7 @@ def parse_job_request(
         raise WireError(
             ErrorCode.BAD_REQUEST, f"{verb} {task} needs a JSON input after the task name."
         )
-    try:
-        value, end = _decoder.raw_decode(payload)
-    except RecursionError:
-        raise WireError(
-            ErrorCode.JSON_TOO_DEEP, f"the job input is nested deeper than {max_depth} levels."
-        ) from None
-    except ValueError as e:
-        raise WireError(
-            ErrorCode.BAD_JSON, f"the job input is not valid JSON: {_short(e)}."
-        ) from None
-    if isinstance(value, (list, dict)):
-        check_depth(payload[:end], value, max_depth, "the job input")
+    value, end = _decode_prefix(payload, "the job input", max_depth)
     options_text = payload[end:].strip()
     options: dict[str, Any] = {}
     if options_text:

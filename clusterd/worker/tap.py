@@ -13,22 +13,10 @@ from twisted.python import usage
 
 from clusterd import DEFAULT_PORT
 from clusterd.core.framing import DEFAULT_MAX_LINE
+from clusterd.options import positive_float as _positive_float
+from clusterd.options import positive_int as _positive_int
 
 __all__ = ["Options", "makeService"]
-
-
-def _positive_int(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise ValueError("must be a positive integer")
-    return n
-
-
-def _positive_float(value: str) -> float:
-    n = float(value)
-    if not n > 0:
-        raise ValueError("must be positive")
-    return n
 
 
 class Options(usage.Options):

@@ -145,3 +145,21 @@ def test_no_delay_turns_off_nagle_on_tcp_and_on_tls_over_tcp():
     no_delay(tls)
     assert tls.transport.nodelay is True
     no_delay(StringTransport())  # nothing to set, nothing raised
+
+
+def test_a_new_job_of_a_task_known_to_be_short_is_prefetched_at_once(clock):
+    """A stream of one-sub-task jobs is prefetched too: a job with no answers yet is judged by
+    its task's recent sub-tasks, while a task never seen gets no more than the slots."""
+    core = Scheduler(Registry(TASKS), clock, prefetch=8)
+    w = add(core, "w1", slots=1)
+    first = [core.submit("sum", [i], chunks=1) for i in range(5)]
+    assert len(w.pending()) == 1  # sum never measured: one per slot
+    _answer(w, 0.0001)
+    assert len(w.pending()) == 4  # sum is short now: the other jobs go out at once
+    while w.pending():
+        _answer(w, 0.0001)
+    assert [j.result for j in first] == [0, 1, 2, 3, 4]
+    core.submit("sort", [2, 1], chunks=2)
+    assert len(w.pending()) == 1  # sort is another task, still unmeasured
+    while w.pending():
+        _answer(w, 0.0001)
