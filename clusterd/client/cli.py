@@ -163,31 +163,30 @@ async def _main(reactor: Any, args: argparse.Namespace) -> int:
     try:
         client = await connect(reactor, args.server, secret)
     except RequestRefused as e:
-        print(f"clusterd: server refused: {e.code} {e.message}", file=sys.stderr)
-        return EXIT_REFUSED
+        return _report(e)
     except Exception as e:
         print(f"clusterd: cannot connect to {args.server}: {e}", file=sys.stderr)
         return EXIT_CONNECTION
     try:
         return await _command(client, args)
-    except JobFailed as e:
-        print(f"clusterd: {e}", file=sys.stderr)
-        return EXIT_JOB_FAILED
-    except JobCancelled as e:
-        print(f"clusterd: {e}", file=sys.stderr)
-        return EXIT_JOB_FAILED
-    except RequestRefused as e:
-        print(f"clusterd: server refused: {e.code} {e.message}", file=sys.stderr)
-        return EXIT_REFUSED
-    except UsageError as e:
-        print(f"clusterd: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except ClusterError as e:
-        print(f"clusterd: {e}", file=sys.stderr)
-        return EXIT_CONNECTION
+    except (ClusterError, UsageError) as e:
+        return _report(e)
     finally:
         if not client.protocol.closed:
             client.close()
+
+
+def _report(e: Exception) -> int:
+    """Print why the command failed; return the exit code that tells the kind of failure."""
+    if isinstance(e, RequestRefused):
+        print(f"clusterd: server refused: {e.code} {e.message}", file=sys.stderr)
+        return EXIT_REFUSED
+    print(f"clusterd: {e}", file=sys.stderr)
+    if isinstance(e, (JobFailed, JobCancelled)):
+        return EXIT_JOB_FAILED
+    if isinstance(e, UsageError):
+        return EXIT_USAGE
+    return EXIT_CONNECTION
 
 
 async def _command(client: Any, args: argparse.Namespace) -> int:
