@@ -1,6 +1,7 @@
 """A job and its sub-tasks: the state machine, with no I/O.
 
-A job is split once, at submit (and again, identically, when a journal is recovered). Its
+A job is split once, at submit (and again, identically, when a journal is recovered), or, when
+its input is streamed, grows sub-task by sub-task as the input arrives until it is *sealed*. Its
 sub-tasks are numbered 0..n-1; ``next_index`` hands out fresh ones lazily and ``retry`` holds
 indices handed back, so a queued sub-task costs no object of its own. Only dispatched sub-tasks
 have state (:attr:`inflight`), and only failed ones a counter (:attr:`failures`, :attr:`lost`).
@@ -82,6 +83,8 @@ class Job:
         self.task = task
         self.chunks = chunks
         self.total = len(chunks)
+        self.sealed = True  # False while a streamed input is still arriving
+        self.input_size = 0  # streamed jobs: items or characters received
         self.options = options or JobOptions(None, 1)
         self.results: list[Any] = [_MISSING] * self.total
         self.done = 0
@@ -146,6 +149,16 @@ class Job:
             self.retry.append(index)
         return True
 
+    def add_chunks(self, chunks: list[Any]) -> None:
+        """A streamed input grew by these sub-task inputs (queued after the others)."""
+        self.chunks.extend(chunks)
+        self.results.extend([_MISSING] * len(chunks))
+        self.total += len(chunks)
+
+    def seal(self) -> None:
+        """A streamed input is complete: the job can finish once every sub-task has a result."""
+        self.sealed = True
+
     def has_result(self, index: int) -> bool:
         return self.state in JobState.FINAL or self.results[index] is not _MISSING
 
@@ -154,6 +167,7 @@ class Job:
         for index, value in results.items():
             if 0 <= index < self.total and self.results[index] is _MISSING:
                 self.results[index] = value
+                self.chunks[index] = None
                 self.done += 1
                 self.recovered += 1
         self.next_index = self.total
@@ -169,6 +183,7 @@ class Job:
             self.duplicates += 1
             return False
         self.results[index] = result
+        self.chunks[index] = None  # its input is not needed again: memory goes as work is done
         self.done += 1
         self.ran_on[worker] += 1
         self.durations_sum += duration
@@ -178,7 +193,7 @@ class Job:
         return True
 
     def complete(self) -> bool:
-        return self.done == self.total and self.state not in JobState.FINAL
+        return self.sealed and self.done == self.total and self.state not in JobState.FINAL
 
     def ordered_results(self) -> list[Any]:
         return list(self.results)
@@ -267,6 +282,8 @@ class Job:
         }
         if self.key is not None:
             out["key"] = self.key
+        if not self.sealed and not final:
+            out["receiving"] = True
         if self.finished is not None:
             out["finished"] = round(self.finished, 3)
             out["elapsed"] = round(self.finished - self.submitted, 6)

@@ -1,7 +1,8 @@
 """Journal records and the journal interface, with no I/O.
 
 The scheduler writes three kinds of record: a job was accepted, a sub-task's result arrived, a job
-ended. ``append`` returns a Deferred that fires once the record is durable; records become durable
+ended. A job whose input is streamed adds two more: sub-task inputs were cut from it (they cannot
+be split again from an input the server never held whole), and its input was complete. ``append`` returns a Deferred that fires once the record is durable; records become durable
 in the order they were appended. :class:`MemoryJournal` keeps them in a dict, for tests (it can be
 "recovered" into a second scheduler to simulate a restart); the SQLite journal a server uses is
 :class:`clusterd.server.sqlite_journal.SqliteJournal`.
@@ -18,6 +19,8 @@ __all__ = [
     "JobAccepted",
     "ResultRecorded",
     "JobEnded",
+    "ChunksAdded",
+    "JobSealed",
     "JobRecord",
     "Recovered",
     "Journal",
@@ -41,6 +44,24 @@ class JobAccepted:
     options: dict[str, Any]
     key: str | None
     submitted: float
+    streamed: bool = False  # input_json is empty; the inputs come in ChunksAdded records
+
+
+@dataclass(frozen=True)
+class ChunksAdded:
+    """Sub-task inputs ``start``, ``start+1``, ... of a streamed job, encoded."""
+
+    job: str
+    start: int
+    inputs_json: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class JobSealed:
+    """A streamed job's input ended: it has ``total`` sub-tasks."""
+
+    job: str
+    total: int
 
 
 @dataclass(frozen=True)
@@ -60,7 +81,7 @@ class JobEnded:
     finished: float
 
 
-Record = JobAccepted | ResultRecorded | JobEnded
+Record = JobAccepted | ResultRecorded | JobEnded | ChunksAdded | JobSealed
 
 
 @dataclass
@@ -70,6 +91,8 @@ class JobRecord:
     accepted: JobAccepted
     results: dict[int, str] = field(default_factory=dict)
     ended: JobEnded | None = None
+    chunks: dict[int, str] = field(default_factory=dict)  # streamed jobs: encoded inputs
+    sealed: int | None = None  # streamed jobs: the total, once the input was complete
 
 
 @dataclass
@@ -158,8 +181,19 @@ def apply_record(jobs: dict[str, JobRecord], record: Record) -> None:
         rec = jobs.get(record.job)
         if rec is not None and rec.ended is None:
             rec.results.setdefault(record.index, record.result_json)
+    elif isinstance(record, ChunksAdded):
+        rec = jobs.get(record.job)
+        if rec is not None and rec.ended is None:
+            for i, text in enumerate(record.inputs_json, record.start):
+                rec.chunks[i] = text
+    elif isinstance(record, JobSealed):
+        rec = jobs.get(record.job)
+        if rec is not None and rec.ended is None:
+            rec.sealed = record.total
     elif isinstance(record, JobEnded):
         rec = jobs.get(record.job)
         if rec is not None:
             rec.ended = record
-            rec.results.clear()  # partial results are not needed once the job has ended
+            # Inputs and partial results are not needed once the job has ended.
+            rec.results.clear()
+            rec.chunks.clear()

@@ -30,14 +30,18 @@ from twisted.python.failure import Failure
 
 from clusterd.core.jobs import Job, JobOptions, JobState
 from clusterd.core.journal import (
+    ChunksAdded,
     JobAccepted,
     JobEnded,
+    JobSealed,
     Journal,
     NullJournal,
     ResultRecorded,
 )
+from clusterd.core.streaming import Cutter, chunk_target
+from clusterd.core.uploads import Upload
 from clusterd.core.wire import ErrorCode, WireError, dumps
-from clusterd.tasks.registry import Registry, TaskInputError
+from clusterd.tasks.registry import Registry, Task, TaskInputError
 
 __all__ = [
     "Scheduler",
@@ -158,6 +162,7 @@ class SchedulerConfig:
     speculate_min_done: int = 3  # finished sub-tasks needed before the mean is trusted
     speculate_min_seconds: float = 1.0  # never speculate on sub-tasks younger than this
     max_result_bytes: int = 64 * 1024 * 1024  # a job's encoded answer
+    max_input_bytes: int = 1 << 30  # a streamed input's piece lines, in total
     prefetch: int = 1  # short sub-tasks a worker may hold per slot (the server's default is 32)
     prefetch_below: float = 0.01  # a job whose sub-tasks run shorter than this (mean) is short
 
@@ -236,22 +241,10 @@ class Scheduler:
         instead (idempotent submit). The job is dispatched at once; its id may be shown to the
         client once ``job.when_durable()`` fires."""
         options = options or {}
-        key = options.get("key")
-        if key is not None and key in self._keys:
-            existing = self._keys[key]
-            if existing.task != task_name:
-                raise WireError(
-                    ErrorCode.BAD_REQUEST,
-                    f"key {key!r} already names job {existing.id} of task {existing.task}; "
-                    "use a new key for a different job.",
-                )
+        existing = self._keyed(options.get("key"), task_name)
+        if existing is not None:
             return existing
-        task = self.registry.get(task_name)
-        if task is None:
-            raise WireError(
-                ErrorCode.UNKNOWN_TASK,
-                f"no task named {task_name!r}; known tasks: {', '.join(self.registry.names())}.",
-            )
+        task = self._task(task_name)
         if chunks is None:
             chunks = self._default_chunks(task_name)
         if chunks > self.config.max_subtasks:
@@ -261,45 +254,19 @@ class Scheduler:
                 f"{self.config.max_subtasks} per job.",
             )
         pieces = self._split(task_name, value, chunks)
-        queued = self.queued_subtasks()
-        if queued + len(pieces) > self.config.max_queued:
-            raise WireError(
-                ErrorCode.BUSY,
-                f"the server holds {queued} queued sub-tasks and this job adds {len(pieces)}; "
-                f"the limit is {self.config.max_queued}. Retry later.",
-            )
-        # A null option means "the default", as it does for chunks.
-        timeout = options.get("timeout") or task.timeout or self.config.default_timeout
-        attempts = options.get("attempts") or task.attempts or self.config.default_attempts
-        job = Job(
-            f"j{self._next_id}",
-            task_name,
-            pieces,
-            self.clock.seconds(),
-            JobOptions(timeout, attempts),
-        )
-        job.key = key
-        job.owner = owner
-        seq = self._next_id
-        self._next_id += 1
-        self._jobs[job.id] = job
-        if key is not None:
-            self._keys[key] = job
-        self.counters["jobs_submitted"] += 1
-        self.log.info(
-            "job {job_id} submitted: task {task}, {n} sub-tasks",
-            job_id=job.id,
-            task=task_name,
-            n=job.total,
-        )
+        self._check_queue(len(pieces))
+        if input_json is None:
+            input_json = dumps(value)
+        job = self._new_job(task, pieces, options, owner)
+        job.input_size = len(input_json)
         record = JobAccepted(
             job.id,
-            seq,
+            int(job.id[1:]),
             task_name,
-            input_json if input_json is not None else dumps(value),
+            input_json,
             chunks,
-            {"timeout": timeout, "attempts": attempts},
-            key,
+            {"timeout": job.options.timeout, "attempts": job.options.attempts},
+            job.key,
             job.submitted,
         )
         self.journal.append(record).addCallbacks(
@@ -310,6 +277,162 @@ class Scheduler:
         else:
             self._enring(job)
             self._pump()
+        return job
+
+    def open_stream(
+        self, task_name: str, options: dict[str, Any] | None = None, owner: object | None = None
+    ) -> tuple[Job, Upload | None]:
+        """Start a job whose input will arrive in pieces (docs/PROTOCOL.md, "Streamed values").
+        Returns the job and the :class:`Upload` to feed, or, when a ``key`` names a job already
+        held, that job and None (the pieces are then read and dropped). Sub-tasks are dispatched
+        as soon as they are cut, while the rest of the input is still arriving; the job's id may
+        be shown once the input is complete and durable (``job.when_durable()``)."""
+        options = options or {}
+        existing = self._keyed(options.get("key"), task_name)
+        if existing is not None:
+            return existing, None
+        task = self._task(task_name)
+        if task.stream is None:
+            raise WireError(
+                ErrorCode.BAD_REQUEST,
+                f"task {task_name} does not take a streamed input; send it on the request line.",
+            )
+        chunks = options.get("chunks")
+        if chunks is not None and chunks > self.config.max_subtasks:
+            raise WireError(
+                ErrorCode.TOO_MANY_SUBTASKS,
+                f"{chunks} chunks asked; this server allows at most "
+                f"{self.config.max_subtasks} per job.",
+            )
+        job = self._new_job(task, [], options, owner, streamed=True)
+        record = JobAccepted(
+            job.id,
+            int(job.id[1:]),
+            task_name,
+            "",
+            chunks or 0,
+            {"timeout": job.options.timeout, "attempts": job.options.attempts},
+            job.key,
+            job.submitted,
+            streamed=True,
+        )
+        self.journal.append(record).addErrback(self._not_durable, job)
+        target = chunk_target(task.stream, options.get("size"), chunks)
+        return job, Upload(self, job, task, Cutter(task.stream, target))
+
+    def grow(self, job: Job, inputs: list[Any]) -> None:
+        """Add sub-task inputs cut from a streamed job's input: checked by the task's split,
+        journaled, and queued at once. Raises WireError (the caller abandons the job)."""
+        pieces: list[Any] = []
+        for value in inputs:
+            pieces.extend(self._split(job.task, value, 1))
+        if job.total + len(pieces) > self.config.max_subtasks:
+            raise WireError(
+                ErrorCode.TOO_MANY_SUBTASKS,
+                f"the input splits into more than {self.config.max_subtasks} sub-tasks, "
+                "the most this server allows per job; give a larger 'size' or fewer 'chunks'.",
+            )
+        self._check_queue(len(pieces))
+        start = job.total
+        job.add_chunks(pieces)
+        if self.journal.durable:
+            self.journal.append(ChunksAdded(job.id, start, tuple(dumps(p) for p in pieces)))
+        self._enring(job)
+        self._pump()
+
+    def seal(self, job: Job) -> None:
+        """A streamed job's input is complete: record that, then the job may finish."""
+        job.seal()
+        self.log.info(
+            "job {job_id} input complete: {size} received, {n} sub-tasks",
+            job_id=job.id,
+            size=job.input_size,
+            n=job.total,
+        )
+        self.journal.append(JobSealed(job.id, job.total)).addCallbacks(
+            lambda _: job.mark_durable(), self._not_durable, errbackArgs=(job,)
+        )
+        if job.complete():
+            self._combine(job)
+
+    def abandon(self, job: Job, code: str, message: str) -> None:
+        """A streamed input went wrong (a bad piece, a limit, the connection lost): the job
+        fails with ``code``, so whoever looks it up learns why."""
+        if not job.is_final:
+            self._end(job, JobState.FAILED, error={"code": code, "message": message})
+        job.mark_durable()
+
+    def wants_more(self, job: Job) -> bool:
+        """Whether a streamed job should take more input now. Enough queued sub-tasks to keep
+        every worker that can run them busy twice over is enough: the rest may wait in the
+        client, so the server holds what the job needs now, not the whole input."""
+        if job.is_final:
+            return True
+        slots = sum(w.slots for w in self._workers.values() if job.task in w.tasks)
+        return job.queued < max(8, 2 * slots)
+
+    def _keyed(self, key: str | None, task_name: str) -> Job | None:
+        if key is None or key not in self._keys:
+            return None
+        existing = self._keys[key]
+        if existing.task != task_name:
+            raise WireError(
+                ErrorCode.BAD_REQUEST,
+                f"key {key!r} already names job {existing.id} of task {existing.task}; "
+                "use a new key for a different job.",
+            )
+        return existing
+
+    def _task(self, task_name: str) -> Task:
+        task = self.registry.get(task_name)
+        if task is None:
+            raise WireError(
+                ErrorCode.UNKNOWN_TASK,
+                f"no task named {task_name!r}; known tasks: {', '.join(self.registry.names())}.",
+            )
+        return task
+
+    def _check_queue(self, adding: int) -> None:
+        queued = self.queued_subtasks()
+        if queued + adding > self.config.max_queued:
+            raise WireError(
+                ErrorCode.BUSY,
+                f"the server holds {queued} queued sub-tasks and this job adds {adding}; "
+                f"the limit is {self.config.max_queued}. Retry later.",
+            )
+
+    def _new_job(
+        self,
+        task: Task,
+        pieces: list[Any],
+        options: dict[str, Any],
+        owner: object | None,
+        streamed: bool = False,
+    ) -> Job:
+        # A null option means "the default", as it does for chunks.
+        timeout = options.get("timeout") or task.timeout or self.config.default_timeout
+        attempts = options.get("attempts") or task.attempts or self.config.default_attempts
+        job = Job(
+            f"j{self._next_id}",
+            task.name,
+            pieces,
+            self.clock.seconds(),
+            JobOptions(timeout, attempts),
+        )
+        job.key = options.get("key")
+        job.owner = owner
+        job.sealed = not streamed
+        self._next_id += 1
+        self._jobs[job.id] = job
+        if job.key is not None:
+            self._keys[job.key] = job
+        self.counters["jobs_submitted"] += 1
+        self.log.info(
+            "job {job_id} submitted: task {task}, {n} sub-tasks",
+            job_id=job.id,
+            task=task.name,
+            n="streamed" if streamed else job.total,
+        )
         return job
 
     def _not_durable(self, failure: Failure, job: Job) -> None:
@@ -447,7 +570,10 @@ class Scheduler:
                     ErrorCode.TASK_MISSING,
                     f"task {a.task!r} is no longer installed on this server",
                 )
-            pieces = self._split(a.task, json.loads(a.input_json), a.chunks)
+            if a.streamed:
+                pieces = self._journaled_inputs(rec)
+            else:
+                pieces = self._split(a.task, json.loads(a.input_json), a.chunks)
         except (WireError, ValueError) as e:
             job = Job(a.job, a.task, [], a.submitted, opts)
             code = e.code if isinstance(e, WireError) else ErrorCode.BAD_INPUT
@@ -468,6 +594,21 @@ class Scheduler:
         else:
             self._enring(job)
         return job
+
+    @staticmethod
+    def _journaled_inputs(rec: Any) -> list[Any]:
+        """A streamed job's sub-task inputs, as journaled: the input itself was never held."""
+        if rec.sealed is None:
+            raise WireError(
+                ErrorCode.UPLOAD_INCOMPLETE,
+                "the server stopped before this job's streamed input was complete; submit it again",
+            )
+        try:
+            return [json.loads(rec.chunks[i]) for i in range(rec.sealed)]
+        except KeyError as e:
+            raise WireError(
+                ErrorCode.JOURNAL_ERROR, f"the journal lacks sub-task input {e.args[0]}"
+            ) from None
 
     def stop(self) -> Deferred[None]:
         """Flush and close the journal (what is durable then is what a restart resumes)."""

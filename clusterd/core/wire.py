@@ -54,6 +54,7 @@ class ErrorCode:
     AUTH_TIMEOUT = "AUTH_TIMEOUT"
     JSON_TOO_DEEP = "JSON_TOO_DEEP"
     TOO_MANY_CONNECTIONS = "TOO_MANY_CONNECTIONS"
+    INPUT_TOO_LARGE = "INPUT_TOO_LARGE"
     # Codes a FAILED reply carries (why a job failed):
     TASK_ERROR = "TASK_ERROR"
     TIMEOUT = "TIMEOUT"
@@ -63,6 +64,7 @@ class ErrorCode:
     RESULT_TOO_LARGE = "RESULT_TOO_LARGE"
     JOURNAL_ERROR = "JOURNAL_ERROR"
     TASK_MISSING = "TASK_MISSING"
+    UPLOAD_INCOMPLETE = "UPLOAD_INCOMPLETE"
 
 
 class WireError(Exception):
@@ -78,8 +80,8 @@ class WireError(Exception):
 
 
 CLIENT_VERBS: dict[str, str] = {
-    "RUN": "RUN <task> <input-json> [<options-json>]  submit a job and wait for its result",
-    "SUBMIT": "SUBMIT <task> <input-json> [<options-json>]  submit a job; replies OK <job-id> once it is recorded",
+    "RUN": "RUN <task> <input-json|@> [<options-json>]  submit a job and wait for its result; @: the input follows as +<json> piece lines ended by a . line",
+    "SUBMIT": "SUBMIT <task> <input-json|@> [<options-json>]  submit a job; replies OK <job-id> once it is recorded",
     "WAIT": "WAIT <job-id>  wait for a job's result",
     "STATUS": "STATUS <job-id>  a job's state and progress",
     "WATCH": "WATCH <job-id>  PROGRESS lines until the job ends, then its result",
@@ -102,7 +104,8 @@ WORKER_VERBS: dict[str, str] = {
     "PING": "PING  liveness; either side may send it, the other answers OK PONG",
 }
 
-JOB_OPTIONS = {"chunks", "timeout", "attempts", "key"}
+JOB_OPTIONS = {"chunks", "timeout", "attempts", "key", "size"}
+STREAM_MARK = "@"  # in place of the input: it follows as piece lines (core/streaming.py)
 MAX_ATTEMPTS = 100
 MAX_KEY_LENGTH = 200
 
@@ -127,6 +130,7 @@ class JobRequest:
     input: Any
     options: dict[str, Any] = field(default_factory=dict)
     input_json: str | None = None  # the input exactly as sent, for the journal
+    streamed: bool = False  # the input is "@": it follows as piece lines
 
     @property
     def chunks(self) -> int | None:
@@ -220,7 +224,11 @@ def parse_job_request(
         raise WireError(
             ErrorCode.BAD_REQUEST, f"{verb} {task} needs a JSON input after the task name."
         )
-    value, end = _decode_prefix(payload, "the job input", max_depth)
+    streamed = payload[0] == STREAM_MARK and (len(payload) == 1 or payload[1].isspace())
+    if streamed:
+        value, end = None, 1
+    else:
+        value, end = _decode_prefix(payload, "the job input", max_depth)
     options_text = payload[end:].strip()
     options: dict[str, Any] = {}
     if options_text:
@@ -252,7 +260,18 @@ def parse_job_request(
             ErrorCode.BAD_REQUEST,
             f"option 'key' must be a string of 1-{MAX_KEY_LENGTH} characters.",
         )
-    return JobRequest(task, value, options, payload[:end])
+    size = options.get("size")
+    if size is not None and (type(size) is not int or size < 0):
+        raise WireError(
+            ErrorCode.BAD_REQUEST,
+            "option 'size' must be a non-negative integer: the streamed input's length.",
+        )
+    if size is not None and not streamed:
+        raise WireError(
+            ErrorCode.BAD_REQUEST,
+            f"option 'size' is only for a streamed input ({verb} {task} @ ...).",
+        )
+    return JobRequest(task, value, options, None if streamed else payload[:end], streamed)
 
 
 def _is_utf8(text: str) -> bool:

@@ -53,6 +53,7 @@ from clusterd.core.wire import (
 )
 from clusterd.endpoints import no_delay
 from clusterd.heartbeat import Heartbeat
+from clusterd.server.streams import InputStream
 
 __all__ = ["ServerProtocol", "ServerFactory", "final_reply"]
 
@@ -129,6 +130,8 @@ class ServerProtocol(Protocol):
         self.auth_failures = 0
         self.auth_timer: Any = None
         self.counted = False
+        self.stream: InputStream | None = None  # a RUN/SUBMIT whose input is arriving
+        self.held = False  # reading paused by a stream's flow control
 
     # -- connection ----------------------------------------------------------------------------
 
@@ -192,6 +195,15 @@ class ServerProtocol(Protocol):
     def resumeProducing(self) -> None:
         if self.paused:
             self.paused = False
+            if not self.held:
+                self.transport.resumeProducing()
+
+    def _hold(self, hold: bool) -> None:
+        """A stream's flow control: stop (or start again) reading this connection."""
+        self.held = hold
+        if hold:
+            self.transport.pauseProducing()
+        elif not self.paused:
             self.transport.resumeProducing()
 
     def stopProducing(self) -> None:
@@ -208,6 +220,12 @@ class ServerProtocol(Protocol):
     def readConnectionLost(self) -> None:
         """The peer closed its sending side (``nc -N``, a script at end of input): answer what
         was asked, then close."""
+        if self.stream is not None:
+            stream, self.stream = self.stream, None
+            stream.fail(
+                ErrorCode.UPLOAD_INCOMPLETE,
+                "the input ended before the streamed input's '.' line.",
+            )
         self.quitting = True
         if not self.slots:
             self.transport.loseConnection()
@@ -221,6 +239,9 @@ class ServerProtocol(Protocol):
         if self.counted:
             self.counted = False
             self.factory.release(self)
+        if self.stream is not None:
+            self.stream.lost()
+            self.stream = None
         for slot in self.slots:
             if slot.cleanup is not None:
                 slot.cleanup()
@@ -268,6 +289,13 @@ class ServerProtocol(Protocol):
     # -- dispatch ------------------------------------------------------------------------------
 
     def _handle(self, event: bytes | LineTooLong) -> None:
+        if self.stream is not None:
+            stream = self.stream
+            if stream.line(event):
+                if stream.done:
+                    self.stream = None
+                return
+            self.stream = None
         if isinstance(event, LineTooLong):
             self.log.warn(
                 "line of {size}+ bytes from {peer} over the {limit}-byte limit",
@@ -384,7 +412,7 @@ class ServerProtocol(Protocol):
         self.quitting = True
         self._reply("OK BYE")
 
-    def _submit(self, rest: str, verb: str) -> Job:
+    def _submit(self, rest: str, verb: str) -> None:
         req = parse_job_request(rest, verb, self.settings.max_json_depth)
         self.open_jobs = {j for j in self.open_jobs if not j.is_final}
         if len(self.open_jobs) >= self.settings.max_client_jobs:
@@ -393,25 +421,55 @@ class ServerProtocol(Protocol):
                 f"this connection has {len(self.open_jobs)} unfinished jobs, the most allowed; "
                 "wait for some to end.",
             )
+        if req.streamed:
+            self._open_stream(req.task, req.options, verb)
+            return
         job = self.core.submit(
             req.task, req.input, req.chunks, req.options, req.input_json, owner=self
         )
         if not job.is_final:
             self.open_jobs.add(job)
-        return job
+        self._answer_job(_Slot(), job, verb)
 
-    def do_SUBMIT(self, rest: str) -> None:
-        job = self._submit(rest, "SUBMIT")
-        # The id is shown only once the job is durably recorded.
-        slot = _Slot()
-        self.slots.append(slot)
+    def _answer_job(self, slot: _Slot, job: Job, verb: str) -> None:
+        """SUBMIT: the id, once the job is durably recorded. RUN: the job's final line."""
+        if slot not in self.slots:
+            self.slots.append(slot)
+        if verb == "RUN":
+            self._attach_final(slot, job)
+            return
         d = job.when_durable()
         slot.cleanup = d.cancel
         d.addCallback(lambda j: self._finish(slot, f"OK {j.id}"))
         d.addErrback(_ignore_cancel)
 
+    def _open_stream(self, task: str, options: dict[str, Any], verb: str) -> None:
+        """``RUN``/``SUBMIT <task> @``: the input follows as piece lines (streams.py)."""
+        job, upload = self.core.open_stream(task, options, owner=self)
+        if not job.is_final:
+            self.open_jobs.add(job)
+        slot = _Slot()
+        self.slots.append(slot)
+
+        def accept(j: Job) -> None:
+            self._answer_job(slot, j, verb)
+
+        self.stream = InputStream(
+            self.core,
+            job,
+            upload,
+            verb,
+            self.settings.max_json_depth,
+            refuse=lambda line: self._finish(slot, line),
+            accept=accept,
+            hold=self._hold,
+        )
+
+    def do_SUBMIT(self, rest: str) -> None:
+        self._submit(rest, "SUBMIT")
+
     def do_RUN(self, rest: str) -> None:
-        self._await_final(self._submit(rest, "RUN"))
+        self._submit(rest, "RUN")
 
     def do_WAIT(self, rest: str) -> None:
         self._await_final(self.core.get(self._job_id(rest, "WAIT")))

@@ -21,9 +21,11 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from clusterd.core.journal import (
+    ChunksAdded,
     JobAccepted,
     JobEnded,
     JobRecord,
+    JobSealed,
     JournalError,
     Recovered,
     ResultRecorded,
@@ -31,16 +33,26 @@ from clusterd.core.journal import (
 
 __all__ = ["SqliteJournal"]
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, seq INTEGER NOT NULL, task TEXT NOT NULL, input TEXT NOT NULL,
     chunks INTEGER NOT NULL, options TEXT NOT NULL, key TEXT, submitted REAL NOT NULL,
-    state TEXT, result TEXT, error TEXT, total INTEGER, finished REAL);
+    state TEXT, result TEXT, error TEXT, total INTEGER, finished REAL,
+    streamed INTEGER NOT NULL DEFAULT 0, sealed INTEGER);
 CREATE TABLE IF NOT EXISTS results (
     job TEXT NOT NULL, idx INTEGER NOT NULL, result TEXT NOT NULL, PRIMARY KEY (job, idx)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS inputs (
+    job TEXT NOT NULL, idx INTEGER NOT NULL, input TEXT NOT NULL, PRIMARY KEY (job, idx)
+) WITHOUT ROWID;
+"""
+# Schema 1 (before streamed inputs) lacks the two jobs columns; the inputs table is created by
+# _SCHEMA. Upgrading in place keeps every job a schema-1 server journaled.
+_UPGRADE_1_TO_2 = """
+ALTER TABLE jobs ADD COLUMN streamed INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN sealed INTEGER;
 """
 _STOP = object()
 
@@ -96,8 +108,14 @@ class SqliteJournal:
         # FULL: a committed record survives power loss too, not only a process crash.
         # NORMAL (in WAL mode) survives a crash of the server process, not of the machine.
         conn.execute(f"PRAGMA synchronous={self.sync.upper()}")
+        version = None
+        if "meta" in tables:
+            version = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if version is not None and version[0] == "1":
+            conn.executescript("BEGIN;" + _UPGRADE_1_TO_2 + "COMMIT;")
+            conn.execute("UPDATE meta SET value=? WHERE key='schema'", (SCHEMA_VERSION,))
+            version = (SCHEMA_VERSION,)
         conn.executescript(_SCHEMA)
-        version = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if version is None:
             conn.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
         elif version[0] != SCHEMA_VERSION:
@@ -119,12 +137,15 @@ class SqliteJournal:
         max_seq = 0
         for row in conn.execute(
             "SELECT id, seq, task, input, chunks, options, key, submitted, state, result, "
-            "error, total, finished FROM jobs ORDER BY seq"
+            "error, total, finished, streamed, sealed FROM jobs ORDER BY seq"
         ):
             (job_id, seq, task, inp, chunks, opts, key, submitted) = row[:8]
-            state, result, error, total, finished = row[8:]
+            state, result, error, total, finished, streamed, sealed = row[8:]
             rec = JobRecord(
-                JobAccepted(job_id, seq, task, inp, chunks, json.loads(opts), key, submitted)
+                JobAccepted(
+                    job_id, seq, task, inp, chunks, json.loads(opts), key, submitted, bool(streamed)
+                ),
+                sealed=sealed,
             )
             if state is not None:
                 err = json.loads(error) if error else None
@@ -135,6 +156,10 @@ class SqliteJournal:
             rec = jobs.get(job_id)
             if rec is not None and rec.ended is None:
                 rec.results[idx] = result
+        for job_id, idx, text in conn.execute("SELECT job, idx, input FROM inputs"):
+            rec = jobs.get(job_id)
+            if rec is not None and rec.ended is None:
+                rec.chunks[idx] = text
         row = conn.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
         next_seq = max(max_seq + 1, int(row[0]) if row else 1)
         return Recovered(list(jobs.values()), next_seq)
@@ -211,7 +236,7 @@ class SqliteJournal:
                 elif isinstance(rec, JobAccepted):
                     c.execute(
                         "INSERT OR REPLACE INTO jobs (id, seq, task, input, chunks, options, key,"
-                        " submitted) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        " submitted, streamed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (
                             rec.job,
                             rec.seq,
@@ -221,9 +246,17 @@ class SqliteJournal:
                             json.dumps(rec.options),
                             rec.key,
                             rec.submitted,
+                            int(rec.streamed),
                         ),
                     )
                     max_seq = max(max_seq, rec.seq)
+                elif isinstance(rec, ChunksAdded):
+                    c.executemany(
+                        "INSERT OR IGNORE INTO inputs VALUES (?, ?, ?)",
+                        [(rec.job, i, t) for i, t in enumerate(rec.inputs_json, rec.start)],
+                    )
+                elif isinstance(rec, JobSealed):
+                    c.execute("UPDATE jobs SET sealed=? WHERE id=?", (rec.total, rec.job))
                 elif isinstance(rec, JobEnded):
                     c.execute(
                         "UPDATE jobs SET state=?, result=?, error=?, total=?, finished=? "
@@ -238,10 +271,12 @@ class SqliteJournal:
                         ),
                     )
                     c.execute("DELETE FROM results WHERE job=?", (rec.job,))
+                    c.execute("DELETE FROM inputs WHERE job=?", (rec.job,))
                 elif isinstance(rec, _Forget):
                     for job_id in rec.ids:
                         c.execute("DELETE FROM jobs WHERE id=?", (job_id,))
                         c.execute("DELETE FROM results WHERE job=?", (job_id,))
+                        c.execute("DELETE FROM inputs WHERE job=?", (job_id,))
             if max_seq:
                 c.execute(
                     "INSERT INTO meta VALUES ('next_seq', ?) ON CONFLICT(key) DO UPDATE "

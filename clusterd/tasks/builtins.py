@@ -161,7 +161,14 @@ def _concat(results: list[list]) -> list:
 
 
 TASKS = [
-    Task("sum", _split_list("sum"), sum, _sum_combine, "sum of a JSON array of numbers"),
+    Task(
+        "sum",
+        _split_list("sum"),
+        sum,
+        _sum_combine,
+        "sum of a JSON array of numbers",
+        stream="list",
+    ),
     Task(
         "primes",
         _primes_split,
@@ -176,13 +183,22 @@ TASKS = [
         _wordcount_combine,
         "count words (lower-cased) in a JSON string; most frequent first",
         input_kind="text",
+        stream="text",
     ),
-    Task("sort", _split_list("sort"), sorted, _sort_combine, "sort a JSON array of numbers"),
+    Task(
+        "sort",
+        _split_list("sort"),
+        sorted,
+        _sort_combine,
+        "sort a JSON array of numbers",
+        stream="list",
+    ),
     Task(
         "sleep",
         _sleep_split,
         _sleep_run,
         _concat,
         "for tests: sleep for each duration in a JSON array (seconds) and return the array",
+        stream="list",
     ),
 ]

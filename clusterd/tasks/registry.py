@@ -43,9 +43,16 @@ class Task:
     input_kind: str = "json"
     timeout: float | None = None  # seconds per sub-task; None: the server's default
     attempts: int | None = None  # tries per sub-task; None: the server's default
+    # "list" or "text": the input may be streamed (docs/PROTOCOL.md, "Streamed values") as JSON
+    # array pieces or JSON string pieces, cut into sub-tasks as it arrives; each cut sub-task
+    # input still goes through ``split(chunk, 1)``, which validates it. None: not streamable.
+    stream: str | None = None
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "doc": self.doc, "input": self.input_kind}
+        out = {"name": self.name, "doc": self.doc, "input": self.input_kind}
+        if self.stream is not None:
+            out["stream"] = self.stream
+        return out
 
 
 class Registry:

@@ -55,7 +55,10 @@ def test_builtin_names():
         "name": "sum",
         "doc": "sum of a JSON array of numbers",
         "input": "json",
+        "stream": "list",
     }
+    assert "stream" not in REGISTRY.get("primes").describe()
+    assert REGISTRY.get("wordcount").stream == "text"
 
 
 # -- sum -----------------------------------------------------------------------------------------

@@ -1,0 +1,196 @@
+"""Values larger than one line: cutting a streamed input into sub-tasks, and a big answer into
+pieces.
+
+A streamed value travels as *piece* lines, each a JSON array or a JSON string within the line
+limit; the value is their concatenation (arrays are joined end to end, strings likewise, and for
+answers only, objects are merged). This keeps every piece readable and typeable in ``nc`` and lets
+the server start work before the last piece arrives: :class:`Cutter` turns pieces into sub-task
+inputs as soon as a sub-task's worth has arrived, so the server never holds the input twice.
+
+Pure: no sockets, no reactor. The wire syntax (``@``, ``+piece``, ``.``) is documented in
+docs/PROTOCOL.md, "Streamed values".
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from typing import Any
+
+__all__ = [
+    "STREAM_MARK",
+    "PIECE",
+    "END",
+    "Cutter",
+    "chunk_target",
+    "split_for_lines",
+    "Joiner",
+    "DEFAULT_TEXT_CHUNK",
+    "DEFAULT_LIST_CHUNK",
+    "KINDS",
+]
+
+STREAM_MARK = "@"  # in place of a JSON value: the value follows as piece lines
+PIECE = "+"  # a piece line is "+" followed by one JSON array or string
+END = "."  # the line that ends a stream
+
+KINDS = {"list": list, "text": str}  # Task.stream -> the JSON type of its pieces
+DEFAULT_TEXT_CHUNK = 1 << 20  # characters per sub-task when the client gives no size
+DEFAULT_LIST_CHUNK = 10_000  # items per sub-task when the client gives no size
+
+_SPACE = re.compile(r"\s")
+
+
+def chunk_target(kind: str, size: int | None, chunks: int | None) -> int:
+    """Items (or characters) per sub-task. With the input's ``size`` announced, ``chunks``
+    sub-tasks of equal size; without it the server cannot know how many pieces will come, so a
+    fixed sub-task size gives the job as many sub-tasks as its input needs."""
+    if size is not None and chunks is not None:
+        return max(1, math.ceil(size / chunks))
+    if size is not None:
+        return max(1, math.ceil(size / 64))
+    return DEFAULT_TEXT_CHUNK if kind == "text" else DEFAULT_LIST_CHUNK
+
+
+class Cutter:
+    """Turns the pieces of a streamed input into sub-task inputs, in order.
+
+    A list input is cut every ``target`` items. A text input is cut at the first whitespace at
+    or after ``target`` characters (the whitespace starts the next sub-task), so no word is ever
+    split between two sub-tasks; the same rule as the text tasks' ``split``.
+    """
+
+    def __init__(self, kind: str, target: int) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown stream kind {kind!r}")
+        self.kind = kind
+        self.target = max(1, target)
+        self.size = 0  # items or characters received
+        self.cut = 0  # sub-task inputs produced
+        self._parts: list[Any] = []
+        self._held = 0  # items or characters in _parts
+
+    def feed(self, piece: Any) -> list[Any]:
+        """Take one piece; return the sub-task inputs it completes (often none)."""
+        if not isinstance(piece, KINDS[self.kind]):
+            want = "a JSON array" if self.kind == "list" else "a JSON string"
+            raise TypeError(f"each piece of this input must be {want}")
+        if not piece:
+            return []
+        self.size += len(piece)
+        self._parts.append(piece)
+        self._held += len(piece)
+        if self._held < self.target:
+            return []
+        return self._cut_text() if self.kind == "text" else self._cut_list()
+
+    def finish(self) -> list[Any]:
+        """The end of the input: whatever is held is the last sub-task. An empty input still
+        gives one empty sub-task, as the tasks' ``split`` does."""
+        out: list[Any] = []
+        if self._held or self.cut == 0:
+            joined = "".join(self._parts) if self.kind == "text" else _concat(self._parts)
+            out.append(joined)
+        self._parts, self._held = [], 0
+        self.cut += len(out)
+        return out
+
+    def _cut_list(self) -> list[Any]:
+        items = _concat(self._parts)
+        n = len(items) - len(items) % self.target
+        out = [items[i : i + self.target] for i in range(0, n, self.target)]
+        rest = items[n:]
+        self._parts, self._held = ([rest] if rest else []), len(rest)
+        self.cut += len(out)
+        return out
+
+    def _cut_text(self) -> list[Any]:
+        text = "".join(self._parts)
+        out, start = [], 0
+        while len(text) - start >= self.target:
+            m = _SPACE.search(text, start + self.target)
+            if m is None:
+                break  # a word runs past the held text: wait for more
+            out.append(text[start : m.start()])
+            start = m.start()
+        rest = text[start:]
+        self._parts, self._held = ([rest] if rest else []), len(rest)
+        self.cut += len(out)
+        return out
+
+
+def _concat(parts: list[list[Any]]) -> list[Any]:
+    if len(parts) == 1:
+        return parts[0]
+    out: list[Any] = []
+    for p in parts:
+        out.extend(p)
+    return out
+
+
+def split_for_lines(value: Any, encoded: str, limit: int, dumps: Any) -> Iterator[str] | None:
+    """The encoded pieces of ``value`` (whose full encoding is ``encoded``), each at most
+    ``limit`` characters, whose concatenation (:class:`Joiner`) is ``value``; None when the value
+    cannot be cut that way (a number, or one element bigger than the limit).
+
+    Pieces are sized from the average element's encoded size, halved when one comes out too
+    long, so cutting costs about one extra encoding of the value."""
+    if isinstance(value, str):
+        items: Any = value
+    elif isinstance(value, list):
+        items = value
+    elif isinstance(value, dict):
+        items = list(value.items())
+    else:
+        return None
+    n = len(items)
+    if n == 0:
+        return None
+    per = max(1, int(n * limit / (2 * max(1, len(encoded)))))
+
+    def encode(part: Any) -> str:
+        return dumps(dict(part) if isinstance(value, dict) else part)
+
+    def pieces() -> Iterator[str]:
+        i, step = 0, per
+        while i < n:
+            text = encode(items[i : i + step])
+            if len(text) > limit:
+                if step == 1:
+                    raise ValueError("one element of the answer is longer than the line limit")
+                step = max(1, step // 2)
+                continue
+            yield text
+            i += step
+            step = per
+
+    return pieces()
+
+
+class Joiner:
+    """Reassembles a streamed value from its pieces (the client side of :func:`split_for_lines`
+    and of streamed inputs)."""
+
+    def __init__(self) -> None:
+        self._parts: list[Any] = []
+
+    def add(self, piece: Any) -> None:
+        if self._parts and type(piece) is not type(self._parts[0]):
+            raise ValueError("the pieces of one streamed value must all be of one JSON type")
+        if not isinstance(piece, (list, str, dict)):
+            raise ValueError("a piece must be a JSON array, string or object")
+        self._parts.append(piece)
+
+    def value(self) -> Any:
+        if not self._parts:
+            return []
+        first = self._parts[0]
+        if isinstance(first, str):
+            return "".join(self._parts)
+        if isinstance(first, list):
+            return _concat(self._parts)
+        out: dict[str, Any] = {}
+        for p in self._parts:
+            out.update(p)
+        return out

@@ -1,0 +1,68 @@
+"""A job whose input is arriving in pieces: feed it, end it, or abandon it.
+
+The protocol hands each decoded piece to :meth:`Upload.feed`; the :class:`~clusterd.core.streaming.Cutter`
+turns pieces into sub-task inputs, which the scheduler queues (and dispatches) at once. So a
+200 MB input is never held whole, never held twice, and its first sub-tasks run while the rest is
+still on the wire. Pure: no sockets, no reactor.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from clusterd.core.streaming import Cutter
+from clusterd.core.wire import ErrorCode, WireError
+
+if TYPE_CHECKING:
+    from clusterd.core.jobs import Job
+    from clusterd.core.scheduler import Scheduler
+    from clusterd.tasks.registry import Task
+
+__all__ = ["Upload"]
+
+
+class Upload:
+    def __init__(self, scheduler: Scheduler, job: Job, task: Task, cutter: Cutter) -> None:
+        self.scheduler = scheduler
+        self.job = job
+        self.task = task
+        self.cutter = cutter
+        self.pieces = 0
+        self.bytes = 0
+        self.ended = False
+
+    def feed(self, piece: Any, size: int) -> None:
+        """One piece (``size``: its line's length in bytes). Raises WireError when the piece
+        is of the wrong type, breaks the task's input rules, or passes a limit; the caller then
+        abandons the upload."""
+        self.pieces += 1
+        self.bytes += size
+        limit = self.scheduler.config.max_input_bytes
+        if self.bytes > limit:
+            raise WireError(
+                ErrorCode.INPUT_TOO_LARGE,
+                f"the streamed input passed {limit} bytes, the most this server takes "
+                "(--max-input-bytes).",
+            )
+        if self.job.is_final:  # cancelled while arriving: read the rest, keep nothing
+            return
+        try:
+            inputs = self.cutter.feed(piece)
+        except TypeError as e:
+            raise WireError(ErrorCode.BAD_INPUT, f"piece {self.pieces}: {e}.") from None
+        self.job.input_size = self.cutter.size
+        if inputs:
+            self.scheduler.grow(self.job, inputs)
+
+    def end(self) -> None:
+        """The ``.`` line: the last sub-task is cut and the job sealed."""
+        self.ended = True
+        if self.job.is_final:  # cancelled while arriving: that end is what SUBMIT reports
+            self.job.mark_durable()
+            return
+        self.scheduler.grow(self.job, self.cutter.finish())
+        self.scheduler.seal(self.job)
+
+    def abandon(self, code: str, message: str) -> None:
+        self.ended = True
+        self.scheduler.abandon(self.job, code, message)

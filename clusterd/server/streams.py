@@ -1,0 +1,146 @@
+"""One streamed ``RUN``/``SUBMIT`` on a connection: its piece lines, its end, its reply.
+
+The protocol hands every line that arrives while a stream is open to :meth:`InputStream.line`
+(see docs/PROTOCOL.md, "Streamed values"). Pieces go to the core's
+:class:`~clusterd.core.uploads.Upload`, which queues sub-tasks as soon as they are cut. Reading
+is paused while the job already has enough sub-tasks queued, so a fast client feeding slow
+workers waits in TCP flow control instead of in the server's memory.
+
+A stream that goes wrong (a bad piece, a limit passed, the connection closing) is answered with
+one ``ERR`` at once; its job ends ``failed`` with the same code, and the rest of its pieces are
+read and dropped up to the ``.`` line, so the conversation stays in step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from clusterd.core.framing import LineTooLong
+from clusterd.core.streaming import END, PIECE
+from clusterd.core.wire import ErrorCode, WireError, format_error, parse_json
+
+if TYPE_CHECKING:
+    from clusterd.core.jobs import Job
+    from clusterd.core.scheduler import Scheduler
+    from clusterd.core.uploads import Upload
+
+__all__ = ["InputStream"]
+
+
+class InputStream:
+    def __init__(
+        self,
+        core: Scheduler,
+        job: Job,
+        upload: Upload | None,
+        verb: str,
+        max_depth: int,
+        refuse: Callable[[str], None],
+        accept: Callable[[Job], None],
+        hold: Callable[[bool], None],
+    ) -> None:
+        self.core = core
+        self.job = job
+        self.upload = upload  # None: a known key returned an existing job; pieces are dropped
+        self.verb = verb
+        self.max_depth = max_depth
+        self._refuse = refuse  # finish the request's slot with this ERR line
+        self._accept = accept  # the input is complete: answer as SUBMIT/RUN do
+        self._hold = hold  # pause (True) or resume (False) reading this connection
+        self.failed = False
+        self.done = False  # the '.' line arrived
+        self.held = False
+        self._unwatch: Callable[[], None] | None = None
+
+    def line(self, event: bytes | LineTooLong) -> bool:
+        """Handle one line; False when it is not part of the stream (the stream was left
+        without its ``.``: it is refused, and the caller handles the line as a request)."""
+        if isinstance(event, LineTooLong):
+            self.fail(
+                ErrorCode.LINE_TOO_LONG,
+                f"a piece is longer than {event.limit} bytes; send smaller pieces.",
+            )
+            return True
+        stripped = event.strip()
+        if stripped == END.encode():
+            self.finish()
+            return True
+        if stripped[:1] != PIECE.encode():
+            self.fail(
+                ErrorCode.BAD_REQUEST,
+                "a streamed input is piece lines (+<json>) ended by a line holding only '.'; "
+                "this line is neither, so the stream is abandoned and the line read as a request.",
+            )
+            self._release()
+            return False
+        if self.failed or self.upload is None:
+            return True
+        try:
+            text = stripped[1:].decode("utf-8")
+        except UnicodeDecodeError as e:
+            self.fail(ErrorCode.BAD_ENCODING, f"a piece is not valid UTF-8 (byte {e.start + 1}).")
+            return True
+        try:
+            piece = parse_json(text, f"piece {self.upload.pieces + 1}", self.max_depth)
+            self.upload.feed(piece, len(stripped))
+        except WireError as e:
+            self.fail(e.code, e.message)
+            return True
+        self._throttle()
+        return True
+
+    def finish(self) -> None:
+        """The ``.`` line."""
+        self.done = True
+        self._release()
+        if self.failed:
+            return
+        if self.upload is not None:
+            try:
+                self.upload.end()
+            except WireError as e:
+                self.fail(e.code, e.message)
+                return
+        self._accept(self.job)
+
+    def fail(self, code: str, message: str) -> None:
+        """Refuse the request once; later pieces are dropped."""
+        if self.failed:
+            return
+        self.failed = True
+        if self.upload is not None and not self.upload.ended:
+            self.upload.abandon(code, message)
+            message = f"{message} Job {self.job.id} was abandoned."
+        self._refuse(format_error(code, message))
+        self._release()
+
+    def lost(self) -> None:
+        """The connection closed mid-stream."""
+        if self.upload is not None and not self.upload.ended:
+            self.upload.abandon(
+                ErrorCode.UPLOAD_INCOMPLETE,
+                "the connection closed before the streamed input's '.' line",
+            )
+        self._release()
+
+    # -- flow control ----------------------------------------------------------------------------
+
+    def _throttle(self) -> None:
+        if self.held or self.core.wants_more(self.job):
+            return
+        self.held = True
+        self._hold(True)
+        self._unwatch = self.job.watch(self._on_progress)
+
+    def _on_progress(self, job: Any) -> None:
+        if job.is_final or self.core.wants_more(job):
+            self._release()
+
+    def _release(self) -> None:
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
+        if self.held:
+            self.held = False
+            self._hold(False)

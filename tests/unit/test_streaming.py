@@ -1,0 +1,151 @@
+"""Cutting streamed inputs into sub-tasks and big answers into pieces (core/streaming.py), and the
+journal records a streamed job writes (in memory and in SQLite, including the schema upgrade)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
+
+from clusterd.core.journal import ChunksAdded, JobAccepted, JobSealed, MemoryJournal
+from clusterd.core.streaming import Cutter, Joiner, chunk_target, split_for_lines
+from clusterd.core.wire import dumps
+from clusterd.server.sqlite_journal import SqliteJournal
+
+
+def cut_all(cutter: Cutter, pieces) -> list:
+    out = []
+    for p in pieces:
+        out.extend(cutter.feed(p))
+    return out + cutter.finish()
+
+
+@given(st.lists(st.lists(st.integers(), max_size=30), max_size=20), st.integers(1, 25))
+def test_list_cuts_concatenate_to_the_input_in_target_sized_slices(pieces, target):
+    chunks = cut_all(Cutter("list", target), pieces)
+    assert [x for c in chunks for x in c] == [x for p in pieces for x in p]
+    assert all(len(c) == target for c in chunks[:-1])
+    assert 0 <= len(chunks[-1]) <= target and chunks
+
+
+@given(
+    st.lists(st.text(alphabet="ab \n\t", max_size=40), max_size=20),
+    st.integers(1, 30),
+)
+def test_text_cuts_only_at_whitespace(pieces, target):
+    """Concatenation gives the input back, and every cut but the first starts with whitespace,
+    so no word is split between two sub-tasks."""
+    text = "".join(pieces)
+    chunks = cut_all(Cutter("text", target), pieces)
+    assert "".join(chunks) == text
+    assert all(c[:1].isspace() for c in chunks[1:])
+    assert text.split() == [w for c in chunks for w in c.split()]
+
+
+def test_piece_of_wrong_kind_is_refused():
+    with pytest.raises(TypeError, match="JSON array"):
+        Cutter("list", 3).feed("abc")
+    with pytest.raises(TypeError, match="JSON string"):
+        Cutter("text", 3).feed([1])
+
+
+def test_chunk_target():
+    assert chunk_target("list", 100, 7) == 15
+    assert chunk_target("text", 640, None) == 10
+    assert chunk_target("text", None, 4) == 1 << 20
+    assert chunk_target("list", None, None) == 10_000
+    assert chunk_target("list", 0, 5) == 1
+
+
+@given(
+    st.one_of(
+        st.lists(st.integers(-(10**6), 10**6), max_size=200),
+        st.text(max_size=300),
+        st.dictionaries(st.text(max_size=5), st.integers(-(10**6), 10**6), max_size=60),
+    )
+)
+def test_answer_pieces_fit_the_limit_and_join_back(value):
+    encoded = dumps(value)
+    pieces = split_for_lines(value, encoded, 40, dumps)
+    if pieces is None:
+        assert value in ([], "", {})
+        return
+    joiner = Joiner()
+    for text in pieces:
+        assert len(text) <= 40
+        joiner.add(json.loads(text))
+    assert joiner.value() == value
+
+
+def test_answer_with_one_element_over_the_limit_cannot_be_cut():
+    pieces = split_for_lines(["x" * 100], dumps(["x" * 100]), 40, dumps)
+    with pytest.raises(ValueError, match="longer than the line limit"):
+        list(pieces)
+    assert split_for_lines(12345, "12345", 2, dumps) is None
+
+
+def test_joiner_refuses_mixed_pieces():
+    j = Joiner()
+    j.add([1])
+    with pytest.raises(ValueError, match="one JSON type"):
+        j.add("x")
+
+
+def streamed_records():
+    return [
+        JobAccepted("j1", 1, "sum", "", 0, {"timeout": None, "attempts": 3}, None, 1.0, True),
+        ChunksAdded("j1", 0, ("[1,2]", "[3]")),
+        ChunksAdded("j1", 2, ("[4]",)),
+        JobSealed("j1", 3),
+    ]
+
+
+def test_memory_journal_keeps_streamed_inputs():
+    j = MemoryJournal()
+    for r in streamed_records():
+        j.append(r)
+    (rec,) = j.load().jobs
+    assert rec.accepted.streamed and rec.sealed == 3
+    assert rec.chunks == {0: "[1,2]", 1: "[3]", 2: "[4]"}
+
+
+def test_sqlite_journal_keeps_streamed_inputs(tmp_path):
+    path = str(tmp_path / "j.sqlite")
+    j = SqliteJournal(path, Clock())
+    j._write(streamed_records())
+    j._conn.close()
+    (rec,) = SqliteJournal(path, Clock()).load().jobs
+    assert rec.accepted.streamed and rec.sealed == 3
+    assert rec.chunks == {0: "[1,2]", 1: "[3]", 2: "[4]"}
+
+
+def test_sqlite_journal_upgrades_schema_1_in_place(tmp_path):
+    """A journal written before streamed inputs existed opens, keeps its jobs, and is upgraded."""
+    path = str(tmp_path / "old.sqlite")
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        """
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE jobs (
+            id TEXT PRIMARY KEY, seq INTEGER NOT NULL, task TEXT NOT NULL, input TEXT NOT NULL,
+            chunks INTEGER NOT NULL, options TEXT NOT NULL, key TEXT, submitted REAL NOT NULL,
+            state TEXT, result TEXT, error TEXT, total INTEGER, finished REAL);
+        CREATE TABLE results (
+            job TEXT NOT NULL, idx INTEGER NOT NULL, result TEXT NOT NULL,
+            PRIMARY KEY (job, idx)) WITHOUT ROWID;
+        INSERT INTO meta VALUES ('schema', '1');
+        INSERT INTO jobs (id, seq, task, input, chunks, options, key, submitted)
+            VALUES ('j4', 4, 'sum', '[1,2]', 2, '{"attempts":3}', NULL, 1.0);
+        """
+    )
+    conn.commit()
+    conn.close()
+    j = SqliteJournal(path, Clock())
+    (rec,) = j.load().jobs
+    assert rec.accepted.input_json == "[1,2]" and not rec.accepted.streamed
+    assert j._conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("2",)
+    j._conn.close()
