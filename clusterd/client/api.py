@@ -11,20 +11,23 @@ as :mod:`clusterd.client.errors` exceptions.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from clusterd import PROTOCOL_VERSION
-from clusterd.client.errors import ClusterError, raise_for
+from clusterd.client.errors import ClusterError, InputUnreadable, raise_for
+from clusterd.client.pieces import stream_lines
 from clusterd.core.auth import proof
 from clusterd.core.framing import LineFramer, LineTooLong
-from clusterd.core.wire import Reply, WireError, dumps, parse_greeting, parse_json, parse_reply
+from clusterd.core.wire import Reply, ReplyReader, WireError, dumps, parse_greeting, parse_json
 from clusterd.endpoints import no_delay
 
 __all__ = ["ClientProtocol", "Client", "connect", "job_line", "auth_line"]
@@ -57,6 +60,9 @@ class ClientProtocol(Protocol):
         self.greeted: Deferred[dict[str, Any]] = Deferred()
         self.server_info: dict[str, Any] | None = None
         self.closed = False
+        self.replies = ReplyReader()
+        self._writer: _LineWriter | None = None  # a streamed request being written
+        self._queued: deque[Iterator[bytes]] = deque()  # requests waiting for it
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
@@ -83,10 +89,12 @@ class ClientProtocol(Protocol):
             self.greeted.callback(info)
             return
         try:
-            reply = parse_reply(text)
+            reply = self.replies.feed(text)
         except WireError as e:
             self.transport.loseConnection()
             self._fail_all(ClusterError(str(e)))
+            return
+        if reply is None:
             return
         if not self.pending:
             return
@@ -99,13 +107,47 @@ class ClientProtocol(Protocol):
         head.d.callback(reply)
 
     def request(self, line: str, on_progress: ProgressFn | None = None) -> Deferred[Reply]:
+        return self.request_lines(iter([line.encode("utf-8") + b"\n"]), on_progress)
+
+    def request_lines(
+        self, lines: Iterator[bytes], on_progress: ProgressFn | None = None
+    ) -> Deferred[Reply]:
+        """Send one request made of several lines (a streamed input). Lines are written as the
+        connection drains, so a 200 MB input never sits whole in the write buffer, and no other
+        request is interleaved with them."""
         d: Deferred[Reply] = Deferred()
         if self.closed:
             d.errback(ClusterError("the connection to the server is closed"))
             return d
         self.pending.append(_Pending(d, on_progress))
-        self.transport.write(line.encode("utf-8") + b"\n")
+        self._queued.append(lines)
+        if self._writer is None:
+            self._next_writer()
         return d
+
+    def _next_writer(self) -> None:
+        while self._queued and self._writer is None and not self.closed:
+            lines = self._queued.popleft()
+            first = next(lines, None)
+            if first is not None:
+                self.transport.write(first)
+            try:
+                nxt = next(lines, None)
+            except Exception as e:  # the input could not be read
+                self._writer_done(e)
+                return
+            if nxt is None:
+                continue  # a one-line request: written
+            self._writer = _LineWriter(self, lines, nxt)
+            self._writer.start()
+
+    def _writer_done(self, error: Exception | None) -> None:
+        self._writer = None
+        if error is not None:
+            self.transport.loseConnection()
+            self._fail_all(InputUnreadable(f"cannot read the input to stream: {error}"))
+            return
+        self._next_writer()
 
     def _fail_all(self, exc: Exception) -> None:
         pending, self.pending = self.pending, deque()
@@ -118,6 +160,56 @@ class ClientProtocol(Protocol):
         if not self.greeted.called:
             self.greeted.errback(ClusterError(f"connection closed: {reason.getErrorMessage()}"))
         self._fail_all(ClusterError(f"connection to the server lost: {reason.getErrorMessage()}"))
+
+
+@implementer(IPushProducer)
+class _LineWriter:
+    """Writes an iterator of lines while the transport's buffer has room (push producer)."""
+
+    def __init__(self, proto: ClientProtocol, lines: Iterator[bytes], first: bytes) -> None:
+        self.proto = proto
+        self.lines = lines
+        self.next: bytes | None = first
+        self.paused = False
+        self.running = False
+
+    def start(self) -> None:
+        self.proto.transport.registerProducer(self, True)
+        self._write()
+
+    def _write(self) -> None:
+        if self.running:
+            return
+        self.running = True
+        try:
+            while not self.paused and self.next is not None and not self.proto.closed:
+                line, self.next = self.next, None
+                self.proto.transport.write(line)
+                self.next = next(self.lines, None)
+        except Exception as e:  # the input could not be read (bad UTF-8, bad JSON, I/O)
+            self._stop(e)
+            return
+        finally:
+            self.running = False
+        if self.next is None:
+            self._stop(None)
+
+    def _stop(self, error: Exception | None) -> None:
+        if self.proto.transport is not None:
+            self.proto.transport.unregisterProducer()
+        self.next = None
+        self.proto._writer_done(error)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self.next is not None:
+            self._write()
+
+    def stopProducing(self) -> None:
+        self.next = None
 
 
 def _ok_json(reply: Reply) -> Any:
@@ -154,6 +246,35 @@ class Client:
         """Submit a job and fire with its result (JobFailed / JobCancelled on failure)."""
         line = job_line("RUN", task, value, chunks, **options)
         return self._call(line).addCallback(lambda r: r.value)
+
+    def submit_stream(
+        self, task: str, pieces: Iterable[Any], chunks: int | None = None, **options: Any
+    ) -> Deferred[str]:
+        """Submit a job whose input is streamed: ``pieces`` yields JSON arrays (or strings, for
+        text tasks) whose concatenation is the input, read lazily as the connection drains.
+        Option ``size``: the input's length (items or characters), so ``chunks`` sub-tasks come
+        out equal. Fires with the job id once the whole input is durably recorded."""
+        lines = stream_lines(
+            "SUBMIT", task, pieces, {"chunks": chunks, **options}, dumps, self._max_line()
+        )
+        return (
+            self.protocol.request_lines(lines).addCallback(raise_for).addCallback(lambda r: r.text)
+        )
+
+    def run_stream(
+        self, task: str, pieces: Iterable[Any], chunks: int | None = None, **options: Any
+    ) -> Deferred[Any]:
+        """:meth:`submit_stream`, then the job's result."""
+        lines = stream_lines(
+            "RUN", task, pieces, {"chunks": chunks, **options}, dumps, self._max_line()
+        )
+        return (
+            self.protocol.request_lines(lines).addCallback(raise_for).addCallback(lambda r: r.value)
+        )
+
+    def _max_line(self) -> int:
+        """The server's line limit, from its greeting."""
+        return int(self.server_info.get("max_line", 16 << 20))
 
     def wait(self, job: str) -> Deferred[Any]:
         return self._call(f"WAIT {job}").addCallback(lambda r: r.value)

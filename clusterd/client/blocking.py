@@ -14,13 +14,14 @@ from __future__ import annotations
 import os
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from clusterd import DEFAULT_PORT, PROTOCOL_VERSION
 from clusterd.client.api import auth_line, job_line
-from clusterd.client.errors import ClusterError, raise_for
-from clusterd.core.wire import Reply, WireError, parse_greeting, parse_json, parse_reply
+from clusterd.client.errors import ClusterError, InputUnreadable, raise_for
+from clusterd.client.pieces import stream_lines
+from clusterd.core.wire import Reply, ReplyReader, WireError, dumps, parse_greeting, parse_json
 
 __all__ = ["BlockingClient", "parse_address"]
 
@@ -81,6 +82,7 @@ class BlockingClient:
             self.sock.close()
             raise ClusterError(f"cannot connect to {address}: {e}") from e
         self.file = self.sock.makefile("rwb")
+        self.replies = ReplyReader()
         try:
             version, self.server_info = parse_greeting(self._readline())
         except WireError as e:
@@ -115,16 +117,30 @@ class BlockingClient:
 
     def request(self, line: str, on_progress: Callable[[str, dict], None] | None = None) -> Reply:
         """Send one request line and return its final reply (PROGRESS lines go to on_progress)."""
+        return self.request_lines(iter([line.encode("utf-8") + b"\n"]), on_progress)
+
+    def request_lines(
+        self, lines: Iterator[bytes], on_progress: Callable[[str, dict], None] | None = None
+    ) -> Reply:
+        """Send one request made of several lines (a streamed input) and return its final
+        reply. A refusal the server sends while the lines are still going out (a bad piece)
+        is read once they have all been sent."""
         try:
-            self.file.write(line.encode("utf-8") + b"\n")
+            for line in lines:
+                self.file.write(line)
             self.file.flush()
         except OSError as e:
             raise ClusterError(f"connection to the server failed: {e}") from e
+        except ValueError as e:  # the input could not be read: abandon the half-sent job
+            self.close()
+            raise InputUnreadable(f"cannot read the input to stream: {e}") from e
         while True:
             try:
-                reply = parse_reply(self._readline())
+                reply = self.replies.feed(self._readline())
             except WireError as e:
                 raise ClusterError(str(e)) from None
+            if reply is None:
+                continue
             if reply.final:
                 return raise_for(reply)
             if on_progress is not None:
@@ -142,6 +158,28 @@ class BlockingClient:
 
     def run(self, task: str, value: Any, chunks: int | None = None, **options: Any) -> Any:
         return self.request(job_line("RUN", task, value, chunks, **options)).value
+
+    def submit_stream(
+        self, task: str, pieces: Iterable[Any], chunks: int | None = None, **options: Any
+    ) -> str:
+        """Submit a job whose input is the concatenation of ``pieces`` (JSON arrays, or strings
+        for text tasks), sent as they are produced; returns its id."""
+        opts = {"chunks": chunks, **options}
+        return self.request_lines(
+            stream_lines("SUBMIT", task, pieces, opts, dumps, self._max_line())
+        ).text
+
+    def run_stream(
+        self, task: str, pieces: Iterable[Any], chunks: int | None = None, **options: Any
+    ) -> Any:
+        opts = {"chunks": chunks, **options}
+        return self.request_lines(
+            stream_lines("RUN", task, pieces, opts, dumps, self._max_line())
+        ).value
+
+    def _max_line(self) -> int:
+        """The server's line limit, from its greeting."""
+        return int(self.server_info.get("max_line", 16 << 20))
 
     def wait(self, job: str) -> Any:
         return self.request(f"WAIT {job}").value

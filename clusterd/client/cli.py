@@ -7,6 +7,7 @@ reached or the connection broke; 4 the server refused the request (``ERR``).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -14,7 +15,14 @@ import time
 from typing import Any
 
 from clusterd import DEFAULT_PORT, __version__
-from clusterd.client.errors import ClusterError, JobCancelled, JobFailed, RequestRefused
+from clusterd.client.errors import (
+    ClusterError,
+    InputUnreadable,
+    JobCancelled,
+    JobFailed,
+    RequestRefused,
+)
+from clusterd.client.pieces import PIECE_BYTES, json_array_pieces, text_pieces
 
 __all__ = ["main", "EXIT_OK", "EXIT_JOB_FAILED", "EXIT_USAGE", "EXIT_CONNECTION", "EXIT_REFUSED"]
 
@@ -121,7 +129,9 @@ def _read_input(args: argparse.Namespace, text_task: bool) -> Any:
             raise UsageError("no input: give it as JSON, with --file PATH, or on stdin")
         args.file = "-"
     if args.file == "-":
-        data = sys.stdin.buffer.read()
+        data = getattr(args, "stdin_data", None)
+        if data is None:
+            data = sys.stdin.buffer.read()
     else:
         try:
             with open(args.file, "rb") as fh:
@@ -142,6 +152,61 @@ def _read_input(args: argparse.Namespace, text_task: bool) -> Any:
 
 class UsageError(Exception):
     pass
+
+
+class _Prefixed:
+    """A byte stream whose first bytes were already read (to see whether it is small)."""
+
+    def __init__(self, head: bytes, rest: Any) -> None:
+        self.head, self.rest = head, rest
+
+    def read(self, n: int) -> bytes:
+        if self.head:
+            out, self.head = self.head[:n], self.head[n:]
+            return out
+        return self.rest.read(n)
+
+
+STREAM_ABOVE = PIECE_BYTES  # inputs larger than this (and stdin) are streamed, when the task can
+
+
+def _open_stream(
+    args: argparse.Namespace, info: dict[str, Any], piece_bytes: int
+) -> tuple[Any, int | None] | None:
+    """Pieces of a ``--file``/stdin input to stream, and its size (items or characters), when
+    the task takes a streamed input and the input is big or of unknown size; else None. The
+    file is read as the pieces are sent, never whole."""
+    kind = info.get("stream")
+    if kind is None or args.input is not None:
+        return None
+    if args.file is None:
+        if sys.stdin.isatty():
+            raise UsageError("no input: give it as JSON, with --file PATH, or on stdin")
+        args.file = "-"
+    if args.file == "-":
+        head = sys.stdin.buffer.read(STREAM_ABOVE + 1)
+        if len(head) <= STREAM_ABOVE:
+            args.stdin_data = head  # small: sent on the request line, as before
+            return None
+        fh, nbytes = _Prefixed(head, sys.stdin.buffer), None
+    else:
+        try:
+            nbytes = os.path.getsize(args.file)
+            if nbytes <= STREAM_ABOVE:
+                return None
+            fh = open(args.file, "rb")  # noqa: SIM115 - closed when its pieces run out
+        except OSError as e:
+            raise UsageError(f"cannot read {args.file}: {e.strerror}") from None
+    if kind == "text":
+        return text_pieces(fh, piece_bytes), nbytes
+    pieces = json_array_pieces(fh, piece_bytes)
+    try:
+        first = next(pieces, [])
+    except ValueError as e:
+        raise UsageError(f"{args.file} is not a JSON array: {e}") from None
+    # Each piece is about piece_bytes of input: the first tells how many items the file holds.
+    size = None if nbytes is None else max(len(first), len(first) * nbytes // piece_bytes)
+    return itertools.chain([first], pieces), size
 
 
 def _print_json(value: Any, pretty: bool = True) -> None:
@@ -184,7 +249,7 @@ def _report(e: Exception) -> int:
     print(f"clusterd: {e}", file=sys.stderr)
     if isinstance(e, (JobFailed, JobCancelled)):
         return EXIT_JOB_FAILED
-    if isinstance(e, UsageError):
+    if isinstance(e, (UsageError, InputUnreadable)):
         return EXIT_USAGE
     return EXIT_CONNECTION
 
@@ -192,23 +257,24 @@ def _report(e: Exception) -> int:
 async def _command(client: Any, args: argparse.Namespace) -> int:
     cmd = args.command
     if cmd in ("run", "submit"):
-        text_task = False
+        info: dict[str, Any] = {}
         if args.input is None:
-            kinds = {t["name"]: t.get("input") for t in await client.tasks()}
-            if args.task not in kinds:
+            tasks = {t["name"]: t for t in await client.tasks()}
+            if args.task not in tasks:
                 raise RequestRefused("UNKNOWN_TASK", f"no task named {args.task!r}")
-            text_task = kinds[args.task] == "text"
-        value = _read_input(args, text_task)
+            info = tasks[args.task]
         if args.chunks is not None and args.chunks < 1:
             raise UsageError("--chunks must be a positive integer")
-        job = await client.submit(
-            args.task,
-            value,
-            args.chunks,
-            timeout=args.timeout,
-            attempts=args.attempts,
-            key=args.key,
-        )
+        options = {"timeout": args.timeout, "attempts": args.attempts, "key": args.key}
+        # Pieces well within the server's line limit, even if escaping grows them 8-fold.
+        max_line = int(client.server_info.get("max_line", 16 << 20))
+        stream = _open_stream(args, info, max(1024, min(PIECE_BYTES, max_line // 8)))
+        if stream is not None:
+            pieces, size = stream
+            job = await client.submit_stream(args.task, pieces, args.chunks, size=size, **options)
+        else:
+            value = _read_input(args, info.get("input") == "text")
+            job = await client.submit(args.task, value, args.chunks, **options)
         if cmd == "submit":
             print(job)
             return EXIT_OK

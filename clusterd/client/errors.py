@@ -6,7 +6,14 @@ from typing import Any
 
 from clusterd.core.wire import Reply
 
-__all__ = ["ClusterError", "RequestRefused", "JobFailed", "JobCancelled", "raise_for"]
+__all__ = [
+    "ClusterError",
+    "RequestRefused",
+    "JobFailed",
+    "JobCancelled",
+    "InputUnreadable",
+    "raise_for",
+]
 
 
 class ClusterError(Exception):
@@ -31,6 +38,11 @@ class JobFailed(ClusterError):
         self.job = job
         self.code = code
         self.error = error
+
+
+class InputUnreadable(ClusterError):
+    """The input being streamed could not be read (bad UTF-8 or JSON, an I/O error). The
+    connection is closed, so the server drops the half-sent job (UPLOAD_INCOMPLETE)."""
 
 
 class JobCancelled(ClusterError):

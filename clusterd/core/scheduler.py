@@ -52,6 +52,21 @@ __all__ = [
     "WorkerHandle",
 ]
 
+# A job this big has its combine offloaded (Scheduler.offload): its sub-task count, or its
+# input's size in characters.
+OFFLOAD_SUBTASKS = 32
+OFFLOAD_BYTES = 1 << 20
+
+Offload = Callable[..., Deferred[Any]]
+
+
+def combine_and_encode(combine: Callable[[list[Any]], Any], results: list[Any]) -> tuple[Any, str]:
+    """A task's combine and the encoding of its answer: the part of ending a job that can take
+    long, and touches nothing shared, so it may run on another thread."""
+    result = combine(results)
+    return result, dumps(result)
+
+
 DEFAULT_CHUNKS_PER_SLOT = 4
 DEFAULT_CHUNKS_NO_WORKERS = 16
 MAX_DEFAULT_CHUNKS = 256
@@ -176,10 +191,14 @@ class Scheduler:
         clock: IReactorTime,
         journal: Journal | None = None,
         config: SchedulerConfig | None = None,
+        offload: Offload | None = None,
         **overrides: Any,
     ) -> None:
         self.registry = registry
         self.clock = clock
+        # Runs long pure work (a big job's combine) off the caller's thread; the server passes
+        # deferToThread. None: run it inline, as the deterministic tests want.
+        self.offload = offload
         self.journal: Journal = journal if journal is not None else NullJournal()
         self.config = config or SchedulerConfig()
         for k, v in overrides.items():
@@ -235,11 +254,13 @@ class Scheduler:
         options: dict[str, Any] | None = None,
         input_json: str | None = None,
         owner: object | None = None,
+        pieces: list[Any] | None = None,
     ) -> Job:
         """Split and enqueue a job; raises WireError for an unknown task, a bad input, or a
         full queue. With a ``key`` option, a job already submitted under that key is returned
         instead (idempotent submit). The job is dispatched at once; its id may be shown to the
-        client once ``job.when_durable()`` fires."""
+        client once ``job.when_durable()`` fires. ``pieces``: the input already split by
+        :meth:`prepare` (on another thread, for a big input)."""
         options = options or {}
         existing = self._keyed(options.get("key"), task_name)
         if existing is not None:
@@ -253,7 +274,8 @@ class Scheduler:
                 f"{chunks} chunks asked; this server allows at most "
                 f"{self.config.max_subtasks} per job.",
             )
-        pieces = self._split(task_name, value, chunks)
+        if pieces is None:
+            pieces = self._split(task_name, value, chunks)
         self._check_queue(len(pieces))
         if input_json is None:
             input_json = dumps(value)
@@ -317,6 +339,8 @@ class Scheduler:
             streamed=True,
         )
         self.journal.append(record).addErrback(self._not_durable, job)
+        if chunks is None:
+            chunks = self._default_chunks(task_name)
         target = chunk_target(task.stream, options.get("size"), chunks)
         return job, Upload(self, job, task, Cutter(task.stream, target))
 
@@ -450,6 +474,20 @@ class Scheduler:
                 durable=False,
             )
         job.mark_durable()
+
+    def prepare(self, task_name: str, value: Any, chunks: int | None) -> list[Any] | None:
+        """The slow, pure part of :meth:`submit`: split a (big) input. Safe on another thread:
+        it reads only the registry and the limits. None when submit will refuse the job
+        anyway (unknown task, too many chunks), so no time is spent splitting it."""
+        if task_name not in self.registry:
+            return None
+        if chunks is None or chunks > self.config.max_subtasks:
+            return None
+        return self._split(task_name, value, chunks)
+
+    def default_chunks(self, task_name: str) -> int:
+        """The chunk count a job of this task gets when it names none (depends on workers)."""
+        return self._default_chunks(task_name)
 
     def _split(self, task_name: str, value: Any, chunks: int) -> list[Any]:
         task = self.registry.get(task_name)
@@ -972,35 +1010,57 @@ class Scheduler:
     # -- endings -------------------------------------------------------------------------------
 
     def _combine(self, job: Job) -> None:
+        """Combine a job's results into its answer. A big job's combine (many sub-tasks, or a
+        big input) runs through ``offload``, off the reactor thread, so PING and every other
+        job stay responsive while, say, 64 sorted runs of a 200 MB input are merged."""
         task = self.registry.get(job.task)
         assert task is not None
+        results = job.ordered_results()
+        if self.offload is not None and (
+            job.total >= OFFLOAD_SUBTASKS or job.input_size >= OFFLOAD_BYTES
+        ):
+            d = self.offload(combine_and_encode, task.combine, results)
+            d.addCallbacks(
+                self._combined, self._combine_failed, callbackArgs=(job,), errbackArgs=(job,)
+            )
+            return
         try:
-            result = task.combine(job.ordered_results())
-            encoded = dumps(result)
-            if len(encoded) > self.config.max_result_bytes:
-                self._end(
-                    job,
-                    JobState.FAILED,
-                    error={
-                        "code": ErrorCode.RESULT_TOO_LARGE,
-                        "type": "ResultTooLarge",
-                        "message": f"the result encodes to {len(encoded)} characters; "
-                        f"the server allows {self.config.max_result_bytes}",
-                    },
-                )
-                return
-        except Exception as e:
+            answer = combine_and_encode(task.combine, results)
+        except Exception:
+            self._combine_failed(Failure(), job)
+            return
+        self._combined(answer, job)
+
+    def _combined(self, answer: tuple[Any, str], job: Job) -> None:
+        if job.is_final:  # cancelled while its combine ran elsewhere
+            return
+        result, encoded = answer
+        if len(encoded) > self.config.max_result_bytes:
             self._end(
                 job,
                 JobState.FAILED,
                 error={
-                    "code": ErrorCode.COMBINE_ERROR,
-                    "type": type(e).__name__,
-                    "message": str(e),
+                    "code": ErrorCode.RESULT_TOO_LARGE,
+                    "type": "ResultTooLarge",
+                    "message": f"the result encodes to {len(encoded)} characters; "
+                    f"the server allows {self.config.max_result_bytes}",
                 },
             )
             return
         self._end(job, JobState.DONE, result=result, encoded=encoded)
+
+    def _combine_failed(self, failure: Failure, job: Job) -> None:
+        if job.is_final:
+            return
+        self._end(
+            job,
+            JobState.FAILED,
+            error={
+                "code": ErrorCode.COMBINE_ERROR,
+                "type": failure.type.__name__,
+                "message": failure.getErrorMessage(),
+            },
+        )
 
     def _end(
         self,

@@ -38,19 +38,24 @@ END = "."  # the line that ends a stream
 KINDS = {"list": list, "text": str}  # Task.stream -> the JSON type of its pieces
 DEFAULT_TEXT_CHUNK = 1 << 20  # characters per sub-task when the client gives no size
 DEFAULT_LIST_CHUNK = 10_000  # items per sub-task when the client gives no size
+# Never more per sub-task than this, whatever size/chunks say: a sub-task's DO line must stay
+# well within a worker's line limit (16 MiB by default), even for 4-byte UTF-8 or escapes.
+MAX_TEXT_CHUNK = 2 << 20
+MAX_LIST_CHUNK = 200_000
 
 _SPACE = re.compile(r"\s")
 
 
-def chunk_target(kind: str, size: int | None, chunks: int | None) -> int:
+def chunk_target(kind: str, size: int | None, chunks: int) -> int:
     """Items (or characters) per sub-task. With the input's ``size`` announced, ``chunks``
     sub-tasks of equal size; without it the server cannot know how many pieces will come, so a
-    fixed sub-task size gives the job as many sub-tasks as its input needs."""
-    if size is not None and chunks is not None:
-        return max(1, math.ceil(size / chunks))
+    fixed sub-task size gives the job as many sub-tasks as its input needs. Capped so that no
+    sub-task outgrows a worker's line."""
     if size is not None:
-        return max(1, math.ceil(size / 64))
-    return DEFAULT_TEXT_CHUNK if kind == "text" else DEFAULT_LIST_CHUNK
+        target = math.ceil(size / max(1, chunks))
+    else:
+        target = DEFAULT_TEXT_CHUNK if kind == "text" else DEFAULT_LIST_CHUNK
+    return max(1, min(target, MAX_TEXT_CHUNK if kind == "text" else MAX_LIST_CHUNK))
 
 
 class Cutter:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clusterd import PROTOCOL_VERSION, __version__
+from clusterd.core.streaming import END, PIECE, STREAM_MARK, Joiner
 
 __all__ = [
     "ErrorCode",
@@ -32,6 +33,7 @@ __all__ = [
     "JOB_OPTIONS",
     "Reply",
     "parse_reply",
+    "ReplyReader",
 ]
 
 
@@ -105,7 +107,6 @@ WORKER_VERBS: dict[str, str] = {
 }
 
 JOB_OPTIONS = {"chunks", "timeout", "attempts", "key", "size"}
-STREAM_MARK = "@"  # in place of the input: it follows as piece lines (core/streaming.py)
 MAX_ATTEMPTS = 100
 MAX_KEY_LENGTH = 200
 
@@ -366,3 +367,33 @@ def parse_reply(line: str) -> Reply:
     if kind == "CANCELLED":
         return Reply("CANCELLED", job=rest.strip())
     raise WireError(ErrorCode.BAD_REQUEST, f"unexpected reply from server: {line[:80]!r}")
+
+
+class ReplyReader:
+    """Turns reply lines into :class:`Reply` objects, reassembling a streamed answer
+    (``RESULT <job> @``, ``+<piece>`` lines, ``.``) into one RESULT. ``feed`` returns None
+    while a streamed answer is still arriving."""
+
+    def __init__(self) -> None:
+        self._job: str | None = None
+        self._joiner: Joiner | None = None
+
+    def feed(self, line: str) -> Reply | None:
+        if self._joiner is not None:
+            if line == END:
+                value, job = self._joiner.value(), self._job
+                self._joiner = self._job = None
+                return Reply("RESULT", job=job, value=value)
+            if not line.startswith(PIECE):
+                raise WireError(ErrorCode.BAD_REQUEST, f"expected a piece line, got {line[:80]!r}")
+            try:
+                self._joiner.add(parse_json(line[1:], "a RESULT piece", 100_000))
+            except ValueError as e:
+                raise WireError(ErrorCode.BAD_REQUEST, str(e)) from None
+            return None
+        kind, _, rest = line.partition(" ")
+        job, _, payload = rest.partition(" ")
+        if kind == "RESULT" and payload.strip() == STREAM_MARK:
+            self._job, self._joiner = job, Joiner()
+            return None
+        return parse_reply(line)

@@ -8,6 +8,7 @@ even when a ``RUN`` ahead of a ``PING`` takes minutes.
 
 from __future__ import annotations
 
+import json
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from clusterd.core.scheduler import (
     WorkerHandle,
     WorkerLost,
 )
+from clusterd.core.streaming import END, STREAM_MARK, split_for_lines
 from clusterd.core.wire import (
     CLIENT_VERBS,
     DEFAULT_MAX_JSON_DEPTH,
@@ -58,12 +60,36 @@ from clusterd.server.streams import InputStream
 __all__ = ["ServerProtocol", "ServerFactory", "final_reply"]
 
 MAX_WORKER_SLOTS = 4096
+OFFLOAD_LINE = 1 << 20  # RUN/SUBMIT lines longer than this are parsed and split on a thread
 
 
 def final_reply(job: Job) -> str:
     """The line that ends a RUN, WAIT or WATCH: RESULT, FAILED or CANCELLED."""
     if job.state == JobState.DONE:
         return f"RESULT {job.id} {job.result_json}"
+    return _not_done_reply(job)
+
+
+def final_lines(job: Job, max_line: int) -> list[str]:
+    """:func:`final_reply`, except that an answer too long for one line is streamed:
+    ``RESULT <job> @``, then ``+<piece>`` lines, each within ``max_line`` bytes, then ``.``
+    (docs/PROTOCOL.md, "Streamed values")."""
+    line = final_reply(job)
+    if len(line) <= max_line // 4 or len(line.encode("utf-8", "backslashreplace")) <= max_line:
+        return [line]
+    encoded = job.result_json or "null"
+    value = job.result if job.result is not None else json.loads(encoded)
+    limit = max_line - 1 if encoded.isascii() else (max_line - 1) // 4
+    pieces = split_for_lines(value, encoded, limit, dumps)
+    if pieces is None:
+        return [line]  # a single huge string element: nothing smaller to send
+    try:
+        return [f"RESULT {job.id} {STREAM_MARK}", *("+" + p for p in pieces), END]
+    except ValueError:
+        return [line]
+
+
+def _not_done_reply(job: Job) -> str:
     if job.state == JobState.CANCELLED:
         return f"CANCELLED {job.id}"
     err = dict(job.error or {})
@@ -131,7 +157,10 @@ class ServerProtocol(Protocol):
         self.auth_timer: Any = None
         self.counted = False
         self.stream: InputStream | None = None  # a RUN/SUBMIT whose input is arriving
-        self.held = False  # reading paused by a stream's flow control
+        self.held = False  # reading paused by a stream's flow control or a big parse
+        self._backlog: deque[bytes | LineTooLong] = deque()  # framed, not yet handled
+        self._draining = False
+        self.gone = False  # connectionLost has run
 
     # -- connection ----------------------------------------------------------------------------
 
@@ -199,11 +228,16 @@ class ServerProtocol(Protocol):
                 self.transport.resumeProducing()
 
     def _hold(self, hold: bool) -> None:
-        """A stream's flow control: stop (or start again) reading this connection."""
+        """Stop (or start again) reading this connection: a stream's flow control, or a big
+        request being parsed on another thread."""
+        if hold == self.held:
+            return
         self.held = hold
         if hold:
             self.transport.pauseProducing()
-        elif not self.paused:
+            return
+        self._drain()
+        if not self.held and not self.paused and self.transport is not None:
             self.transport.resumeProducing()
 
     def stopProducing(self) -> None:
@@ -212,10 +246,24 @@ class ServerProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.heartbeat is not None:
             self.heartbeat.touch()
-        for event in self.framer.feed(data):
-            if self.quitting:
-                return
-            self._handle(event)
+        self._backlog.extend(self.framer.feed(data))
+        self._drain()
+
+    def _drain(self) -> None:
+        """Handle framed lines in order until none is left or reading is held (a stream's
+        flow control, a big request being parsed off the reactor): a held connection's lines
+        wait here, so requests are still handled strictly in the order they were sent."""
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            while self._backlog and not self.held:
+                if self.quitting:
+                    self._backlog.clear()
+                    return
+                self._handle(self._backlog.popleft())
+        finally:
+            self._draining = False
 
     def readConnectionLost(self) -> None:
         """The peer closed its sending side (``nc -N``, a script at end of input): answer what
@@ -234,6 +282,8 @@ class ServerProtocol(Protocol):
         self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:
+        self.gone = True
+        self._backlog.clear()
         if self.auth_timer is not None and self.auth_timer.active():
             self.auth_timer.cancel()
         if self.counted:
@@ -280,6 +330,11 @@ class ServerProtocol(Protocol):
                 head.lines.clear()
         if self.quitting and not self.slots:
             self.transport.loseConnection()
+
+    def _finish_lines(self, slot: _Slot, lines: list[str]) -> None:
+        for line in lines[:-1]:
+            self._emit(slot, line)
+        self._finish(slot, lines[-1])
 
     def _reply(self, line: str) -> None:
         slot = _Slot()
@@ -413,7 +468,6 @@ class ServerProtocol(Protocol):
         self._reply("OK BYE")
 
     def _submit(self, rest: str, verb: str) -> None:
-        req = parse_job_request(rest, verb, self.settings.max_json_depth)
         self.open_jobs = {j for j in self.open_jobs if not j.is_final}
         if len(self.open_jobs) >= self.settings.max_client_jobs:
             raise WireError(
@@ -421,15 +475,60 @@ class ServerProtocol(Protocol):
                 f"this connection has {len(self.open_jobs)} unfinished jobs, the most allowed; "
                 "wait for some to end.",
             )
+        if len(rest) > OFFLOAD_LINE and self.core.offload is not None:
+            self._submit_offloaded(rest, verb)
+            return
+        req = parse_job_request(rest, verb, self.settings.max_json_depth)
         if req.streamed:
             self._open_stream(req.task, req.options, verb)
             return
+        self._accept(_Slot(), req, verb, None)
+
+    def _accept(self, slot: _Slot, req: Any, verb: str, pieces: list[Any] | None) -> None:
         job = self.core.submit(
-            req.task, req.input, req.chunks, req.options, req.input_json, owner=self
+            req.task, req.input, req.chunks, req.options, req.input_json, self, pieces
         )
         if not job.is_final:
             self.open_jobs.add(job)
-        self._answer_job(_Slot(), job, verb)
+        self._answer_job(slot, job, verb)
+
+    def _submit_offloaded(self, rest: str, verb: str) -> None:
+        """A request line over OFFLOAD_LINE bytes (up to --max-line, 16 MiB) is parsed and split
+        on a thread: tens of milliseconds of JSON work must not stall every other connection.
+        This connection reads nothing more meanwhile, so its requests keep their order."""
+        slot = _Slot()
+        self.slots.append(slot)
+        task = rest.split(None, 1)[0]
+        chunks = self.core.default_chunks(task)
+        depth = self.settings.max_json_depth
+
+        def prepare() -> tuple[Any, list[Any] | None]:
+            req = parse_job_request(rest, verb, depth)
+            return req, self.core.prepare(req.task, req.input, req.chunks or chunks)
+
+        def parsed(out: tuple[Any, list[Any] | None]) -> None:
+            req, pieces = out
+            if req.streamed:  # "RUN task @ <a megabyte of options>"
+                message = "a streamed request's options must be short; send the input as pieces."
+                self._finish(slot, format_error(ErrorCode.BAD_REQUEST, message))
+            else:
+                self._accept(slot, req, verb, pieces)
+
+        def refused(failure: Failure) -> None:
+            e = failure.value
+            if isinstance(e, WireError):
+                self._finish(slot, format_error(e.code, e.message))
+            else:
+                self.log.failure("parsing a request failed", failure)
+                self._finish(slot, format_error(ErrorCode.BAD_REQUEST, "cannot parse it."))
+
+        def settle(_: Any) -> None:
+            if not self.gone:
+                self._hold(False)
+
+        self._hold(True)
+        d = self.core.offload(prepare)
+        d.addCallback(parsed).addErrback(refused).addBoth(settle)
 
     def _answer_job(self, slot: _Slot, job: Job, verb: str) -> None:
         """SUBMIT: the id, once the job is durably recorded. RUN: the job's final line."""
@@ -537,7 +636,7 @@ class ServerProtocol(Protocol):
             d.cancel()
 
         slot.cleanup = cleanup
-        d.addCallback(lambda j: self._finish(slot, final_reply(j)))
+        d.addCallback(lambda j: self._finish_lines(slot, final_lines(j, self.max_line)))
         d.addErrback(_ignore_cancel)
 
     # -- worker role ---------------------------------------------------------------------------

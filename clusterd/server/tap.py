@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -163,6 +164,13 @@ class Options(usage.Options):
             _positive_int,
         ],
         [
+            "max-input-bytes",
+            None,
+            1 << 30,
+            "Largest streamed job input, in bytes of piece lines; more is INPUT_TOO_LARGE.",
+            _positive_int,
+        ],
+        [
             "prefetch",
             None,
             32,
@@ -247,6 +255,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor  # noqa: PLC0415 - only when twistd runs us
 
+    from twisted.internet.threads import deferToThreadPool
+
     from clusterd.core.journal import JournalError
     from clusterd.core.scheduler import Scheduler, SchedulerConfig
     from clusterd.endpoints import listening_service
@@ -264,6 +274,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         speculate=bool(options["speculate"]),
         speculate_factor=options["speculate-factor"],
         max_result_bytes=options["max-result-bytes"],
+        max_input_bytes=options["max-input-bytes"],
         prefetch=options["prefetch"],
     )
     try:
@@ -272,6 +283,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             reactor,
             open_journal(options["journal"], reactor, options["journal-sync"]),
             config,
+            offload=partial(deferToThreadPool, reactor, reactor.getThreadPool()),
         )
         core.recover()
     except JournalError as e:

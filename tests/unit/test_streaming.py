@@ -3,6 +3,7 @@ journal records a streamed job writes (in memory and in SQLite, including the sc
 
 from __future__ import annotations
 
+import io
 import json
 import sqlite3
 
@@ -11,9 +12,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
+from clusterd.client.pieces import json_array_pieces, stream_lines, text_pieces
+from clusterd.core.jobs import Job
 from clusterd.core.journal import ChunksAdded, JobAccepted, JobSealed, MemoryJournal
 from clusterd.core.streaming import Cutter, Joiner, chunk_target, split_for_lines
-from clusterd.core.wire import dumps
+from clusterd.core.wire import ReplyReader, dumps
+from clusterd.server.protocol import final_lines
 from clusterd.server.sqlite_journal import SqliteJournal
 
 
@@ -54,11 +58,15 @@ def test_piece_of_wrong_kind_is_refused():
 
 
 def test_chunk_target():
+    """size/chunks when the size is known, a fixed size when not, and never past the caps that
+    keep a sub-task's DO line within a worker's line limit."""
     assert chunk_target("list", 100, 7) == 15
-    assert chunk_target("text", 640, None) == 10
+    assert chunk_target("text", 640, 64) == 10
     assert chunk_target("text", None, 4) == 1 << 20
-    assert chunk_target("list", None, None) == 10_000
+    assert chunk_target("list", None, 8) == 10_000
     assert chunk_target("list", 0, 5) == 1
+    assert chunk_target("text", 200_000_000, 8) == 2 << 20
+    assert chunk_target("list", 10**9, 8) == 200_000
 
 
 @given(
@@ -149,3 +157,82 @@ def test_sqlite_journal_upgrades_schema_1_in_place(tmp_path):
     assert rec.accepted.input_json == "[1,2]" and not rec.accepted.streamed
     assert j._conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("2",)
     j._conn.close()
+
+
+# -- the client's side: reading pieces, writing streamed requests, reading streamed answers -----
+
+
+@given(st.text(max_size=200), st.integers(1, 17))
+def test_text_pieces_decode_utf8_across_block_edges(text, block):
+    """Multi-byte characters split between two blocks come out whole."""
+    pieces = list(text_pieces(io.BytesIO(text.encode("utf-8")), block))
+    assert "".join(pieces) == text
+
+
+def test_text_pieces_refuse_bad_utf8():
+    with pytest.raises(UnicodeDecodeError):
+        list(text_pieces(io.BytesIO(b"ok \xff"), 2))
+
+
+@given(
+    st.lists(
+        st.one_of(st.integers(), st.text(max_size=8), st.lists(st.integers(), max_size=3)),
+        max_size=40,
+    ),
+    st.integers(1, 23),
+    st.sampled_from(["", " ", "\n  "]),
+)
+def test_json_array_pieces_walk_the_array_lazily(items, block, space):
+    """Slices of the array come out in order, whatever the block size and spacing; a number
+    cut by a block edge (12|34) is read whole."""
+    text = "[" + space + ("," + space).join(json.dumps(x) for x in items) + space + "]" + space
+    pieces = list(json_array_pieces(io.BytesIO(text.encode()), block))
+    assert [x for p in pieces for x in p] == items
+    assert all(pieces)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"a":1}', "not a JSON array"),
+        ("[1,2", "not closed"),
+        ("[1 2]", "expected ','"),
+        ("[1,nope]", "not valid JSON"),
+        ("[1] x", "unexpected text"),
+        ("[NaN]", "not valid JSON"),
+    ],
+)
+def test_json_array_pieces_refuse_what_is_not_one_array(text, message):
+    with pytest.raises(ValueError, match=message):
+        list(json_array_pieces(io.BytesIO(text.encode()), 4))
+
+
+def test_stream_lines():
+    lines = list(stream_lines("RUN", "sum", iter([[1], [2, 3]]), {"chunks": 2, "key": None}, dumps))
+    assert lines == [b'RUN sum @ {"chunks":2}\n', b"+[1]\n", b"+[2,3]\n", b".\n"]
+
+
+def test_reply_reader_joins_a_streamed_result():
+    r = ReplyReader()
+    assert r.feed("RESULT j4 @") is None
+    assert r.feed("+[1,2]") is None
+    assert r.feed("+[3]") is None
+    reply = r.feed(".")
+    assert (reply.kind, reply.job, reply.value) == ("RESULT", "j4", [1, 2, 3])
+    assert r.feed("OK PONG").text == "PONG"
+
+
+def test_final_lines_streams_an_answer_longer_than_a_line():
+    """An answer longer than the line limit goes out as RESULT @, pieces within the limit, '.';
+    a short one stays one line."""
+    job = Job("j1", "sort", [[0]], 0.0)
+    value = list(range(2000))
+    job.finish("done", 1.0, result=value)
+    job.result_json = dumps(value)
+    lines = final_lines(job, 1000)
+    assert lines[0] == "RESULT j1 @" and lines[-1] == "."
+    assert all(len(x.encode()) <= 1000 for x in lines)
+    r = ReplyReader()
+    replies = [r.feed(x) for x in lines]
+    assert replies[-1].value == value
+    assert final_lines(job, 100_000) == [f"RESULT j1 {job.result_json}"]

@@ -1,0 +1,134 @@
+"""Reading a big input as pieces to stream (docs/PROTOCOL.md, "Streamed values"), never whole.
+
+:func:`text_pieces` reads text in blocks and decodes UTF-8 incrementally, so a multi-byte
+character split between two blocks is never broken. :func:`json_array_pieces` walks a JSON
+array's elements one by one with the standard decoder's ``raw_decode``, so a 1 GB array of
+numbers costs the client one block of memory, not the whole list.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from collections.abc import Iterator
+from typing import IO, Any
+
+__all__ = ["text_pieces", "json_array_pieces", "stream_lines", "PIECE_BYTES"]
+
+PIECE_BYTES = 1 << 20  # about this many bytes of input per piece line
+
+_decoder = json.JSONDecoder(parse_constant=lambda name: _reject(name))
+
+
+def _reject(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def text_pieces(stream: IO[bytes], piece_bytes: int = PIECE_BYTES) -> Iterator[str]:
+    """Successive pieces of a UTF-8 byte stream. Raises UnicodeDecodeError on bad UTF-8."""
+    decode = codecs.getincrementaldecoder("utf-8")()
+    while True:
+        block = stream.read(piece_bytes)
+        text = decode.decode(block, final=not block)
+        if text:
+            yield text
+        if not block:
+            return
+
+
+def json_array_pieces(stream: IO[bytes], piece_bytes: int = PIECE_BYTES) -> Iterator[list[Any]]:
+    """Successive slices of the JSON array in a byte stream, each about ``piece_bytes`` of
+    input. Raises ValueError when the stream does not hold exactly one JSON array."""
+    text_blocks = text_pieces(stream, piece_bytes)
+    buf, pos, eof = "", 0, False
+
+    def more() -> bool:
+        nonlocal buf, pos, eof
+        block = next(text_blocks, None)
+        if block is None:
+            eof = True
+            return False
+        buf = buf[pos:] + block
+        pos = 0
+        return True
+
+    def skip_space() -> None:
+        nonlocal pos
+        while True:
+            while pos < len(buf) and buf[pos].isspace():
+                pos += 1
+            if pos < len(buf) or not more():
+                return
+
+    skip_space()
+    if pos >= len(buf) or buf[pos] != "[":
+        raise ValueError("the input is not a JSON array")
+    pos += 1
+    piece: list[Any] = []
+    used = 0
+    first = True
+    while True:
+        skip_space()
+        if pos >= len(buf):
+            raise ValueError("the JSON array is not closed")
+        if buf[pos] == "]":
+            pos += 1
+            break
+        if not first:
+            if buf[pos] != ",":
+                raise ValueError(f"expected ',' or ']' in the JSON array, found {buf[pos]!r}")
+            pos += 1
+            skip_space()
+        first = False
+        while True:
+            try:
+                value, end = _decoder.raw_decode(buf, pos)
+            except ValueError:
+                value, end = None, -1
+            # A value that reaches the end of the buffer may continue in the next block
+            # (a number such as 12|34), so it is decoded again with more text.
+            if (end == -1 or end == len(buf)) and not eof and more():
+                continue
+            if end == -1:
+                raise ValueError("the JSON array holds an element that is not valid JSON")
+            break
+        used += end - pos
+        pos = end
+        piece.append(value)
+        if used >= piece_bytes:
+            yield piece
+            piece, used = [], 0
+    skip_space()
+    if pos < len(buf):
+        raise ValueError("unexpected text after the JSON array")
+    if piece:
+        yield piece
+
+
+def stream_lines(
+    verb: str,
+    task: str,
+    pieces: Any,
+    options: dict[str, Any],
+    dumps: Any,
+    max_line: int = 16 << 20,
+) -> Iterator[bytes]:
+    """The lines of a streamed ``RUN``/``SUBMIT``: the request with ``@``, one ``+`` line per
+    piece, and the ``.`` line. A piece too long for the server's ``max_line`` is halved until
+    its halves fit, so callers may hand over pieces of any size."""
+    opts = {k: v for k, v in options.items() if v is not None}
+    head = f"{verb} {task} @" + (" " + dumps(opts) if opts else "")
+    yield head.encode("utf-8") + b"\n"
+    for piece in pieces:
+        yield from _piece_lines(piece, dumps, max_line - 1)
+    yield b".\n"
+
+
+def _piece_lines(piece: Any, dumps: Any, limit: int) -> Iterator[bytes]:
+    line = dumps(piece).encode("utf-8")
+    if len(line) <= limit or not isinstance(piece, (list, str)) or len(piece) < 2:
+        yield b"+" + line + b"\n"  # (a single element too long is the server's to refuse)
+        return
+    half = len(piece) // 2
+    yield from _piece_lines(piece[:half], dumps, limit)
+    yield from _piece_lines(piece[half:], dumps, limit)
