@@ -20,7 +20,7 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 
-WORKLOADS = ["W1", "W1b", "W2", "W3", "W4", "M1", "S1", "Scale"]
+WORKLOADS = ["W1", "W1b", "W2", "W3", "W4", "B1", "M1", "S1", "Scale"]
 SYSTEMS = ["clusterd", "clusterd-nojournal", "sequential", "multiprocessing", "ray", "dask"]
 BASELINES = ["sequential", "multiprocessing", "ray", "dask"]
 CLUSTERD_SYSTEMS = ["clusterd", "clusterd-nojournal"]
@@ -32,6 +32,7 @@ APPLIES = {
     "W2": SYSTEMS,
     "W3": SYSTEMS,
     "W4": SYSTEMS,
+    "B1": ["clusterd"],
     "M1": CLUSTERD_SYSTEMS,
     "S1": ["clusterd"],
     "Scale": ["clusterd"],
@@ -66,6 +67,7 @@ class Sizes:
     w4_bytes: int = 50_000_000
     w4_chunks: int = 100
     w4_vocab: int = 5_000
+    b1_bytes: int = 200_000_000  # B1: the W4 text repeated to this size, streamed
     m1_n: int = 100_000
     s1_workers: int = 1_000
     s1_w1_n: int = 20_000
@@ -90,6 +92,7 @@ SMOKE = Sizes(
     w4_bytes=300_000,
     w4_chunks=10,
     w4_vocab=500,
+    b1_bytes=1_200_000,  # over the CLI's 1 MiB streaming threshold
     m1_n=2_000,
     s1_workers=20,
     s1_w1_n=200,

@@ -58,6 +58,14 @@ METRICS: dict[str, list[tuple[str, str, str | None]]] = {
     "W2": [("speedup", "speedup x", "high"), ("elapsed_s", "elapsed s", "low")],
     "W3": [("p50_ms", "p50 ms", "low"), ("p90_ms", "p90 ms", "low"), ("p99_ms", "p99 ms", "low")],
     "W4": [("mb_per_s", "MB/s", "high"), ("elapsed_s", "elapsed s", "low")],
+    "B1": [
+        ("mb_per_s", "MB/s", "high"),
+        ("ping_p50_ms", "PING p50 ms", "low"),
+        ("ping_p99_ms", "PING p99 ms", "low"),
+        ("ping_max_ms", "PING max ms", "low"),
+        ("rss_peak_mb", "server peak RSS growth MB", "low"),
+        ("input_mb", "input MB", None),
+    ],
     "M1": [
         ("bytes_per_queued_subtask", "B/queued sub-task", "low"),
         ("rss_before_mib", "RSS before MiB", None),
@@ -81,6 +89,7 @@ TARGETS: dict[tuple[str, str], tuple[str, float]] = {
     ("W3", "p99_ms"): ("<=", 2.0),
     ("W4", "mb_per_s"): (">=", 55),
     ("M1", "bytes_per_queued_subtask"): ("<=", 300),
+    ("B1", "ping_p99_ms"): ("<=", 10),
     ("S1", "register_s"): ("<=", 5),
     ("S1", "ping_p99_ms"): ("<=", 10),
     ("S1", "kib_per_worker"): ("<=", 20),
@@ -341,8 +350,8 @@ class Bench:
             for w in workloads:
                 if w == "W2":
                     self.measure(w, name, lambda: system.w2(self.seq_w2_time))
-                elif w == "W4":
-                    self.measure(w, name, lambda: system.w4(self.text))
+                elif w in ("W4", "B1"):
+                    self.measure(w, name, lambda w=w: getattr(system, w.lower())(self.text))
                 elif w == "Scale":
                     self.run_scale(system)
                 else:

@@ -34,7 +34,6 @@ from clusterd.launch import LocalCluster, wait_for
 Metrics = list[tuple[str, float, str]]
 
 BENCH_TASKS = ["--tasks", "clusterd_bench_tasks"]
-W4_MAX_LINE = 134_217_728
 DEFAULT_MAX_SUBTASKS = 100_000  # the server's --max-subtasks default
 REQUEST_TIMEOUT = 900.0  # seconds any one reply may take (bounds every wait on a socket)
 
@@ -249,42 +248,40 @@ class ClusterdSystem:
 
             yield warm, once
 
+    def _wordcount_cli(self, cluster: LocalCluster, chunks: int | None) -> Callable:
+        """``clusterd run wordcount --file PATH`` as a user types it: a file over 1 MiB is
+        streamed in pieces (docs/PROTOCOL.md, "Streamed values")."""
+        cmd = [
+            clusterd_cli(),
+            "--server",
+            cluster.address,
+            "--secret-file",
+            str(self.client_secret_file),
+            "run",
+            "wordcount",
+            "--no-progress",
+            *(["--chunks", str(chunks)] if chunks else []),
+            "--file",
+        ]
+
+        def run_file(path: Path) -> tuple[Any, float]:
+            t0 = time.perf_counter()
+            out = subprocess.run([*cmd, str(path)], capture_output=True, timeout=REQUEST_TIMEOUT)
+            dt = time.perf_counter() - t0
+            if out.returncode != 0:
+                raise RuntimeError(
+                    f"clusterd run wordcount exited {out.returncode}: "
+                    f"{out.stderr.decode(errors='replace')[-1000:]}"
+                )
+            return json.loads(out.stdout), dt
+
+        return run_file
+
     @contextmanager
     def w4(self, text: Callable[[], TextInput]) -> Iterator[tuple[Callable, Callable]]:
-        chunks = self.sizes.w4_chunks
-        max_line = ["--max-line", str(W4_MAX_LINE)]
-        self.note(
-            f"W4 {self.name}: server and workers started with --max-line {W4_MAX_LINE} "
-            "(the 16 MiB default is smaller than the input line)"
-        )
-        with self.cluster("w4", server_extra=max_line, worker_extra=max_line) as cluster:
+        with self.cluster("w4") as cluster:
             data = text()
-            cmd = [
-                clusterd_cli(),
-                "--server",
-                cluster.address,
-                "--secret-file",
-                str(self.client_secret_file),
-                "run",
-                "wordcount",
-                "--no-progress",
-                "--chunks",
-                str(chunks),
-                "--file",
-            ]
-
-            def run_file(path: Path) -> tuple[Any, float]:
-                t0 = time.perf_counter()
-                out = subprocess.run(
-                    [*cmd, str(path)], capture_output=True, timeout=REQUEST_TIMEOUT
-                )
-                dt = time.perf_counter() - t0
-                if out.returncode != 0:
-                    raise RuntimeError(
-                        f"clusterd run wordcount exited {out.returncode}: "
-                        f"{out.stderr.decode(errors='replace')[-1000:]}"
-                    )
-                return json.loads(out.stdout), dt
+            run_file = self._wordcount_cli(cluster, self.sizes.w4_chunks)
 
             def warm() -> None:
                 small = cluster.workdir / "warm.txt"
@@ -295,6 +292,43 @@ class ClusterdSystem:
                 counts, dt = run_file(data.path)
                 check("W4 word counts", counts, data.answer)
                 return [("mb_per_s", data.mb / dt, "MB/s"), ("elapsed_s", dt, "s")]
+
+            yield warm, once
+
+    @contextmanager
+    def b1(self, text: Callable[[], TextInput]) -> Iterator[tuple[Callable, Callable]]:
+        """B1: a big input (200 MB: the W4 text repeated) streamed by ``clusterd run
+        wordcount --file``, with PING timed from another connection the whole time and the
+        server's peak memory read at the end."""
+        with self.cluster("b1") as cluster:
+            data = text()
+            repeats = max(1, -(-self.sizes.b1_bytes // data.path.stat().st_size))
+            path = cluster.workdir / "b1-text.txt"
+            with open(path, "wb") as out, open(data.path, "rb") as one:
+                block = one.read()
+                for _ in range(repeats):
+                    out.write(block)
+            answer = {w: n * repeats for w, n in data.answer.items()}
+            mb = path.stat().st_size / 1e6
+            run_file = self._wordcount_cli(cluster, None)
+            pid = cluster.server.pid
+            base = rss_bytes(pid)
+
+            def warm() -> None:
+                small = cluster.workdir / "warm.txt"
+                small.write_text("a b a c\n")
+                check("B1 warm-up", run_file(small)[0], {"a": 2, "b": 1, "c": 1})
+
+            def once() -> Metrics:
+                with PingSampler(self._client(cluster)) as pings:
+                    counts, dt = run_file(path)
+                check("B1 word counts", counts, answer)
+                return [
+                    ("mb_per_s", mb / dt, "MB/s"),
+                    *pings.metrics(),
+                    ("rss_peak_mb", (peak_rss_bytes(pid) - base) / 1e6, "MB"),
+                    ("input_mb", mb, "MB"),
+                ]
 
             yield warm, once
 
@@ -453,3 +487,53 @@ class ClusterdSystem:
         if top <= DEFAULT_MAX_SUBTASKS:
             return self.standard("scale")
         return self.cluster("scale", server_extra=["--max-subtasks", str(top)])
+
+
+class PingSampler:
+    """PINGs a server every 5 ms from its own connection and thread while a workload runs."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.samples: list[float] = []
+        self.errors: list[BaseException] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PingSampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(30)
+        self.client.close()
+        if self.errors:
+            raise self.errors[0]
+
+    def _run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                t = time.perf_counter()
+                check("PING", self.client.ping(), "PONG")
+                self.samples.append(time.perf_counter() - t)
+                self.stop.wait(0.005)
+        except BaseException as e:  # noqa: BLE001 - re-raised by __exit__
+            self.errors.append(e)
+
+    def metrics(self) -> Metrics:
+        pings = sorted(self.samples) or [float("nan")]
+        return [
+            ("ping_p50_ms", percentile(pings, 50) * 1e3, "ms"),
+            ("ping_p99_ms", percentile(pings, 99) * 1e3, "ms"),
+            ("ping_max_ms", pings[-1] * 1e3, "ms"),
+            ("pings", len(self.samples), "count"),
+        ]
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """A process's peak resident memory so far (VmHWM)."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
