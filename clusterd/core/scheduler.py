@@ -197,7 +197,7 @@ class Scheduler:
         self._full_pass_due = False  # a full pass over the workers is asked for
         self._owed: OrderedDict[WorkerHandle, int] = OrderedDict()  # refills owed, by answer
         self._sent_since_pause = 0
-        self._pass: deque[WorkerHandle] | None = None  # a full pass the budget interrupted
+        self._pass: deque[list[Any]] | None = None  # [worker, grants left] of a paused pass
         self._resume_call: Any = None  # the callLater(0) that resumes a paused dispatch
         self.counters = {
             "jobs_submitted": 0,
@@ -657,17 +657,19 @@ class Scheduler:
 
     def _fill_free_slots(self) -> bool:
         """A full pass: workers with free slots, most free first, take one sub-task each per
-        round until their slots are full or nothing they can run is left. Prefetch beyond the
-        slots comes only from refills, so it grows with answers instead of in one burst. False
-        if the budget ran out first; the pass then resumes where it stopped, without a rescan,
-        unless another full pass was asked for meanwhile."""
+        round until the slots free at the start of the pass are used or nothing they can run is
+        left. Prefetch beyond the slots comes only from refills, so it grows with answers
+        instead of in one burst. False if the budget ran out first; the pass then resumes where
+        it stopped, without a rescan, unless another full pass was asked for meanwhile. Slots
+        freed by answers meanwhile are not the pass's: those answers' refills cover them."""
         if self._pass is None:
             workers = [w for w in self._workers.values() if w.free > 0]
             workers.sort(key=lambda w: w.busy / w.slots)
-            self._pass = deque(workers)
+            self._pass = deque([w, w.free] for w in workers)
         queue = self._pass
         while queue and self._ring:
-            worker = queue[0]
+            entry = queue[0]
+            worker = entry[0]
             if worker.free <= 0 or self._workers.get(worker.name) is not worker:
                 queue.popleft()
                 continue
@@ -679,7 +681,9 @@ class Scheduler:
                 continue
             self._sent_since_pause += 1
             self._send(worker, job, job.take())
-            queue.append(worker)  # its next sub-task comes in the next round
+            entry[1] -= 1
+            if entry[1] > 0:
+                queue.append(entry)  # its next sub-task comes in the next round
         self._pass = None
         return True
 

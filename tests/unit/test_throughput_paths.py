@@ -239,3 +239,26 @@ def test_refills_owed_during_a_pause_go_out_next_turn_in_answer_order(clock):
                 w.answer_next()
         clock.advance(0)
     assert (a.result, b.result) == (6, 12)
+
+
+def test_a_paused_pass_fills_only_the_slots_free_when_it_began(clock):
+    """A full pass resumed in a later turn does not take over slots freed by answers meanwhile:
+    those answers' refills fill them, in answer order, after the pass has fed the idle workers."""
+    core = Scheduler(Registry(TASKS), clock, dispatch_per_turn=2)
+    workers = [add(core, f"w{i}") for i in range(4)]
+    job = core.submit("sum", [1] * 20, chunks=20)
+    w0, w1, w2, w3 = workers
+    assert [s.index for w in workers for s, _ in w.pending()] == [0, 1]
+    w1.answer_next()
+    w0.answer_next()
+    _next_turn(clock)
+    assert [s.index for w in (w2, w3) for s, _ in w.pending()] == [2, 3]  # idle workers first
+    assert w0.pending() == [] and w1.pending() == []
+    _next_turn(clock)
+    assert (w1.pending()[0][0].index, w0.pending()[0][0].index) == (4, 5)  # w1 answered first
+    while any(w.pending() for w in workers):
+        for w in workers:
+            if w.pending():
+                w.answer_next()
+        clock.advance(0)
+    assert job.result == 20
