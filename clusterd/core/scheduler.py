@@ -18,7 +18,7 @@ exactly once; late and duplicate results are counted and dropped.
 from __future__ import annotations
 
 import json
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +70,7 @@ def combine_and_encode(combine: Callable[[list[Any]], Any], results: list[Any]) 
 DEFAULT_CHUNKS_PER_SLOT = 4
 DEFAULT_CHUNKS_NO_WORKERS = 16
 MAX_DEFAULT_CHUNKS = 256
+REFILL_STEP = 2  # sub-tasks one answer may grant the worker that sent it
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,8 @@ class SchedulerConfig:
     max_input_bytes: int = 1 << 30  # a streamed input's piece lines, in total
     prefetch: int = 1  # short sub-tasks a worker may hold per slot (the server's default is 32)
     prefetch_below: float = 0.01  # a job whose sub-tasks run shorter than this (mean) is short
+    dispatch_per_turn: int = 0  # DO lines sent before dispatch yields a reactor turn (0: no cap;
+    # the server's default is 16)
 
 
 class Scheduler:
@@ -215,7 +218,11 @@ class Scheduler:
         self._workers: dict[str, WorkerHandle] = {}
         self._next_id = 1
         self._pumping = False
-        self._again = False
+        self._full_pass_due = False  # a full pass over the workers is asked for
+        self._owed: OrderedDict[WorkerHandle, int] = OrderedDict()  # refills owed, by answer
+        self._sent_since_pause = 0
+        self._pass: deque[list[Any]] | None = None  # [worker, grants left] of a paused pass
+        self._resume_call: Any = None  # the callLater(0) that resumes a paused dispatch
         self.counters = {
             "jobs_submitted": 0,
             "jobs_done": 0,
@@ -768,41 +775,110 @@ class Scheduler:
         return None
 
     def _pump(self, only: WorkerHandle | None = None) -> None:
-        """Dispatch while some worker can take work and some job has work it can run. With
-        ``only``, just that worker changed (it answered a sub-task): refill it alone, so an
-        answer costs O(1), not a scan of every worker. Re-entrant calls (a runner that answers
-        synchronously) ask for another full pass."""
+        """Ask for dispatch. With ``only``, just that worker changed (it answered a sub-task):
+        it is owed a refill of up to REFILL_STEP sub-tasks, which costs O(1), not a scan of
+        every worker. Without, a full pass fills every worker's free slots. A request made
+        while dispatch runs (a runner that answers synchronously) or is paused is served by
+        the running loop or by the continuation."""
+        if only is not None:
+            self._owed[only] = self._owed.get(only, 0) + REFILL_STEP
+        else:
+            self._full_pass_due = True
+            self._pass = None  # things changed: the next pass starts from a fresh scan
+        if self._resume_call is None:
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Serve what was asked: a full pass first (idle slots), then the owed refills in the
+        order the answers came. After ``dispatch_per_turn`` DO lines since the last pause it
+        stops and resumes in the next reactor turn (a callLater(0) on the injected clock), so
+        no turn writes an unbounded burst, and a PING on another connection waits behind at
+        most that much dispatch work."""
         if self._pumping:
-            self._again = True
             return
         self._pumping = True
         try:
-            self._dispatch(only)
-            while self._again:
-                self._again = False
-                self._dispatch(None)
+            while self._full_pass_due or self._owed:
+                if not self._ring:
+                    self._full_pass_due = False
+                    self._pass = None
+                    self._owed.clear()
+                    return
+                if self._full_pass_due:
+                    self._full_pass_due = False
+                    if not self._fill_free_slots():
+                        self._full_pass_due = True
+                        self._pause()
+                        return
+                    continue
+                worker, owed = self._owed.popitem(last=False)
+                left = self._refill(worker, owed)
+                if left:
+                    self._owed[worker] = left
+                    self._owed.move_to_end(worker, last=False)  # first in the next turn
+                    self._pause()
+                    return
         finally:
             self._pumping = False
 
-    def _dispatch(self, only: WorkerHandle | None) -> None:
-        while self._ring:
-            if only is not None:
-                candidates = [only] if only.open and only is self._workers.get(only.name) else []
-            else:
-                candidates = [w for w in self._workers.values() if w.open]
-            if not candidates:
-                return
-            # Least loaded first, one sub-task each per round: spreads a job over workers.
-            candidates.sort(key=lambda w: w.busy / w.slots)
-            sent = False
-            for worker in candidates:
-                job = self._next_job_for(worker)
-                if job is None:
-                    continue
-                self._send(worker, job, job.take())
-                sent = True
-            if not sent:
-                return
+    def _budget_left(self) -> bool:
+        cap = self.config.dispatch_per_turn
+        return not cap or self._sent_since_pause < cap
+
+    def _pause(self) -> None:
+        if self._resume_call is None:
+            self._resume_call = self.clock.callLater(0, self._continue_dispatch)
+
+    def _continue_dispatch(self) -> None:
+        self._resume_call = None
+        self._sent_since_pause = 0
+        self._dispatch()
+
+    def _fill_free_slots(self) -> bool:
+        """A full pass: workers with free slots, most free first, take one sub-task each per
+        round until the slots free at the start of the pass are used or nothing they can run is
+        left. Prefetch beyond the slots comes only from refills, so it grows with answers
+        instead of in one burst. False if the budget ran out first; the pass then resumes where
+        it stopped, without a rescan, unless another full pass was asked for meanwhile. Slots
+        freed by answers meanwhile are not the pass's: those answers' refills cover them."""
+        if self._pass is None:
+            workers = [w for w in self._workers.values() if w.free > 0]
+            workers.sort(key=lambda w: w.busy / w.slots)
+            self._pass = deque([w, w.free] for w in workers)
+        queue = self._pass
+        while queue and self._ring:
+            entry = queue[0]
+            worker = entry[0]
+            if worker.free <= 0 or self._workers.get(worker.name) is not worker:
+                queue.popleft()
+                continue
+            if not self._budget_left():
+                return False
+            queue.popleft()
+            job = self._next_job_for(worker)
+            if job is None:
+                continue
+            self._sent_since_pause += 1
+            self._send(worker, job, job.take())
+            entry[1] -= 1
+            if entry[1] > 0:
+                queue.append(entry)  # its next sub-task comes in the next round
+        self._pass = None
+        return True
+
+    def _refill(self, worker: WorkerHandle, owed: int) -> int:
+        """Send ``worker`` up to ``owed`` sub-tasks within its limit. Returns how many are still
+        owed because the budget ran out: 0 when done, or when no more fit or none is left."""
+        while owed and worker.open and self._workers.get(worker.name) is worker:
+            if not self._budget_left():
+                return owed
+            job = self._next_job_for(worker)
+            if job is None:
+                return 0
+            self._sent_since_pause += 1
+            self._send(worker, job, job.take())
+            owed -= 1
+        return 0
 
     def _send(self, worker: WorkerHandle, job: Job, index: int, speculative: bool = False) -> None:
         disp = _Dispatch(job, index, worker, self.clock.seconds(), speculative)

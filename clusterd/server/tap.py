@@ -180,6 +180,15 @@ class Options(usage.Options):
             _positive_int,
         ],
         [
+            "dispatch-per-turn",
+            None,
+            16,
+            "Most DO lines dispatch sends before it lets every other connection have a reactor "
+            "turn; the rest follow in the next turn. Lower keeps PING fast under many workers, "
+            "higher sends bigger bursts.",
+            _positive_int,
+        ],
+        [
             "speculate-factor",
             None,
             3.0,
@@ -276,6 +285,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         max_result_bytes=options["max-result-bytes"],
         max_input_bytes=options["max-input-bytes"],
         prefetch=options["prefetch"],
+        dispatch_per_turn=options["dispatch-per-turn"],
     )
     try:
         core = Scheduler(

@@ -34,18 +34,39 @@ def _answer(w, seconds: float) -> None:
 
 
 def test_short_subtasks_are_prefetched_up_to_slots_times_prefetch(clock):
-    """Once a job's measured sub-tasks are short, a worker is sent up to slots x prefetch of
-    them; until then, and for long ones, no more than its slots."""
+    """Once a job's measured sub-tasks are short, a worker may hold up to slots x prefetch of
+    them, reached one step per answer (each answer grants up to two); until then, and for long
+    ones, no more than its slots."""
     core = Scheduler(Registry(TASKS), clock, prefetch=8)
     w = add(core, "w1", slots=2)
     job = core.submit("sum", [1] * 100, chunks=100)
     assert len(w.pending()) == 2  # nothing measured yet: slots only
-    _answer(w, 0.0001)
-    assert len(w.pending()) == 16  # short: 2 slots x 8
+    held = []
+    for _ in range(16):
+        _answer(w, 0.0001)
+        held.append(len(w.pending()))
+    assert held == [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 16, 16]  # 2 slots x 8
     assert core.workers()[0].describe()["prefetched"] == 14
     while w.pending():
         _answer(w, 0.0001)
     assert job.result == 100
+
+
+def test_a_new_job_fills_free_slots_only_even_when_its_task_is_known_short(clock):
+    """A job arriving at idle workers gets them their slots' worth, not slots x prefetch at
+    once: the prefetch grows from the answers, so a new job is not one big burst of DO lines."""
+    core = Scheduler(Registry(TASKS), clock, prefetch=8)
+    w1, w2 = add(core, "w1", slots=2), add(core, "w2", slots=1)
+    core.submit("sum", [1], chunks=1)
+    _answer(w1, 0.0001)  # sum is known short now
+    job = core.submit("sum", [1] * 50, chunks=50)
+    assert (len(w1.pending()), len(w2.pending())) == (2, 1)
+    _answer(w2, 0.0001)
+    assert (len(w1.pending()), len(w2.pending())) == (2, 2)
+    for w in (w1, w2):
+        while w.pending():
+            _answer(w, 0.0001)
+    assert job.result == 50
 
 
 def test_long_subtasks_and_timeouts_are_never_prefetched(clock):
@@ -147,7 +168,7 @@ def test_no_delay_turns_off_nagle_on_tcp_and_on_tls_over_tcp():
     no_delay(StringTransport())  # nothing to set, nothing raised
 
 
-def test_a_new_job_of_a_task_known_to_be_short_is_prefetched_at_once(clock):
+def test_a_new_job_of_a_task_known_to_be_short_is_prefetched(clock):
     """A stream of one-sub-task jobs is prefetched too: a job with no answers yet is judged by
     its task's recent sub-tasks, while a task never seen gets no more than the slots."""
     core = Scheduler(Registry(TASKS), clock, prefetch=8)
@@ -155,7 +176,9 @@ def test_a_new_job_of_a_task_known_to_be_short_is_prefetched_at_once(clock):
     first = [core.submit("sum", [i], chunks=1) for i in range(5)]
     assert len(w.pending()) == 1  # sum never measured: one per slot
     _answer(w, 0.0001)
-    assert len(w.pending()) == 4  # sum is short now: the other jobs go out at once
+    assert len(w.pending()) == 2  # sum is short now: the answer's refill prefetches one more
+    _answer(w, 0.0001)
+    assert len(w.pending()) == 3  # the other jobs have no answers yet, but their task is short
     while w.pending():
         _answer(w, 0.0001)
     assert [j.result for j in first] == [0, 1, 2, 3, 4]
@@ -163,3 +186,79 @@ def test_a_new_job_of_a_task_known_to_be_short_is_prefetched_at_once(clock):
     assert len(w.pending()) == 1  # sort is another task, still unmeasured
     while w.pending():
         _answer(w, 0.0001)
+
+
+def _next_turn(clock: Clock) -> None:
+    """Run the calls due now but not the ones they schedule, as one reactor turn does (a
+    Clock's advance(0) would run the whole chain of callLater(0) continuations at once)."""
+    due = [c for c in clock.calls if c.getTime() <= clock.seconds()]
+    for call in due:
+        clock.calls.remove(call)
+        call.called = 1
+        call.func(*call.args, **call.kw)
+
+
+def test_dispatch_sends_at_most_dispatch_per_turn_lines_then_resumes_next_turn(clock):
+    """With dispatch_per_turn, a pass stops after that many sub-tasks and goes on in the next
+    reactor turn (a callLater(0) on the clock), where it stopped, until every slot is full."""
+    core = Scheduler(Registry(TASKS), clock, dispatch_per_turn=3)
+    workers = [add(core, f"w{i}", slots=2) for i in range(4)]
+    job = core.submit("sum", [1] * 20, chunks=20)
+    assert [len(w.pending()) for w in workers] == [1, 1, 1, 0]
+    _next_turn(clock)
+    assert [len(w.pending()) for w in workers] == [2, 2, 1, 1]  # w3 first: its turn was next
+    _next_turn(clock)
+    assert [len(w.pending()) for w in workers] == [2, 2, 2, 2]
+    clock.advance(0)
+    assert clock.getDelayedCalls() == []  # every slot is full: nothing is left to resume
+    while any(w.pending() for w in workers):
+        for w in workers:
+            if w.pending():
+                w.answer_next()
+        clock.advance(0)
+    assert job.result == 20
+
+
+def test_refills_owed_during_a_pause_go_out_next_turn_in_answer_order(clock):
+    """Answers that arrive once the turn's budget is spent are owed their refills; the next turn
+    serves them in the order the answers came, and jobs still alternate (fairness holds)."""
+    core = Scheduler(Registry(TASKS), clock, dispatch_per_turn=2)
+    a = core.submit("sum", [1] * 6, chunks=6)
+    b = core.submit("sum", [2] * 6, chunks=6)
+    w1, w2 = add(core, "w1"), add(core, "w2")
+    assert [s.job for w in (w1, w2) for s, _ in w.pending()] == [a.id, b.id]
+    w2.answer_next()
+    w1.answer_next()  # the budget is spent: both refills wait for the next turn
+    assert w1.pending() == [] and w2.pending() == []
+    _next_turn(clock)
+    assert [s.job for s, _ in w2.calls] == [b.id, a.id]  # w2 answered first, served first
+    assert [s.job for s, _ in w1.calls] == [a.id, b.id]
+    while w1.pending() or w2.pending():
+        for w in (w1, w2):
+            if w.pending():
+                w.answer_next()
+        clock.advance(0)
+    assert (a.result, b.result) == (6, 12)
+
+
+def test_a_paused_pass_fills_only_the_slots_free_when_it_began(clock):
+    """A full pass resumed in a later turn does not take over slots freed by answers meanwhile:
+    those answers' refills fill them, in answer order, after the pass has fed the idle workers."""
+    core = Scheduler(Registry(TASKS), clock, dispatch_per_turn=2)
+    workers = [add(core, f"w{i}") for i in range(4)]
+    job = core.submit("sum", [1] * 20, chunks=20)
+    w0, w1, w2, w3 = workers
+    assert [s.index for w in workers for s, _ in w.pending()] == [0, 1]
+    w1.answer_next()
+    w0.answer_next()
+    _next_turn(clock)
+    assert [s.index for w in (w2, w3) for s, _ in w.pending()] == [2, 3]  # idle workers first
+    assert w0.pending() == [] and w1.pending() == []
+    _next_turn(clock)
+    assert (w1.pending()[0][0].index, w0.pending()[0][0].index) == (4, 5)  # w1 answered first
+    while any(w.pending() for w in workers):
+        for w in workers:
+            if w.pending():
+                w.answer_next()
+        clock.advance(0)
+    assert job.result == 20
