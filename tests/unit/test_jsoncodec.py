@@ -196,3 +196,23 @@ def test_job_request_examples(rest):
 
 def test_wire_dumps_is_the_codec():
     assert wire.dumps({"a": [1, 2.5, "é"]}) == '{"a":[1,2.5,"é"]}'
+
+
+@pytest.mark.parametrize(
+    "filler", ["x" * 5000, list(range(3000)), {f"k{i}": i for i in range(600)}]
+)
+def test_long_payloads_take_the_same_decisions(filler):
+    """Past 4096 characters the depth check and the wide-integer check take other routes
+    (a budgeted walk, encoding again); their answers stay the stdlib's."""
+    ok = filler
+    for _ in range(63 if isinstance(filler, (list, dict)) else 64):
+        ok = [ok]  # 64 levels in all
+    assert parse_json(std_dumps(ok), "the job input") == ok
+    with pytest.raises(WireError) as info:
+        parse_json(std_dumps([ok]), "the job input")
+    assert info.value.code == ErrorCode.JSON_TOO_DEEP
+    for extra in (2**64, -(2**63) - 1, 1e19, "C++ e+5", 10**30):
+        value = {"a": filler, "b": [extra]}
+        text = std_dumps(value)
+        assert same(loads(text), json.loads(text))
+        assert same(parse_json(text), json.loads(text))
