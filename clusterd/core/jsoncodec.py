@@ -29,9 +29,7 @@ from typing import Any
 
 try:
     import orjson
-except (
-    ImportError
-):  # pragma: no cover - orjson is a dependency; this keeps a broken install working
+except ImportError:  # pragma: no cover - a dependency; without it the stdlib does everything
     orjson = None  # type: ignore[assignment]
 
 __all__ = ["dumps", "dumpb", "loads", "try_loads", "MISS", "std_dumps", "std_loads"]
