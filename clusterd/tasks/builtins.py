@@ -119,8 +119,30 @@ def _wordcount_split(value: Any, chunks: int) -> list[str]:
     return out
 
 
+# Every byte that is not [A-Za-z0-9_'] becomes a space (for ASCII text, \w is [A-Za-z0-9_]).
+_ASCII_WORD_BYTES = bytes(
+    c if chr(c) in "_'" or (c < 128 and chr(c).isalnum()) else 32 for c in range(256)
+)
+
+
 def _wordcount_run(text: str) -> dict[str, int]:
+    if text.isascii():
+        return _wordcount_ascii(text)
     return dict(Counter(m.lower() for m in _WORD.findall(text)))
+
+
+def _wordcount_ascii(text: str) -> dict[str, int]:
+    """The regex path's answer for ASCII text, about twice as fast. Splitting at every byte
+    other than [A-Za-z0-9_'] leaves tokens; a token without an apostrophe is exactly one word,
+    and a token with one holds the words ``_WORD`` finds in it (no match can cross the bytes
+    that separate tokens, since they are neither word characters nor apostrophes)."""
+    tokens = Counter(text.encode("ascii").translate(_ASCII_WORD_BYTES).lower().split())
+    counts = {t.decode("ascii"): n for t, n in tokens.items() if b"'" not in t}
+    for t, n in tokens.items():
+        if b"'" in t:
+            for word in _WORD.findall(t.decode("ascii")):
+                counts[word] = counts.get(word, 0) + n
+    return counts
 
 
 def _wordcount_combine(results: list[dict[str, int]]) -> dict[str, int]:

@@ -10,15 +10,22 @@ which the worker logs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from typing import Any, BinaryIO
 
+from clusterd.core import jsoncodec
+
 
 def run_one(registry: Any, msg: Any) -> dict[str, Any] | None:
     """Run one request; the reply carries the seconds the task function took (``t``)."""
+    done = _run(registry, msg)
+    return None if done is None else done[0]
+
+
+def _run(registry: Any, msg: Any) -> tuple[dict[str, Any], bytes] | None:
+    """Run one request; the reply and its JSON line, encoded once."""
     if not isinstance(msg, dict) or "id" not in msg:
         return None
     ticket = msg["id"]
@@ -29,28 +36,31 @@ def run_one(registry: Any, msg: Any) -> dict[str, Any] | None:
         start = time.perf_counter()
         result = task.run(msg.get("input"))
         out = {"id": ticket, "ok": True, "result": result, "t": time.perf_counter() - start}
-        json.dumps(out, allow_nan=False)  # refuse NaN and unencodable results here, per task
-        return out
+        # Refuses NaN and unencodable results here, per task, as json.dumps does.
+        return out, jsoncodec.dumpb(out)
     except Exception as e:
-        return {"id": ticket, "ok": False, "type": type(e).__name__, "message": str(e)}
+        out = {"id": ticket, "ok": False, "type": type(e).__name__, "message": str(e)}
+        return out, jsoncodec.dumpb(out)
 
 
 def serve(registry: Any, requests: BinaryIO, replies: BinaryIO) -> None:
     """One request, or a JSON array of them (a batch), per line; one reply line for each line."""
     for raw in requests:
         try:
-            msg = json.loads(raw)
+            msg = jsoncodec.loads(raw, allow_nan=True)
         except ValueError:
             continue
         if isinstance(msg, list):
-            out: Any = [r for r in (run_one(registry, m) for m in msg) if r is not None]
-            if not out:
+            done = [r[1] for r in (_run(registry, m) for m in msg) if r is not None]
+            if not done:
                 continue
+            line = b"[" + b",".join(done) + b"]"
         else:
-            out = run_one(registry, msg)
-            if out is None:
+            one = _run(registry, msg)
+            if one is None:
                 continue
-        replies.write(json.dumps(out, separators=(",", ":")).encode("utf-8") + b"\n")
+            line = one[1]
+        replies.write(line + b"\n")
         replies.flush()
 
 

@@ -7,7 +7,6 @@ fails every pending future; and data crosses as JSON lines, never pickle. See TW
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import deque
 from typing import Any, NamedTuple
@@ -18,6 +17,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from clusterd.core import jsoncodec
 from clusterd.core.framing import LineFramer
 
 __all__ = ["PoolService", "ChildDied", "RunResult"]
@@ -50,14 +50,15 @@ class _Child(ProcessProtocol):
         of tiny sub-tasks instead of one each)."""
         self.current = {ticket: d for ticket, _, _, d in batch}
         msgs = [{"id": ticket, "task": task, "input": value} for ticket, task, value, _ in batch]
-        data = json.dumps(msgs[0] if len(msgs) == 1 else msgs, separators=(",", ":"))
-        self.transport.write(data.encode("utf-8") + b"\n")
+        self.transport.write(
+            jsoncodec.dumpb(msgs[0] if len(msgs) == 1 else msgs, allow_nan=True) + b"\n"
+        )
 
     def outReceived(self, data: bytes) -> None:
         for line in self.framer.feed(data):
             if not isinstance(line, bytes) or not self.current:
                 continue
-            msg = json.loads(line)
+            msg = jsoncodec.loads(line, allow_nan=True)
             replies = msg if isinstance(msg, list) else [msg]
             fired = [(self.current.pop(r.get("id"), None), r) for r in replies]
             if not self.current:

@@ -379,3 +379,37 @@ def test_load_registry_rejects_a_module_shadowing_a_builtin(task_module):
     )
     with pytest.raises(ValueError, match="sum"):
         load_registry([name], use_entry_points=False)
+
+
+# Every ASCII character class the fast path treats differently: word characters, apostrophes
+# (inside, around and doubled), other punctuation, every kind of ASCII whitespace and controls.
+ascii_texts = st.text(
+    alphabet=st.sampled_from(
+        list("abcXYZ019_")
+        + ["'"] * 4
+        + list('-.,;:!?"()[]{}@#$%^&*+=/\\|<>`~')
+        + list(" \t\n\r\x0b\x0c")
+        + ["\x00", "\x1f", "\x7f"]
+    ),
+    max_size=300,
+)
+
+
+@deterministic
+@given(text=ascii_texts)
+def test_wordcount_ascii_fast_path_equals_the_regex(text):
+    """For ASCII text, the bytes fast path counts exactly what the regex counts."""
+    from clusterd.tasks.builtins import _WORD, _wordcount_ascii, _wordcount_run
+
+    expected = dict(Counter(m.lower() for m in _WORD.findall(text)))
+    assert _wordcount_ascii(text) == expected
+    assert _wordcount_run(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["Don't 'quote' it''s rock'n'roll o'clock ''' a'", "A_b 9'9 _'_ x' 'y", "\x00a\x7fb"]
+)
+def test_wordcount_ascii_examples(text):
+    from clusterd.tasks.builtins import _WORD, _wordcount_ascii
+
+    assert _wordcount_ascii(text) == dict(Counter(m.lower() for m in _WORD.findall(text)))
