@@ -307,7 +307,7 @@ class ClusterdSystem:
             with open(path, "wb") as out, open(data.path, "rb") as one:
                 block = one.read()
                 for _ in range(repeats):
-                    out.write(block)
+                    out.write(block + b"\n")  # so no word runs into the next copy
             answer = {w: n * repeats for w, n in data.answer.items()}
             mb = path.stat().st_size / 1e6
             run_file = self._wordcount_cli(cluster, None)
