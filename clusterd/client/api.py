@@ -62,7 +62,7 @@ class ClientProtocol(Protocol):
         self.closed = False
         self.replies = ReplyReader()
         self._writer: _LineWriter | None = None  # a streamed request being written
-        self._queued: deque[Iterator[bytes]] = deque()  # requests waiting for it
+        self._queued: deque[tuple[Iterator[bytes], _Pending]] = deque()  # requests waiting
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
@@ -104,6 +104,9 @@ class ClientProtocol(Protocol):
                 head.on_progress(reply.job or "", reply.value)
             return
         self.pending.popleft()
+        if self._writer is not None and self._writer.pending is head:
+            # Refused while its pieces are still going out: the rest would only be dropped.
+            self._writer.cut_short()
         head.d.callback(reply)
 
     def request(self, line: str, on_progress: ProgressFn | None = None) -> Deferred[Reply]:
@@ -119,15 +122,16 @@ class ClientProtocol(Protocol):
         if self.closed:
             d.errback(ClusterError("the connection to the server is closed"))
             return d
-        self.pending.append(_Pending(d, on_progress))
-        self._queued.append(lines)
+        pending = _Pending(d, on_progress)
+        self.pending.append(pending)
+        self._queued.append((lines, pending))
         if self._writer is None:
             self._next_writer()
         return d
 
     def _next_writer(self) -> None:
         while self._queued and self._writer is None and not self.closed:
-            lines = self._queued.popleft()
+            lines, pending = self._queued.popleft()
             first = next(lines, None)
             if first is not None:
                 self.transport.write(first)
@@ -138,7 +142,7 @@ class ClientProtocol(Protocol):
                 return
             if nxt is None:
                 continue  # a one-line request: written
-            self._writer = _LineWriter(self, lines, nxt)
+            self._writer = _LineWriter(self, lines, nxt, pending)
             self._writer.start()
 
     def _writer_done(self, error: Exception | None) -> None:
@@ -166,9 +170,12 @@ class ClientProtocol(Protocol):
 class _LineWriter:
     """Writes an iterator of lines while the transport's buffer has room (push producer)."""
 
-    def __init__(self, proto: ClientProtocol, lines: Iterator[bytes], first: bytes) -> None:
+    def __init__(
+        self, proto: ClientProtocol, lines: Iterator[bytes], first: bytes, pending: _Pending
+    ) -> None:
         self.proto = proto
         self.lines = lines
+        self.pending = pending
         self.next: bytes | None = first
         self.paused = False
         self.running = False
@@ -199,6 +206,12 @@ class _LineWriter:
             self.proto.transport.unregisterProducer()
         self.next = None
         self.proto._writer_done(error)
+
+    def cut_short(self) -> None:
+        """Send the '.' line next and nothing else of this stream."""
+        if self.next is not None:
+            self.lines = iter(())
+            self.next = b".\n"
 
     def pauseProducing(self) -> None:
         self.paused = True

@@ -89,6 +89,15 @@ def final_lines(job: Job, max_line: int) -> list[str]:
         return [line]
 
 
+def _starts_stream(request: Any) -> bool:
+    """Whether a (refused) request line was ``RUN``/``SUBMIT <task> @ ...``: its piece lines
+    follow and must be read without replies."""
+    if request is None or request.verb not in ("RUN", "SUBMIT"):
+        return False
+    parts = request.rest.split(None, 2)
+    return len(parts) >= 2 and parts[1] == STREAM_MARK
+
+
 def _not_done_reply(job: Job) -> str:
     if job.state == JobState.CANCELLED:
         return f"CANCELLED {job.id}"
@@ -366,6 +375,7 @@ class ServerProtocol(Protocol):
                 )
             )
             return
+        request = None
         try:
             request = parse_request(event)
             if request is None:
@@ -387,6 +397,9 @@ class ServerProtocol(Protocol):
             handler(request.rest)
         except WireError as e:
             self._reply(format_error(e.code, e.message))
+            if self.stream is None and _starts_stream(request):
+                # The refusal is the request's one reply; its piece lines and '.' get none.
+                self.stream = InputStream.refused()
 
     # -- authentication ------------------------------------------------------------------------
 
@@ -511,6 +524,7 @@ class ServerProtocol(Protocol):
             if req.streamed:  # "RUN task @ <a megabyte of options>"
                 message = "a streamed request's options must be short; send the input as pieces."
                 self._finish(slot, format_error(ErrorCode.BAD_REQUEST, message))
+                self.stream = InputStream.refused()
             else:
                 self._accept(slot, req, verb, pieces)
 

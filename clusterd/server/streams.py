@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 __all__ = ["InputStream"]
 
 
+def _ignore(*_: Any) -> None:
+    pass
+
+
 class InputStream:
     def __init__(
         self,
@@ -52,6 +56,14 @@ class InputStream:
         self.done = False  # the '.' line arrived
         self.held = False
         self._unwatch: Callable[[], None] | None = None
+
+    @classmethod
+    def refused(cls) -> InputStream:
+        """The stream of a request refused at its first line (unknown task, NOAUTH, BUSY, …):
+        that refusal was its one reply, so its pieces and '.' are read and dropped silently."""
+        stream = cls(None, None, None, "", 0, _ignore, _ignore, _ignore)  # type: ignore[arg-type]
+        stream.failed = True
+        return stream
 
     def line(self, event: bytes | LineTooLong) -> bool:
         """Handle one line; False when it is not part of the stream (the stream was left

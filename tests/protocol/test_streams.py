@@ -291,3 +291,31 @@ def test_streamed_job_survives_restart_from_journaled_inputs(clock, journal, fac
     assert c2.ask("WAIT j1") == ["RESULT j1 21"]
     assert c2.ask("WAIT j2")[0].startswith("FAILED j2 UPLOAD_INCOMPLETE")
     close_all(c, c2, w)
+
+
+@pytest.mark.parametrize(
+    "start, code",
+    [
+        ("RUN nosuch @", "UNKNOWN_TASK"),
+        ("RUN primes @", "BAD_REQUEST"),
+        ('SUBMIT sum @ {"chunks":0}', "BAD_REQUEST"),
+    ],
+)
+def test_stream_refused_at_its_first_line_gets_one_reply(factory, start, code):
+    """A streamed request refused at once still has its pieces and '.' on the wire: they are
+    read without replies, so the next request's reply is not shifted."""
+    c = LineConn(factory)
+    c.send(start + "\n+[1,2]\n+[3]\n.\n")
+    out = c.ask("PING")
+    assert len(out) == 2 and out[0].startswith(f"ERR {code} ") and out[1] == "OK PONG"
+    c.lose()
+
+
+def test_stream_refused_by_noauth_gets_one_reply(clock):
+    core = Scheduler(REGISTRY, clock)
+    settings = ConnectionSettings(secrets={"client": b"s" * 32})
+    c = LineConn(ServerFactory(core, settings=settings))
+    c.send("RUN sum @\n+[1]\n.\n")
+    out = c.ask("PING")
+    assert out[0].startswith("ERR NOAUTH") and out[1:] == ["OK PONG"]
+    c.lose()
