@@ -40,7 +40,7 @@ from clusterd.core.journal import (
 )
 from clusterd.core.streaming import Cutter, chunk_target
 from clusterd.core.uploads import Upload
-from clusterd.core.wire import ErrorCode, WireError, dumps
+from clusterd.core.wire import ErrorCode, WireError, dumps, dumps_big
 from clusterd.tasks.registry import Registry, Task, TaskInputError
 
 __all__ = [
@@ -64,7 +64,7 @@ def combine_and_encode(combine: Callable[[list[Any]], Any], results: list[Any]) 
     """A task's combine and the encoding of its answer: the part of ending a job that can take
     long, and touches nothing shared, so it may run on another thread."""
     result = combine(results)
-    return result, dumps(result)
+    return result, dumps_big(result)
 
 
 DEFAULT_CHUNKS_PER_SLOT = 4

@@ -236,3 +236,35 @@ def test_final_lines_streams_an_answer_longer_than_a_line():
     replies = [r.feed(x) for x in lines]
     assert replies[-1].value == value
     assert final_lines(job, 100_000) == [f"RESULT j1 {job.result_json}"]
+
+
+NO_SURROGATES = st.characters(blacklist_categories=("Cs",))
+
+
+@given(
+    st.one_of(
+        st.lists(st.one_of(st.integers(), st.text(NO_SURROGATES, max_size=3)), max_size=60),
+        st.dictionaries(st.text(NO_SURROGATES, max_size=4), st.integers(), max_size=60),
+        st.integers(),
+    )
+)
+def test_dumps_big_is_the_same_json_as_dumps(value):
+    """Encoding in parts gives the same text as one encode (parts of 7 here, so most values
+    are cut several times)."""
+    import clusterd.core.wire as wire
+
+    old, wire.BIG_PART = wire.BIG_PART, 7
+    try:
+        assert wire.dumps_big(value) == dumps(value)
+    finally:
+        wire.BIG_PART = old
+
+
+def test_dumps_big_with_a_lone_surrogate_stays_valid_utf8_json(monkeypatch):
+    import clusterd.core.wire as wire
+
+    monkeypatch.setattr(wire, "BIG_PART", 5)
+    value = ["\ud800", "é"] + ["x"] * 20
+    text = wire.dumps_big(value)
+    text.encode("utf-8")  # no UnicodeEncodeError
+    assert json.loads(text) == value
