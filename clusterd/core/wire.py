@@ -383,9 +383,7 @@ def dumps_big(value: Any) -> str:
         return "[" + ",".join(parts) + "]"
     if isinstance(value, dict) and len(value) > BIG_PART and all(type(k) is str for k in value):
         items = list(value.items())
-        parts = (
-            dumps(dict(items[i : i + BIG_PART]))[1:-1] for i in range(0, len(items), BIG_PART)
-        )
+        parts = (dumps(dict(items[i : i + BIG_PART]))[1:-1] for i in range(0, len(items), BIG_PART))
         return "{" + ",".join(parts) + "}"
     return dumps(value)
 
