@@ -28,6 +28,7 @@ __all__ = [
     "Joiner",
     "DEFAULT_TEXT_CHUNK",
     "DEFAULT_LIST_CHUNK",
+    "ANSWER_PIECE",
     "KINDS",
 ]
 
@@ -42,6 +43,8 @@ DEFAULT_LIST_CHUNK = 10_000  # items per sub-task when the client gives no size
 # well within a worker's line limit (16 MiB by default), even for 4-byte UTF-8 or escapes.
 MAX_TEXT_CHUNK = 2 << 20
 MAX_LIST_CHUNK = 200_000
+
+ANSWER_PIECE = 1 << 20  # characters per piece of a streamed answer, on average
 
 _SPACE = re.compile(r"\s")
 
@@ -134,13 +137,16 @@ def _concat(parts: list[list[Any]]) -> list[Any]:
     return out
 
 
-def split_for_lines(value: Any, encoded: str, limit: int, dumps: Any) -> Iterator[str] | None:
+def split_for_lines(
+    value: Any, encoded: str, limit: int, dumps: Any, target: int | None = None
+) -> Iterator[str] | None:
     """The encoded pieces of ``value`` (whose full encoding is ``encoded``), each at most
-    ``limit`` characters, whose concatenation (:class:`Joiner`) is ``value``; None when the value
-    cannot be cut that way (a number, or one element bigger than the limit).
+    ``limit`` characters and about ``target`` (default: ``limit``) on average, whose
+    concatenation (:class:`Joiner`) is ``value``; None when the value cannot be cut that way (a
+    number). The iterator raises ValueError on reaching one element longer than the limit.
 
     Pieces are sized from the average element's encoded size, halved when one comes out too
-    long, so cutting costs about one extra encoding of the value."""
+    long, so cutting costs about one extra encoding of the value, spread over the pieces."""
     if isinstance(value, str):
         items: Any = value
     elif isinstance(value, list):
@@ -152,7 +158,7 @@ def split_for_lines(value: Any, encoded: str, limit: int, dumps: Any) -> Iterato
     n = len(items)
     if n == 0:
         return None
-    per = max(1, int(n * limit / (2 * max(1, len(encoded)))))
+    per = max(1, int(n * min(limit, target or limit) / (2 * max(1, len(encoded)))))
 
     def encode(part: Any) -> str:
         return dumps(dict(part) if isinstance(value, dict) else part)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +39,7 @@ from clusterd.core.scheduler import (
     WorkerHandle,
     WorkerLost,
 )
-from clusterd.core.streaming import END, STREAM_MARK, split_for_lines
+from clusterd.core.streaming import ANSWER_PIECE, END, STREAM_MARK, split_for_lines
 from clusterd.core.wire import (
     CLIENT_VERBS,
     DEFAULT_MAX_JSON_DEPTH,
@@ -61,6 +61,7 @@ __all__ = ["ServerProtocol", "ServerFactory", "final_reply"]
 
 MAX_WORKER_SLOTS = 4096
 OFFLOAD_LINE = 1 << 20  # RUN/SUBMIT lines longer than this are parsed and split on a thread
+PIECES_PER_TURN = 4  # pieces of a streamed answer written per reactor turn
 
 
 def final_reply(job: Job) -> str:
@@ -70,23 +71,26 @@ def final_reply(job: Job) -> str:
     return _not_done_reply(job)
 
 
-def final_lines(job: Job, max_line: int) -> list[str]:
-    """:func:`final_reply`, except that an answer too long for one line is streamed:
-    ``RESULT <job> @``, then ``+<piece>`` lines, each within ``max_line`` bytes, then ``.``
-    (docs/PROTOCOL.md, "Streamed values")."""
+def final_lines(job: Job, max_line: int) -> tuple[str, Iterator[str] | None]:
+    """:func:`final_reply`, except that an answer too long for one line is streamed: the first
+    line is ``RESULT <job> @``, and the iterator gives the ``+<piece>`` lines (each within
+    ``max_line`` bytes, about 1 MiB) and then ``.`` (docs/PROTOCOL.md, "Streamed values")."""
     line = final_reply(job)
     if len(line) <= max_line // 4 or len(line.encode("utf-8", "backslashreplace")) <= max_line:
-        return [line]
+        return line, None
     encoded = job.result_json or "null"
     value = job.result if job.result is not None else json.loads(encoded)
     limit = max_line - 1 if encoded.isascii() else (max_line - 1) // 4
-    pieces = split_for_lines(value, encoded, limit, dumps)
+    pieces = split_for_lines(value, encoded, limit, dumps, ANSWER_PIECE)
     if pieces is None:
-        return [line]  # a single huge string element: nothing smaller to send
-    try:
-        return [f"RESULT {job.id} {STREAM_MARK}", *("+" + p for p in pieces), END]
-    except ValueError:
-        return [line]
+        return line, None  # a number or one huge string: nothing smaller to send
+
+    def lines() -> Iterator[str]:
+        for piece in pieces:
+            yield "+" + piece
+        yield END
+
+    return f"RESULT {job.id} {STREAM_MARK}", lines()
 
 
 def _starts_stream(request: Any) -> bool:
@@ -170,6 +174,7 @@ class ServerProtocol(Protocol):
         self._backlog: deque[bytes | LineTooLong] = deque()  # framed, not yet handled
         self._draining = False
         self.gone = False  # connectionLost has run
+        self._on_resume: list[Callable[[], None]] = []  # streamed answers waiting for room
 
     # -- connection ----------------------------------------------------------------------------
 
@@ -235,6 +240,9 @@ class ServerProtocol(Protocol):
             self.paused = False
             if not self.held:
                 self.transport.resumeProducing()
+            waiting, self._on_resume = self._on_resume, []
+            for fn in waiting:
+                fn()
 
     def _hold(self, hold: bool) -> None:
         """Stop (or start again) reading this connection: a stream's flow control, or a big
@@ -340,10 +348,48 @@ class ServerProtocol(Protocol):
         if self.quitting and not self.slots:
             self.transport.loseConnection()
 
-    def _finish_lines(self, slot: _Slot, lines: list[str]) -> None:
-        for line in lines[:-1]:
-            self._emit(slot, line)
-        self._finish(slot, lines[-1])
+    def _send_final(self, slot: _Slot, job: Job) -> None:
+        first, rest = final_lines(job, self.max_line)
+        if rest is None:
+            self._finish(slot, first)
+            return
+        self._emit(slot, first)
+        self._send_pieces(slot, rest)
+
+    def _send_pieces(self, slot: _Slot, lines: Iterator[str]) -> None:
+        """A streamed answer: a few pieces per reactor turn, and none while the peer's write
+        buffer is full, so a 64 MB answer neither stalls other connections nor sits whole in
+        the transport's buffer."""
+        pending: list[Any] = [None]
+
+        def step() -> None:
+            pending[0] = None
+            if self.gone:
+                return
+            if self.paused:
+                self._on_resume.append(step)
+                return
+            try:
+                for _ in range(PIECES_PER_TURN):
+                    line = next(lines)
+                    if line == END:
+                        self._finish(slot, line)
+                        return
+                    self._emit(slot, line)
+            except ValueError as e:
+                # One element is longer than a line: the answer cannot be completed, and a
+                # truncated one must never look whole, so the connection is dropped.
+                self.log.error("cannot stream an answer to {peer}: {e}", peer=self.peer, e=e)
+                self.transport.abortConnection()
+                return
+            pending[0] = self.clock.callLater(0, step)
+
+        def cleanup() -> None:
+            if pending[0] is not None and pending[0].active():
+                pending[0].cancel()
+
+        slot.cleanup = cleanup
+        step()
 
     def _reply(self, line: str) -> None:
         slot = _Slot()
@@ -650,7 +696,7 @@ class ServerProtocol(Protocol):
             d.cancel()
 
         slot.cleanup = cleanup
-        d.addCallback(lambda j: self._finish_lines(slot, final_lines(j, self.max_line)))
+        d.addCallback(lambda j: self._send_final(slot, j))
         d.addErrback(_ignore_cancel)
 
     # -- worker role ---------------------------------------------------------------------------

@@ -319,3 +319,62 @@ def test_stream_refused_by_noauth_gets_one_reply(clock):
     out = c.ask("PING")
     assert out[0].startswith("ERR NOAUTH") and out[1:] == ["OK PONG"]
     c.lose()
+
+
+def test_streamed_answer_goes_out_a_few_pieces_per_turn_and_waits_for_room(clock):
+    """An answer longer than the line limit is sent as RESULT @, pieces, '.': a few pieces
+    per reactor turn, none while the transport's buffer is full (pauseProducing)."""
+    core = Scheduler(REGISTRY, clock)
+    factory = ServerFactory(core, settings=ConnectionSettings(max_line=100))
+    w = LineConn(factory, port=3000)
+    w.send('REGISTER {"name":"w","tasks":["sort"],"slots":4}\n')
+    c = LineConn(factory)
+    values = list(range(300, 0, -1))
+    c.send("RUN sort @ " + json.dumps({"size": 300, "chunks": 30}) + "\n")
+    for i in range(0, 300, 10):
+        c.send("+" + compact(values[i : i + 10]) + "\n")
+    c.send(".\n")
+    for _ in range(40):
+        for line in w.lines():
+            if line.startswith("DO "):
+                m = json.loads(line[3:])
+                w.send("DONE " + compact({"id": m["id"], "result": sorted(m["input"])}) + "\n")
+    first = c.lines()
+    assert first[0] == "RESULT j1 @" and len(first) == 5  # the first turn: 4 pieces
+    c.proto.pauseProducing()
+    clock.advance(0)
+    assert c.lines() == []  # no room: nothing more
+    c.proto.resumeProducing()
+    out = first + c.lines()
+    while out[-1] != ".":
+        clock.advance(0)
+        out += c.lines()
+    assert all(len(x) <= 100 for x in out)
+    assert [x for line in out[1:-1] for x in json.loads(line[1:])] == sorted(values)
+    close_all(c, w)
+    assert clock.getDelayedCalls() == []
+
+
+def test_connection_lost_mid_answer_stops_sending(clock):
+    core = Scheduler(REGISTRY, clock)
+    factory = ServerFactory(core, settings=ConnectionSettings(max_line=100))
+    w = LineConn(factory, port=3000)
+    w.send('REGISTER {"name":"w","tasks":["sort"],"slots":4}\n')
+    c = LineConn(factory)
+    c.send('RUN sort @ {"size":120,"chunks":20}\n')
+    for i in range(0, 120, 10):
+        c.send("+" + compact(list(range(i, i + 10))) + "\n")
+    c.send(".\n")
+    for _ in range(30):
+        for line in w.lines():
+            if line.startswith("DO "):
+                m = json.loads(line[3:])
+                w.send("DONE " + compact({"id": m["id"], "result": m["input"]}) + "\n")
+    assert c.lines()[0] == "RESULT j1 @"
+    c.lose()  # mid-answer: its next step must not stay scheduled
+    w.lose()
+    assert clock.getDelayedCalls() == []
+
+
+def compact(value) -> str:
+    return json.dumps(value, separators=(",", ":"))

@@ -229,13 +229,14 @@ def test_final_lines_streams_an_answer_longer_than_a_line():
     value = list(range(2000))
     job.finish("done", 1.0, result=value)
     job.result_json = dumps(value)
-    lines = final_lines(job, 1000)
+    first, rest = final_lines(job, 1000)
+    lines = [first, *rest]
     assert lines[0] == "RESULT j1 @" and lines[-1] == "."
     assert all(len(x.encode()) <= 1000 for x in lines)
     r = ReplyReader()
     replies = [r.feed(x) for x in lines]
     assert replies[-1].value == value
-    assert final_lines(job, 100_000) == [f"RESULT j1 {job.result_json}"]
+    assert final_lines(job, 100_000) == (f"RESULT j1 {job.result_json}", None)
 
 
 NO_SURROGATES = st.characters(blacklist_categories=("Cs",))
