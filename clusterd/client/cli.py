@@ -116,6 +116,30 @@ class ProgressBar:
             self.stream.flush()
 
 
+class UploadBar(ProgressBar):
+    """While a big input streams: how much of it has been sent (of its size, when known)."""
+
+    def __init__(self, stream: Any, enabled: bool, total: int | None) -> None:
+        super().__init__(stream, enabled)
+        self.total = total
+        self.sent = 0
+        self.last = -1.0
+
+    def count(self, pieces: Any) -> Any:
+        for piece in pieces:
+            yield piece
+            self.sent += len(piece)
+            now = time.monotonic()
+            if self.enabled and now - self.last >= 0.2:
+                self.last = now
+                if self.total:
+                    self.update("upload", {"done": min(self.sent, self.total), "total": self.total})
+                else:
+                    self.stream.write(f"\rupload {self.sent:,} sent {now - self.start:6.1f}s")
+                    self.stream.flush()
+                    self.drawn = True
+
+
 def _read_input(args: argparse.Namespace, text_task: bool) -> Any:
     if args.input is not None and args.file is not None:
         raise UsageError("give the input either as an argument or with --file, not both")
@@ -271,7 +295,14 @@ async def _command(client: Any, args: argparse.Namespace) -> int:
         stream = _open_stream(args, info, max(1024, min(PIECE_BYTES, max_line // 8)))
         if stream is not None:
             pieces, size = stream
-            job = await client.submit_stream(args.task, pieces, args.chunks, size=size, **options)
+            show = cmd == "run" and sys.stderr.isatty() and not args.no_progress
+            upload = UploadBar(sys.stderr, show, size if info.get("stream") == "text" else None)
+            try:
+                job = await client.submit_stream(
+                    args.task, upload.count(pieces), args.chunks, size=size, **options
+                )
+            finally:
+                upload.close()
         else:
             value = _read_input(args, info.get("input") == "text")
             job = await client.submit(args.task, value, args.chunks, **options)

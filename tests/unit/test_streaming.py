@@ -269,3 +269,18 @@ def test_dumps_big_with_a_lone_surrogate_stays_valid_utf8_json(monkeypatch):
     text = wire.dumps_big(value)
     text.encode("utf-8")  # no UnicodeEncodeError
     assert json.loads(text) == value
+
+
+def test_upload_bar_shows_what_was_sent_and_passes_pieces_through():
+    from clusterd.client.cli import UploadBar
+
+    out = io.StringIO()
+    bar = UploadBar(out, True, 4)
+    assert list(bar.count(["ab", "cd"])) == ["ab", "cd"]
+    bar.close()
+    assert "upload [" in out.getvalue() and "2/4" in out.getvalue()
+    silent = io.StringIO()
+    quiet = UploadBar(silent, False, None)
+    assert list(quiet.count([[1], [2]])) == [[1], [2]]
+    quiet.close()
+    assert silent.getvalue() == ""
