@@ -94,6 +94,7 @@ class SqliteJournal:
         self.batch_max = batch_max
         self.linger = linger  # seconds a batch of lazy records may wait for an urgent one
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._urgent = threading.Event()  # set when an urgent record is queued
         self._thread: threading.Thread | None = None
         self._closed: Deferred[None] | None = None
         self.commits = 0
@@ -193,13 +194,17 @@ class SqliteJournal:
         """Queue ``record``; the Deferred fires once it is committed. ``lazy``: nobody waits for
         it yet, so it may wait up to ``linger`` for a record somebody does wait for."""
         d: Deferred[None] = Deferred()
-        lazy = lazy or isinstance(record, _LAZY_TYPES)
-        self._queue.put((record, d, time.monotonic() if lazy else None))
+        if lazy or isinstance(record, _LAZY_TYPES):
+            self._queue.put((record, d, time.monotonic()))
+        else:
+            self._queue.put((record, d, None))
+            self._urgent.set()
         return d
 
     def hurry(self) -> None:
         """Somebody now waits for what is queued (a SUBMIT's id): commit it without lingering."""
         self._queue.put((_HURRY, None, None))
+        self._urgent.set()
 
     def forget(self, job_ids: list[str]) -> None:
         self._queue.put((_Forget(job_ids), None, time.monotonic()))
@@ -213,6 +218,7 @@ class SqliteJournal:
                 self._closed.callback(None)
             else:
                 self._queue.put((_STOP, None, None))
+                self._urgent.set()
         return self._closed
 
     def _take(self, batch: list[Any]) -> bool:
@@ -230,24 +236,23 @@ class SqliteJournal:
 
     def _gather(self) -> list[Any]:
         """The next transaction's records: all that is queued, and if none of it is urgent, what
-        comes within ``linger`` of the oldest, until an urgent record arrives."""
+        comes within ``linger`` of the oldest, until an urgent record arrives. The writer sleeps
+        on ``_urgent`` meanwhile, so a stream of lazy records does not wake it once each."""
         first = self._queue.get()
         batch = [first]
-        urgent = self._take(batch) or not first[2]
-        if urgent or self.linger <= 0:
+        if self._take(batch) or first[2] is None or self.linger <= 0:
             return batch
         deadline = first[2] + self.linger
         while len(batch) < self.batch_max:
+            # Cleared before looking again: an urgent record appended from now on sets it.
+            self._urgent.clear()
+            if self._take(batch):
+                break
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            try:
-                item = self._queue.get(timeout=left)
-            except queue.Empty:
-                break
-            batch.append(item)
-            if self._take(batch) or not item[2]:
-                break
+            self._urgent.wait(left)
+        self._take(batch)
         return batch
 
     def _run(self) -> None:
