@@ -104,7 +104,14 @@ class Recovered:
 class Journal(Protocol):
     durable: bool
 
-    def append(self, record: Record) -> Deferred[None]: ...
+    def append(self, record: Record, lazy: bool = False) -> Deferred[None]:
+        """Fires once ``record`` is durable. ``lazy``: nobody waits for it yet (a RUN's
+        acceptance), so the journal may hold it briefly to commit it with a later record."""
+        ...
+
+    def hurry(self) -> None:
+        """Somebody now waits for what was appended: make it durable without holding it."""
+        ...
 
     def load(self) -> Recovered: ...
 
@@ -118,8 +125,11 @@ class NullJournal:
 
     durable = False
 
-    def append(self, record: Record) -> Deferred[None]:
+    def append(self, record: Record, lazy: bool = False) -> Deferred[None]:
         return succeed(None)
+
+    def hurry(self) -> None:
+        pass
 
     def load(self) -> Recovered:
         return Recovered([], 1)
@@ -143,10 +153,14 @@ class MemoryJournal:
         self.pending: list[tuple[Record, Deferred[None]]] = []
         self.appended: list[Record] = []
         self.next_seq = 1  # never lowered by forget(): ids are not reused
+        self.lazy: list[Record] = []  # records appended with lazy=True
+        self.hurried = 0  # hurry() calls
 
-    def append(self, record: Record) -> Deferred[None]:
+    def append(self, record: Record, lazy: bool = False) -> Deferred[None]:
         d: Deferred[None] = Deferred()
         self.appended.append(record)
+        if lazy:
+            self.lazy.append(record)
         self.pending.append((record, d))
         if not self.hold:
             self.flush()
@@ -160,6 +174,9 @@ class MemoryJournal:
                 self.next_seq = max(self.next_seq, record.seq + 1)
         for _, d in pending:
             d.callback(None)
+
+    def hurry(self) -> None:
+        self.hurried += 1
 
     def load(self) -> Recovered:
         return Recovered(list(self.jobs.values()), self.next_seq)

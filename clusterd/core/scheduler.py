@@ -298,7 +298,9 @@ class Scheduler:
             job.key,
             job.submitted,
         )
-        self.journal.append(record).addCallbacks(
+        # Lazy: a RUN's client sees no id before the end, and a SUBMIT's OK hurries the journal
+        # (ServerProtocol), so a short RUN's acceptance can share its end's commit.
+        self.journal.append(record, lazy=True).addCallbacks(
             lambda _: job.mark_durable(), self._not_durable, errbackArgs=(job,)
         )
         if job.total == 0:

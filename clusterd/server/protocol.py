@@ -598,6 +598,8 @@ class ServerProtocol(Protocol):
             self._attach_final(slot, job)
             return
         d = job.when_durable()
+        if not d.called:
+            self.core.journal.hurry()  # the id waits for the commit: no lingering for company
         slot.cleanup = d.cancel
         d.addCallback(lambda j: self._finish(slot, f"OK {j.id}"))
         d.addErrback(_ignore_cancel)

@@ -5,6 +5,13 @@ and every record that queued up while the last transaction was being fsynced goe
 one, so a burst of 10,000 results costs a handful of commits, not 10,000. Appends return Deferreds
 fired on the reactor thread (``callFromThread``) once their transaction is committed.
 
+A record nobody waits for yet may wait a little for company (``linger``, 2 ms by default): the
+``JobAccepted`` of a ``RUN`` (its client sees no id before the end) and every ``ResultRecorded``.
+The writer holds such a batch until a record somebody waits for arrives (a ``JobEnded``, the
+``JobAccepted`` of a ``SUBMIT`` after :meth:`SqliteJournal.hurry`) or the linger runs out, so a
+short ``RUN`` pays one commit, its acceptance and its end together, instead of two in a row. A job
+accepted and ended in the same transaction is written as one row, without its sub-task results.
+
 Opening checks the file (``PRAGMA quick_check`` and our own schema marker) so a corrupt,
 foreign or unreadable file stops the server with a clear error instead of a silent empty start.
 """
@@ -15,6 +22,7 @@ import json
 import queue
 import sqlite3
 import threading
+import time
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -55,6 +63,10 @@ ALTER TABLE jobs ADD COLUMN streamed INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE jobs ADD COLUMN sealed INTEGER;
 """
 _STOP = object()
+_HURRY = object()  # wakes a lingering writer: somebody waits for what is queued
+# Records nobody waits for: the scheduler ignores a result's Deferred (a crash before its commit
+# only runs that sub-task again), and a forget is housekeeping.
+_LAZY_TYPES = (ResultRecorded,)
 
 
 class _Forget:
@@ -67,7 +79,12 @@ class SqliteJournal:
     log = Logger()
 
     def __init__(
-        self, path: str, reactor: Any, batch_max: int = 20_000, sync: str = "full"
+        self,
+        path: str,
+        reactor: Any,
+        batch_max: int = 20_000,
+        sync: str = "full",
+        linger: float = 0.002,
     ) -> None:
         if sync not in ("full", "normal"):
             raise JournalError(f"journal sync must be 'full' or 'normal', not {sync!r}")
@@ -75,7 +92,9 @@ class SqliteJournal:
         self.path = path
         self.reactor = reactor
         self.batch_max = batch_max
+        self.linger = linger  # seconds a batch of lazy records may wait for an urgent one
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._urgent = threading.Event()  # set when an urgent record is queued
         self._thread: threading.Thread | None = None
         self._closed: Deferred[None] | None = None
         self.commits = 0
@@ -171,13 +190,24 @@ class SqliteJournal:
             self._thread = threading.Thread(target=self._run, name="clusterd-journal", daemon=True)
             self._thread.start()
 
-    def append(self, record: Any) -> Deferred[None]:
+    def append(self, record: Any, lazy: bool = False) -> Deferred[None]:
+        """Queue ``record``; the Deferred fires once it is committed. ``lazy``: nobody waits for
+        it yet, so it may wait up to ``linger`` for a record somebody does wait for."""
         d: Deferred[None] = Deferred()
-        self._queue.put((record, d))
+        if lazy or isinstance(record, _LAZY_TYPES):
+            self._queue.put((record, d, time.monotonic()))
+        else:
+            self._queue.put((record, d, None))
+            self._urgent.set()
         return d
 
+    def hurry(self) -> None:
+        """Somebody now waits for what is queued (a SUBMIT's id): commit it without lingering."""
+        self._queue.put((_HURRY, None, None))
+        self._urgent.set()
+
     def forget(self, job_ids: list[str]) -> None:
-        self._queue.put((_Forget(job_ids), None))
+        self._queue.put((_Forget(job_ids), None, time.monotonic()))
 
     def close(self) -> Deferred[None]:
         """Commit everything queued, then close; fires when done."""
@@ -187,24 +217,54 @@ class SqliteJournal:
                 self._conn.close()
                 self._closed.callback(None)
             else:
-                self._queue.put((_STOP, None))
+                self._queue.put((_STOP, None, None))
+                self._urgent.set()
         return self._closed
+
+    def _take(self, batch: list[Any]) -> bool:
+        """Add what is queued to ``batch``; True if any of it is urgent (somebody waits)."""
+        urgent = False
+        get = self._queue.get_nowait
+        while len(batch) < self.batch_max:
+            try:
+                item = get()
+            except queue.Empty:
+                break
+            batch.append(item)
+            urgent = urgent or not item[2]
+        return urgent
+
+    def _gather(self) -> list[Any]:
+        """The next transaction's records: all that is queued, and if none of it is urgent, what
+        comes within ``linger`` of the oldest, until an urgent record arrives. The writer sleeps
+        on ``_urgent`` meanwhile, so a stream of lazy records does not wake it once each."""
+        first = self._queue.get()
+        batch = [first]
+        if self._take(batch) or first[2] is None or self.linger <= 0:
+            return batch
+        deadline = first[2] + self.linger
+        while len(batch) < self.batch_max:
+            # Cleared before looking again: an urgent record appended from now on sets it.
+            self._urgent.clear()
+            if self._take(batch):
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._urgent.wait(left)
+        self._take(batch)
+        return batch
 
     def _run(self) -> None:
         while True:
-            batch = [self._queue.get()]
-            while len(batch) < self.batch_max:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            stop = any(rec is _STOP for rec, _ in batch)
+            batch = self._gather()
+            stop = any(rec is _STOP for rec, _, _ in batch)
             try:
-                self._write([rec for rec, _ in batch if rec is not _STOP])
+                self._write([rec for rec, _, _ in batch if rec is not _STOP and rec is not _HURRY])
                 error = None
             except Exception as e:  # disk full, I/O error: callers must not think it durable
                 error = e
-            waiters = [d for _, d in batch if d is not None]
+            waiters = [d for _, d, _ in batch if d is not None]
             self.reactor.callFromThread(self._fire, waiters, error)
             if stop:
                 self._conn.close()
@@ -224,15 +284,46 @@ class SqliteJournal:
         if not records:
             return
         c = self._conn
+        # A job that ends in this transaction needs no result or input rows (its end deletes
+        # them), and one accepted in it too is written as one finished row.
+        ended = {rec.job: rec for rec in records if isinstance(rec, JobEnded)}
+        merged: set[str] = set()
         c.execute("BEGIN")
         try:
             max_seq = 0
             for rec in records:
+                if ended and isinstance(rec, (ResultRecorded, ChunksAdded)) and rec.job in ended:
+                    continue
                 if isinstance(rec, ResultRecorded):
                     c.execute(
                         "INSERT OR IGNORE INTO results VALUES (?, ?, ?)",
                         (rec.job, rec.index, rec.result_json),
                     )
+                elif isinstance(rec, JobAccepted) and rec.job in ended:
+                    end = ended[rec.job]
+                    c.execute(
+                        "INSERT OR REPLACE INTO jobs (id, seq, task, input, chunks, options, key,"
+                        " submitted, streamed, state, result, error, total, finished)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            rec.job,
+                            rec.seq,
+                            rec.task,
+                            rec.input_json,
+                            rec.chunks,
+                            json.dumps(rec.options),
+                            rec.key,
+                            rec.submitted,
+                            int(rec.streamed),
+                            end.state,
+                            end.result_json,
+                            json.dumps(end.error) if end.error is not None else None,
+                            end.total,
+                            end.finished,
+                        ),
+                    )
+                    merged.add(rec.job)
+                    max_seq = max(max_seq, rec.seq)
                 elif isinstance(rec, JobAccepted):
                     c.execute(
                         "INSERT OR REPLACE INTO jobs (id, seq, task, input, chunks, options, key,"
@@ -258,6 +349,8 @@ class SqliteJournal:
                 elif isinstance(rec, JobSealed):
                     c.execute("UPDATE jobs SET sealed=? WHERE id=?", (rec.total, rec.job))
                 elif isinstance(rec, JobEnded):
+                    if rec.job in merged:
+                        continue  # written with its acceptance (a new job has no other rows)
                     c.execute(
                         "UPDATE jobs SET state=?, result=?, error=?, total=?, finished=? "
                         "WHERE id=?",

@@ -896,6 +896,23 @@ def test_submit_reply_is_held_until_the_job_is_durable(journaled, journal):
     assert conn.lines() == ["OK j1", "OK PONG"]
 
 
+def test_submit_hurries_the_journal_and_run_does_not(journaled, journal):
+    """A SUBMIT's id waits for the acceptance's commit, so it asks the journal not to linger; a
+    RUN's client sees nothing before the end, so its acceptance may wait for company."""
+    conn = Conn(journaled)
+    conn.send('RUN sum [1,2] {"chunks": 1}\n')
+    assert journal.hurried == 0
+    conn.send('SUBMIT sum [1,2] {"chunks": 1}\n')
+    assert journal.hurried == 1
+    journal.flush()
+    assert conn.lines() == []  # the RUN is not answered yet: no worker; it holds back OK j2
+    conn.send('SUBMIT sum [1,2] {"chunks": 1, "key": "k"}\n')
+    journal.flush()
+    assert journal.hurried == 2
+    conn.send('SUBMIT sum [3] {"key": "k"}\n')
+    assert journal.hurried == 2  # the repeated key's job is durable already
+
+
 def test_run_result_is_held_until_the_job_end_is_durable(journaled, journal):
     """RUN and WAIT reply with the result only once the job's end is flushed, although the job
     is already done in memory."""

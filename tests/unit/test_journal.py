@@ -4,6 +4,7 @@ SQLite journal's storage (round trip, group-commit thread, refusal of corrupt or
 from __future__ import annotations
 
 import sqlite3
+import time
 
 import pytest
 from helpers import add_worker as add
@@ -48,6 +49,19 @@ def restart(registry, journal, at: float = 100.0, **settings) -> Scheduler:
 
 
 # -- durability gates ----------------------------------------------------------------------------
+
+
+def test_submit_appends_the_acceptance_lazily_and_the_end_urgently(registry, clock):
+    """Nobody waits for a job's acceptance when it is appended (a RUN's client sees no id before
+    the end; a SUBMIT's OK hurries the journal itself), so it may share its end's commit; the
+    end is waited for, so it is not lazy."""
+    journal = MemoryJournal()
+    core = Scheduler(registry, clock, journal=journal)
+    add(core, "w1")
+    job = core.submit("sum", [1, 2], chunks=1)
+    assert [type(r) for r in journal.lazy] == [JobAccepted]
+    assert journal.lazy[0].job == job.id
+    assert journal.hurried == 0
 
 
 def test_a_job_is_durable_only_once_its_accepted_record_is_flushed(registry, clock):
@@ -453,3 +467,101 @@ def test_journal_sync_sets_sqlite_synchronous(tmp_path, sync, pragma):
         j._conn.close()
     with pytest.raises(JournalError):
         SqliteJournal(str(tmp_path / "k.sqlite"), reactor=None, sync="sometimes")
+
+
+def _commits_reach(j: SqliteJournal, n: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while j.commits < n and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def _run_job_in_one_commit(j: SqliteJournal) -> list:
+    j.start()
+    ds = [j.append(accepted("j1", 1, chunks=1), lazy=True)]
+    ds.append(j.append(ResultRecorded("j1", 0, "3")))  # lazy by its type
+    time.sleep(0.2)
+    assert j.commits == 0  # nothing anybody waits for yet: the batch lingers
+    ds.append(j.append(JobEnded("j1", "done", "3", None, 1, 2.0)))
+    _commits_reach(j, 1)
+    return ds
+
+
+def test_a_lazy_acceptance_waits_for_its_end_and_shares_one_commit(tmp_path):
+    """A RUN's acceptance and result linger until the end arrives; the three records are one
+    transaction, written as one finished row without result rows."""
+    path = str(tmp_path / "journal.db")
+    reactor = QueueReactor()
+    j = SqliteJournal(path, reactor, linger=30.0)
+    ds = _run_job_in_one_commit(j)
+    assert j.commits == 1
+    assert j.records == 3
+    closed = j.close()
+    j._thread.join(10)
+    reactor.run_calls()
+    assert [result_of(d) for d in ds] == [None, None, None]
+    assert result_of(closed) is None
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT count(*) FROM results").fetchone() == (0,)
+    conn.close()
+    rec = SqliteJournal(path, QueueReactor()).load()
+    assert [(r.accepted, r.ended, r.results) for r in rec.jobs] == [
+        (accepted("j1", 1, chunks=1), JobEnded("j1", "done", "3", None, 1, 2.0), {})
+    ]
+    assert rec.next_seq == 2
+
+
+def test_a_lazy_record_is_committed_once_the_linger_runs_out(tmp_path):
+    """With nothing urgent behind it, a lazy record is committed after ``linger`` anyway."""
+    reactor = QueueReactor()
+    j = SqliteJournal(str(tmp_path / "journal.db"), reactor, linger=0.05)
+    j.start()
+    d = j.append(accepted("j1", 1), lazy=True)
+    _commits_reach(j, 1)
+    assert j.commits == 1
+    reactor.run_calls()
+    assert result_of(d) is None
+    result_of_close(j, reactor)
+
+
+def test_hurry_commits_lazy_records_at_once(tmp_path):
+    """hurry() (a SUBMIT waits for its id) ends the linger: the acceptance commits now."""
+    reactor = QueueReactor()
+    j = SqliteJournal(str(tmp_path / "journal.db"), reactor, linger=30.0)
+    j.start()
+    j.append(accepted("j1", 1), lazy=True)
+    time.sleep(0.1)
+    assert j.commits == 0
+    j.hurry()
+    _commits_reach(j, 1)
+    assert j.commits == 1
+    result_of_close(j, reactor)
+
+
+def test_an_end_in_a_later_transaction_still_drops_the_jobs_results(tmp_path):
+    """Only a job accepted in the same transaction skips the deletes; one accepted earlier has
+    its result rows removed by its end, and results of a job ending in the same transaction are
+    not written at all."""
+    path = str(tmp_path / "journal.db")
+    j = SqliteJournal(path, reactor=None)
+    j._write([accepted("j1", 1), ResultRecorded("j1", 0, "1"), accepted("j2", 2)])
+    j._write(
+        [
+            ResultRecorded("j1", 1, "2"),
+            JobEnded("j1", "done", "3", None, 2, 4.0),
+            ResultRecorded("j2", 0, "5"),
+        ]
+    )
+    rows = j._conn.execute("SELECT job, idx FROM results ORDER BY job, idx").fetchall()
+    assert rows == [("j2", 0)]
+    by_id = {r.accepted.job: r for r in j.load().jobs}
+    assert by_id["j1"].ended == JobEnded("j1", "done", "3", None, 2, 4.0)
+    assert by_id["j2"].results == {0: "5"}
+    result_of(j.close())
+
+
+def result_of_close(j: SqliteJournal, reactor: QueueReactor) -> None:
+    closed = j.close()
+    j._thread.join(10)
+    assert not j._thread.is_alive()
+    reactor.run_calls()
+    assert result_of(closed) is None

@@ -60,7 +60,7 @@ def test_result_too_large_fails_at_once_without_retries(clock):
 
 
 class _BrokenJournal(MemoryJournal):
-    def append(self, record):
+    def append(self, record, lazy=False):
         if isinstance(record, JobAccepted):
             self.appended.append(record)
             return fail(OSError("disk full"))

@@ -1,0 +1,92 @@
+"""The fast text-log formatter writes exactly what Twisted's own formatter writes."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from twisted.logger import (
+    FileLogObserver,
+    LogLevel,
+    LogPublisher,
+    formatEvent,
+    textFileLogObserver,
+)
+from twisted.python.failure import Failure
+
+from clusterd.server.fastlog import FastClassicFormat, speed_up_text_logs
+
+WHEN = 1_795_433_685.8625154
+
+
+def event(fmt, level=LogLevel.info, **fields):
+    e = {
+        "log_format": fmt,
+        "log_level": level,
+        "log_namespace": "clusterd.core.scheduler.Scheduler",
+        "log_source": None,
+        "log_time": WHEN,
+    }
+    e.update(fields)
+    return e
+
+
+def _boom():
+    try:
+        raise ZeroDivisionError("boom")
+    except ZeroDivisionError:
+        return Failure()
+
+
+EVENTS = [
+    event("job {job_id} submitted: task {task}, {n} sub-tasks", job_id="j1", task="sum", n=3),
+    event(
+        "job {job_id} {state} after {elapsed:.3f}s ({n} sub-tasks)",
+        job_id="j9",
+        state="done",
+        elapsed=0.00123,
+        n=1,
+    ),
+    event("x {a!r} {{literal}} {b:>6} é\nsecond line", LogLevel.warn, a="q'", b=3),
+    event("a JSON payload {text}", text='{"a": [1, 2]}'),
+    event("missing {nope}"),
+    event("a call {f()}", f=lambda: 5),
+    event("an attribute {e.args}", e=ValueError("v")),
+    event("an item {d[k]}", d={"k": 1}),
+    event(""),
+    event("no time", log_time=None),
+    event("a system", log_system="custom"),
+    event("failed {job_id}", LogLevel.critical, job_id="j2", log_failure=_boom()),
+    event(b"bytes format"),
+    event("{log_io}", log_io="printed"),
+    event("broken {", x=1),
+    {"log_format": "no level", "log_time": WHEN},
+    {"no": "format"},
+]
+
+
+@pytest.mark.parametrize("time_format", [None, "%Y-%m-%dT%H:%M:%S%z"])
+@pytest.mark.parametrize("e", EVENTS, ids=range(len(EVENTS)))
+def test_the_fast_format_equals_twisteds(e, time_format):
+    original = textFileLogObserver(io.StringIO(), timeFormat=time_format).formatEvent
+    fast = FastClassicFormat(time_format, original)
+    assert fast(dict(e)) == original(dict(e))
+    assert fast(dict(e, log_time=WHEN + 0.5)) == original(dict(e, log_time=WHEN + 0.5))
+    assert fast(dict(e, log_time=WHEN + 1)) == original(dict(e, log_time=WHEN + 1))
+
+
+def test_speed_up_swaps_only_text_file_observers():
+    """Observers made by textFileLogObserver get the fast formatter, with the same output; any
+    other observer is left alone."""
+    out, other_out = io.StringIO(), io.StringIO()
+    text = textFileLogObserver(out)
+    other = FileLogObserver(other_out, lambda e: formatEvent(e) + "\n")
+    seen = []
+    publisher = LogPublisher(text, other, seen.append)
+    assert speed_up_text_logs(publisher) == 1
+    assert isinstance(text.formatEvent, FastClassicFormat)
+    assert not isinstance(other.formatEvent, FastClassicFormat)
+    publisher(event("job {job_id} submitted", job_id="j1"))
+    assert out.getvalue().endswith("[clusterd.core.scheduler.Scheduler#info] job j1 submitted\n")
+    assert other_out.getvalue() == "job j1 submitted\n"
+    assert len(seen) == 1
