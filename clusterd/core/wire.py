@@ -25,6 +25,7 @@ __all__ = [
     "parse_job_request",
     "parse_json",
     "parse_json_object",
+    "parse_json_objects",
     "dumps",
     "format_error",
     "format_greeting",
@@ -284,6 +285,22 @@ def parse_json_object(
     value = parse_json(text, what, max_depth)
     if not isinstance(value, dict):
         raise WireError(ErrorCode.BAD_REQUEST, f"{what} must be a JSON object.")
+    return value
+
+
+def parse_json_objects(
+    text: str, what: str = "the payload", max_depth: int = DEFAULT_MAX_JSON_DEPTH
+) -> list[dict[str, Any]]:
+    """A worker verb's payload in either form: one JSON object, or a JSON array of objects
+    (a batch, docs/PROTOCOL.md §5). Returns the objects; an array's own level does not count
+    towards ``max_depth``. A payload that is neither, or an array holding anything but
+    objects, is refused whole."""
+    stripped = text.lstrip()
+    if not stripped.startswith("["):
+        return [parse_json_object(text, what, max_depth)]
+    value = parse_json(stripped, what, max_depth + 1)
+    if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+        raise WireError(ErrorCode.BAD_REQUEST, f"{what} must be a JSON object or an array of them.")
     return value
 
 

@@ -51,6 +51,7 @@ from clusterd.core.wire import (
     format_greeting,
     parse_job_request,
     parse_json_object,
+    parse_json_objects,
     parse_request,
 )
 from clusterd.endpoints import no_delay
@@ -158,6 +159,9 @@ class ServerProtocol(Protocol):
         self.inflight: dict[int, Deferred[Any]] = {}
         self.open_jobs: set[Job] = set()
         self.worker_max_line = DEFAULT_MAX_LINE
+        self.batch = False  # the worker takes DO arrays and may answer with arrays
+        self._outbox: dict[int, tuple[str, int]] = {}  # batch: ticket -> (DO object, bytes)
+        self._flush_call: Any = None  # the callLater(0) that writes the outbox
         self.heartbeat: Heartbeat | None = None
         self.next_ticket = 0
         self.quitting = False
@@ -315,6 +319,10 @@ class ServerProtocol(Protocol):
         self.slots.clear()
         if self.heartbeat is not None:
             self.heartbeat.stop()
+        self._outbox.clear()
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
         if self.worker is not None:
             self.core.remove_worker(self.worker)
             inflight, self.inflight = self.inflight, {}
@@ -322,6 +330,8 @@ class ServerProtocol(Protocol):
                 d.errback(WorkerLost(self.worker.name))
 
     def _write(self, line: str) -> None:
+        if self._outbox:
+            self._flush_outbox()  # DO lines first: a later CANCEL or OK DRAINING follows them
         if self.transport is not None and not self.transport.disconnecting:
             self.transport.write(line.encode("utf-8", "backslashreplace") + b"\n")
 
@@ -733,20 +743,19 @@ class ServerProtocol(Protocol):
                 ErrorCode.BAD_REQUEST, "REGISTER while client requests are pending is not allowed."
             )
         s = self.settings
-        self._reply(
-            "OK REGISTERED "
-            + dumps(
-                {
-                    "name": name,
-                    "protocol": PROTOCOL_VERSION,
-                    "heartbeat_interval": s.heartbeat_interval,
-                    "heartbeat_timeout": s.heartbeat_timeout,
-                }
-            )
-        )
+        registered = {
+            "name": name,
+            "protocol": PROTOCOL_VERSION,
+            "heartbeat_interval": s.heartbeat_interval,
+            "heartbeat_timeout": s.heartbeat_timeout,
+        }
+        if info.get("batch") is True:
+            registered["batch"] = True
+        self._reply("OK REGISTERED " + dumps(registered))
         worker_max_line = info.get("max_line")
         if type(worker_max_line) is int and worker_max_line > 0:
             self.worker_max_line = worker_max_line
+        self.batch = info.get("batch") is True
         self.worker = self.core.add_worker(
             name, tasks, slots, self._run_subtask, self.transport.abortConnection, self.peer
         )
@@ -769,8 +778,10 @@ class ServerProtocol(Protocol):
 
     def _run_subtask(self, sub: SubTask) -> Deferred[Any]:
         """Send one sub-task; raises (and sends nothing) if it cannot be encoded or is longer
-        than this worker accepts."""
-        line = "DO " + dumps(
+        than this worker accepts. A batch worker's DO objects wait in the outbox until the end
+        of the reactor turn, then go out as one ``DO [...]`` line (or a few, within its
+        max_line)."""
+        body = dumps(
             {
                 "id": self.next_ticket + 1,
                 "job": sub.job,
@@ -780,24 +791,55 @@ class ServerProtocol(Protocol):
                 "input": sub.input,
             }
         )
-        size = len(line.encode("utf-8", "backslashreplace"))
-        if size > self.worker_max_line:
+        size = len(body) if body.isascii() else len(body.encode("utf-8", "backslashreplace"))
+        line_size = size + (5 if self.batch else 3)  # "DO [" + body + "]", or "DO " + body
+        if line_size > self.worker_max_line:
             raise ValueError(
-                f"its DO line has {size} bytes; worker "
+                f"its DO line has {line_size} bytes; worker "
                 f"{self.worker.name} accepts {self.worker_max_line}"
             )
         self.next_ticket += 1
         ticket = self.next_ticket
+        d: Deferred[Any] = Deferred(lambda _: self._cancel_ticket(ticket))
+        self.inflight[ticket] = d
+        if self.batch:
+            self._outbox[ticket] = (body, size)
+            if self._flush_call is None:
+                self._flush_call = self.clock.callLater(0, self._flush_outbox)
+        else:
+            self._write("DO " + body)
+        return d
 
-        def cancel(_: Deferred[Any]) -> None:
-            # Timed out, job ended, or a copy won: the worker drops it and frees the slot.
-            if self.inflight.pop(ticket, None) is not None:
+    def _cancel_ticket(self, ticket: int) -> None:
+        """Timed out, job ended, or a copy won: the worker drops it and frees the slot. One
+        still in the outbox is simply never sent."""
+        if self.inflight.pop(ticket, None) is not None:
+            if self._outbox.pop(ticket, None) is None:
                 self._write("CANCEL " + dumps({"id": ticket}))
 
-        d: Deferred[Any] = Deferred(cancel)
-        self.inflight[ticket] = d
-        self._write(line)
-        return d
+    def _flush_outbox(self) -> None:
+        """Write the outbox as ``DO [...]`` lines, each within the worker's max_line, in one
+        transport write."""
+        call, self._flush_call = self._flush_call, None
+        if call is not None and call.active():
+            call.cancel()
+        if not self._outbox:
+            return
+        outbox, self._outbox = self._outbox, {}
+        if self.transport is None or self.transport.disconnecting:
+            return
+        limit = self.worker_max_line - 5  # "DO [" and "]" around the comma-joined objects
+        lines: list[str] = []
+        group: list[str] = []
+        used = -1
+        for body, size in outbox.values():
+            if group and used + 1 + size > limit:
+                lines.append("DO [" + ",".join(group) + "]")
+                group, used = [], -1
+            group.append(body)
+            used += 1 + size
+        lines.append("DO [" + ",".join(group) + "]")
+        self.transport.write("\n".join(lines).encode("utf-8", "backslashreplace") + b"\n")
 
     def _worker_verb(self, verb: str, rest: str) -> None:
         if verb == "PING":
@@ -815,20 +857,25 @@ class ServerProtocol(Protocol):
                 f"{verb[:40]} is not a worker verb; workers send DONE, ERROR, DRAIN or PING.",
             )
         # Results are the worker's, not a stranger's: only Python's own recursion limit applies.
-        msg = parse_json_object(rest, verb, max_depth=100_000)
-        d = self.inflight.pop(msg.get("id"), None) if isinstance(msg.get("id"), int) else None
-        if d is None:
-            # Timed out, cancelled, or a losing speculative copy: counted, never combined.
-            self.core.late_result()
-            return
-        if verb == "DONE":
-            seconds = msg.get("t")
-            if type(seconds) is float and seconds >= 0:
-                d.callback(TimedResult(msg.get("result"), seconds))
-            else:
-                d.callback(msg.get("result"))
+        if self.batch:
+            msgs = parse_json_objects(rest, verb, max_depth=100_000)
         else:
-            d.errback(TaskFailed(str(msg.get("type", "Error")), str(msg.get("message", ""))))
+            msgs = [parse_json_object(rest, verb, max_depth=100_000)]
+        inflight = self.inflight
+        for msg in msgs:
+            ticket = msg.get("id")
+            d = inflight.pop(ticket, None) if isinstance(ticket, int) else None
+            if d is None:
+                # Timed out, cancelled, or a losing speculative copy: counted, never combined.
+                self.core.late_result()
+            elif verb == "DONE":
+                seconds = msg.get("t")
+                if type(seconds) is float and seconds >= 0:
+                    d.callback(TimedResult(msg.get("result"), seconds))
+                else:
+                    d.callback(msg.get("result"))
+            else:
+                d.errback(TaskFailed(str(msg.get("type", "Error")), str(msg.get("message", ""))))
 
 
 def _ignore_cancel(failure: Failure) -> None:

@@ -18,7 +18,14 @@ from twisted.python.failure import Failure
 from clusterd import PROTOCOL_VERSION
 from clusterd.core.auth import proof
 from clusterd.core.framing import DEFAULT_MAX_LINE, LineFramer, LineTooLong
-from clusterd.core.wire import WireError, dumps, parse_greeting, parse_json_object
+from clusterd.core.wire import (
+    WireError,
+    dumps,
+    parse_greeting,
+    parse_json,
+    parse_json_object,
+    parse_json_objects,
+)
 from clusterd.endpoints import no_delay
 from clusterd.heartbeat import Heartbeat
 from clusterd.worker.pool import ChildDied, PoolService, RunResult
@@ -39,6 +46,9 @@ class WorkerProtocol(Protocol):
         self.drain_acked = False
         self.closing = False
         self.server_max_line = DEFAULT_MAX_LINE
+        self.batch = False  # the server takes DONE/ERROR arrays (its OK REGISTERED says so)
+        self._answers: list[tuple[str, str, int]] = []  # batch: (verb, object, bytes) to send
+        self._answer_call: Any = None  # the callLater(0) that sends them
         self.running: dict[Any, Deferred[Any]] = {}
         self.idle: Deferred[None] | None = None
         self.heartbeat = Heartbeat(
@@ -99,14 +109,20 @@ class WorkerProtocol(Protocol):
                         "slots": f.slots,
                         "protocol": PROTOCOL_VERSION,
                         "max_line": f.max_line,
+                        "batch": True,
                     }
                 )
             )
         elif verb == "DO":
-            msg = parse_json_object(rest, "DO")
-            if not isinstance(msg.get("id"), (int, str)):
+            msgs = parse_json_objects(rest, "DO")
+            bad = 0
+            for msg in msgs:
+                if isinstance(msg.get("id"), (int, str)):
+                    self._do(msg)
+                else:
+                    bad += 1
+            if bad:
                 raise WireError("BAD_REQUEST", "DO without an id")
-            self._do(msg)
         elif verb == "CANCEL":
             ticket = parse_json_object(rest, "CANCEL").get("id")
             d = self.running.pop(ticket, None) if isinstance(ticket, (int, str)) else None
@@ -121,6 +137,11 @@ class WorkerProtocol(Protocol):
             self._maybe_idle()
         elif verb == "OK" and rest.startswith("REGISTERED"):
             self.registered = True
+            try:
+                info = parse_json(rest[len("REGISTERED") :], "OK REGISTERED")
+            except WireError:
+                info = None
+            self.batch = isinstance(info, dict) and info.get("batch") is True
             self.factory.registrations += 1
             self.factory.rejections = 0
             self.log.info(
@@ -159,17 +180,19 @@ class WorkerProtocol(Protocol):
                 done.update(result=run.value, t=run.seconds)
             else:
                 done["result"] = run
-            line = "DONE " + dumps(done)
-            if len(line.encode("utf-8", "backslashreplace")) > self.server_max_line:
+            body = dumps(done)
+            size = len(body) if body.isascii() else len(body.encode("utf-8", "backslashreplace"))
+            line_size = size + (7 if self.batch else 5)  # "DONE [" + body + "]" or "DONE " + body
+            if line_size > self.server_max_line:
                 self._error(
                     ticket,
                     msg,
                     "ResultTooLarge",
-                    f"the result needs a {len(line)}-byte line; the server accepts "
+                    f"the result needs a {line_size}-byte line; the server accepts "
                     f"{self.server_max_line}",
                 )
             else:
-                self._send(line)
+                self._answer("DONE", body, size)
 
         def failed(f: Failure) -> None:
             if f.check(CancelledError):
@@ -189,12 +212,47 @@ class WorkerProtocol(Protocol):
         d.addCallbacks(ok, failed).addBoth(settled)
 
     def _error(self, ticket: Any, msg: dict[str, Any], kind: str, message: str) -> None:
-        self._send(
-            "ERROR "
-            + dumps({"id": ticket, "job": msg.get("job"), "type": kind, "message": message})
-        )
+        body = dumps({"id": ticket, "job": msg.get("job"), "type": kind, "message": message})
+        size = len(body) if body.isascii() else len(body.encode("utf-8", "backslashreplace"))
+        self._answer("ERROR", body, size)
+
+    def _answer(self, verb: str, body: str, size: int) -> None:
+        """Send a DONE or ERROR. To a batch server, the answers of one reactor turn go out
+        together at its end, as one array line per verb (or a few, within its max_line)."""
+        if not self.batch:
+            self._send(verb + " " + body)
+            return
+        self._answers.append((verb, body, size))
+        if self._answer_call is None:
+            self._answer_call = self.factory.clock.callLater(0, self._flush_answers)
+
+    def _flush_answers(self) -> None:
+        call, self._answer_call = self._answer_call, None
+        if call is not None and call.active():
+            call.cancel()
+        if not self._answers:
+            return
+        answers, self._answers = self._answers, []
+        if self.lost or self.transport.disconnecting:
+            return
+        lines: list[str] = []
+        group: list[str] = []
+        group_verb = ""
+        used = 0
+        for verb, body, size in answers:
+            if group and (verb != group_verb or used + 1 + size > self.server_max_line):
+                lines.append(group_verb + " [" + ",".join(group) + "]")
+                group = []
+            if not group:
+                group_verb, used = verb, len(verb) + 2  # "DONE [" ... "]", less the first comma
+            group.append(body)
+            used += 1 + size
+        lines.append(group_verb + " [" + ",".join(group) + "]")
+        self.transport.write("\n".join(lines).encode("utf-8", "backslashreplace") + b"\n")
 
     def _send(self, line: str) -> None:
+        if self._answers:
+            self._flush_answers()  # answers first, in the order they were made
         if not self.lost and not self.transport.disconnecting:
             self.transport.write(line.encode("utf-8", "backslashreplace") + b"\n")
 
@@ -214,6 +272,7 @@ class WorkerProtocol(Protocol):
         if self.idle is None or self.idle.called or self.running:
             return
         if self.drain_acked or self.lost:
+            self._flush_answers()  # the last answers go out before the caller disconnects
             self.idle.callback(None)
 
     def _server_silent(self, silent: float) -> None:
@@ -226,6 +285,10 @@ class WorkerProtocol(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         self.lost = True
         self.heartbeat.stop()
+        self._answers.clear()
+        if self._answer_call is not None and self._answer_call.active():
+            self._answer_call.cancel()
+        self._answer_call = None
         backoff = getattr(self, "backoff", None)
         if backoff is not None and backoff.active():
             backoff.cancel()

@@ -133,7 +133,7 @@ def clock():
 
 def test_greeting_is_answered_with_register(pool, clock):
     """The server's greeting makes the worker send REGISTER with its name, tasks, slots,
-    protocol and the longest line it accepts."""
+    protocol, the longest line it accepts, and that it takes batches."""
     w = Worker(pool, clock, name="node-7", tasks=["sum", "primes"], slots=3)
     assert w.tr.value() == b""  # the worker speaks only after the server's greeting
     w.send(GREETING)
@@ -146,6 +146,7 @@ def test_greeting_is_answered_with_register(pool, clock):
             "slots": 3,
             "protocol": PROTOCOL_VERSION,
             "max_line": DEFAULT_MAX_LINE,
+            "batch": True,
         },
     )
     assert not w.proto.registered
