@@ -179,8 +179,9 @@ class SchedulerConfig:
     speculate_min_seconds: float = 1.0  # never speculate on sub-tasks younger than this
     max_result_bytes: int = 64 * 1024 * 1024  # a job's encoded answer
     max_input_bytes: int = 1 << 30  # a streamed input's piece lines, in total
-    prefetch: int = 1  # short sub-tasks a worker may hold per slot (the server's default is 32)
+    prefetch: int = 1  # short sub-tasks a worker may hold per slot (the server's default is 256)
     prefetch_below: float = 0.01  # a job whose sub-tasks run shorter than this (mean) is short
+    prefetch_window: float = 0.05  # seconds of short sub-tasks a slot may hold queued
     dispatch_per_turn: int = 0  # DO lines sent before dispatch yields a reactor turn (0: no cap;
     # the server's default is 16)
 
@@ -761,7 +762,11 @@ class Scheduler:
             if mean is None:
                 return worker.slots
         if mean < self.config.prefetch_below:
-            return worker.slots * worker.prefetch
+            # About prefetch_window seconds of work per slot, at most --prefetch sub-tasks: a
+            # 20 µs sub-task gets a deep queue (batches amortise every message), a 5 ms one a
+            # shallow one, so no worker sits on much more work than the others at a job's end.
+            window = int(self.config.prefetch_window / max(mean, 1e-6))
+            return worker.slots * max(2, min(worker.prefetch, window))
         return worker.slots
 
     def _next_job_for(self, worker: WorkerHandle) -> Job | None:

@@ -173,10 +173,10 @@ class Options(usage.Options):
         [
             "prefetch",
             None,
-            32,
-            "Sub-tasks per slot a worker may hold queued when a job's sub-tasks are short "
-            "(mean under 10 ms, no timeout): one message round trip is not paid per tiny "
-            "sub-task. 1 turns it off.",
+            256,
+            "Most sub-tasks per slot a worker may hold queued when a job's sub-tasks are short "
+            "(mean under 10 ms, no timeout), and never more than about 50 ms of them: one "
+            "message round trip is not paid per tiny sub-task. 1 turns it off.",
             _positive_int,
         ],
         [

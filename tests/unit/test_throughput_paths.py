@@ -262,3 +262,21 @@ def test_a_paused_pass_fills_only_the_slots_free_when_it_began(clock):
                 w.answer_next()
         clock.advance(0)
     assert job.result == 20
+
+
+def test_prefetch_depth_is_about_fifty_ms_of_work_per_slot(clock):
+    """The prefetch limit is --prefetch per slot for tiny sub-tasks, but only about 50 ms of
+    work per slot for longer ones (at least 2), so no worker hoards the end of a job."""
+    core = Scheduler(Registry(TASKS), clock, prefetch=256)
+    add(core, "w", slots=2, tasks=("sum",))
+    handle = core.workers()[0]
+    job = core.submit("sum", list(range(10)), 10)
+    core._task_mean["sum"] = 0.000_02  # 20 µs: the cap
+    job.durations_sum, job.durations_n = 0.000_02, 1
+    assert core._limit(handle, job) == 2 * 256
+    job.durations_sum = 0.005  # 5 ms: 10 per slot
+    assert core._limit(handle, job) == 2 * 10
+    job.durations_sum = 0.009  # 9 ms: 5 per slot
+    assert core._limit(handle, job) == 2 * 5
+    job.durations_sum = 0.04  # long: slots only
+    assert core._limit(handle, job) == 2
