@@ -56,6 +56,7 @@ from clusterd.core.wire import (
 )
 from clusterd.endpoints import no_delay
 from clusterd.heartbeat import Heartbeat
+from clusterd.server.results import ResultStream
 from clusterd.server.streams import InputStream
 
 __all__ = ["ServerProtocol", "ServerFactory", "final_reply"]
@@ -174,6 +175,7 @@ class ServerProtocol(Protocol):
         self.auth_timer: Any = None
         self.counted = False
         self.stream: InputStream | None = None  # a RUN/SUBMIT whose input is arriving
+        self.result_stream: ResultStream | None = None  # a worker's result arriving in pieces
         self.held = False  # reading paused by a stream's flow control or a big parse
         self._backlog: deque[bytes | LineTooLong] = deque()  # framed, not yet handled
         self._draining = False
@@ -324,7 +326,11 @@ class ServerProtocol(Protocol):
             self._flush_call.cancel()
         self._flush_call = None
         if self.worker is not None:
-            self.core.remove_worker(self.worker)
+            self.core.remove_worker(self.worker)  # first: nothing is requeued onto us
+            if self.result_stream is not None:
+                stream, self.result_stream = self.result_stream, None
+                if not stream.d.called:
+                    stream.d.errback(WorkerLost(self.worker.name))
             inflight, self.inflight = self.inflight, {}
             for d in inflight.values():
                 d.errback(WorkerLost(self.worker.name))
@@ -409,6 +415,13 @@ class ServerProtocol(Protocol):
     # -- dispatch ------------------------------------------------------------------------------
 
     def _handle(self, event: bytes | LineTooLong) -> None:
+        if self.result_stream is not None:
+            result_stream = self.result_stream
+            if result_stream.line(event):
+                if result_stream.done:
+                    self.result_stream = None
+                return
+            self.result_stream = None
         if self.stream is not None:
             stream = self.stream
             if stream.line(event):
@@ -862,10 +875,23 @@ class ServerProtocol(Protocol):
         else:
             msgs = [parse_json_object(rest, verb, max_depth=100_000)]
         inflight = self.inflight
-        for msg in msgs:
+        for n, msg in enumerate(msgs, 1):
             ticket = msg.get("id")
             d = inflight.pop(ticket, None) if isinstance(ticket, int) else None
-            if d is None:
+            streamed = verb == "DONE" and msg.get("stream") is True
+            if streamed:
+                # The result follows as piece lines; they are read (and dropped, if nobody
+                # waits for them any more) up to the '.' line.
+                waiter: Deferred[Any] = d if d is not None else Deferred()
+                if d is None:
+                    self.core.late_result()
+                stream = ResultStream(waiter, msg.get("t"), self.core.config.max_result_bytes)
+                if n < len(msgs):  # pieces can only follow the line's last answer
+                    stream.failure = TaskFailed("BadResult", "a streamed DONE must come last")
+                    stream.finish()
+                else:
+                    self.result_stream = stream
+            elif d is None:
                 # Timed out, cancelled, or a losing speculative copy: counted, never combined.
                 self.core.late_result()
             elif verb == "DONE":

@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from clusterd import PROTOCOL_VERSION
 from clusterd.core.auth import proof
 from clusterd.core.framing import DEFAULT_MAX_LINE, LineFramer, LineTooLong
+from clusterd.core.streaming import ANSWER_PIECE, END, split_for_lines
 from clusterd.core.wire import (
     WireError,
     dumps,
@@ -183,6 +184,8 @@ class WorkerProtocol(Protocol):
             body = dumps(done)
             size = len(body) if body.isascii() else len(body.encode("utf-8", "backslashreplace"))
             line_size = size + (7 if self.batch else 5)  # "DONE [" + body + "]" or "DONE " + body
+            if line_size > self.server_max_line and self._stream_result(done):
+                return
             if line_size > self.server_max_line:
                 self._error(
                     ticket,
@@ -215,6 +218,31 @@ class WorkerProtocol(Protocol):
         body = dumps({"id": ticket, "job": msg.get("job"), "type": kind, "message": message})
         size = len(body) if body.isascii() else len(body.encode("utf-8", "backslashreplace"))
         self._answer("ERROR", body, size)
+
+    def _stream_result(self, done: dict[str, Any]) -> bool:
+        """A result too long for one line goes as ``DONE {..., "stream": true}``, ``+<piece>``
+        lines within the server's line limit, and ``.`` (docs/PROTOCOL.md, "Streamed values").
+        False when it cannot be cut that way (a number, or one element longer than a line):
+        the caller then reports ResultTooLarge."""
+        value = done.pop("result", None)
+        encoded = dumps(value)
+        limit = self.server_max_line - 1
+        if not encoded.isascii():
+            limit //= 4
+        pieces = split_for_lines(value, encoded, limit, dumps, ANSWER_PIECE)
+        try:
+            lines = None if pieces is None else ["+" + p for p in pieces]
+        except ValueError:
+            lines = None
+        if lines is None:
+            done["result"] = value
+            return False
+        done["stream"] = True
+        self._send("DONE " + dumps(done))  # a line of its own, after any batched answers
+        for line in lines:
+            self._send(line)
+        self._send(END)
+        return True
 
     def _answer(self, verb: str, body: str, size: int) -> None:
         """Send a DONE or ERROR. To a batch server, the answers of one reactor turn go out

@@ -14,6 +14,9 @@ import pytest
 
 from clusterd.launch import LocalCluster
 
+SUPPORT = str(Path(__file__).parent / "support")
+TEST_TASKS = ["--tasks", "clusterd_test_tasks"]
+
 pytestmark = pytest.mark.integration
 
 CLI = str(Path(sys.executable).with_name("clusterd"))
@@ -70,11 +73,16 @@ def test_200mb_text_streams_through_the_cli_with_bounded_server_memory(big_clust
 
 def test_json_array_from_stdin_streams_and_big_answer_streams_back(tmp_path):
     """A JSON array on stdin is streamed in pieces; `sort`'s answer, longer than the server's
-    1 MiB line limit, comes back as a streamed RESULT that the clients join."""
-    cluster = LocalCluster(tmp_path, server_args=["--max-line", str(1 << 20)])
+    1 MiB line limit, comes back as a streamed RESULT that the clients join; and a single
+    sub-task's result longer than a line comes from the worker in pieces too."""
+    cluster = LocalCluster(
+        tmp_path,
+        server_args=["--max-line", str(1 << 20), *TEST_TASKS],
+        env={"PYTHONPATH": SUPPORT},
+    )
     try:
         cluster.start_server()
-        cluster.start_worker("w1", extra=["--max-line", str(1 << 20)])
+        cluster.start_worker("w1", extra=["--max-line", str(1 << 20), *TEST_TASKS])
         cluster.wait_workers()
         values = [(i * 7919) % 400_003 for i in range(400_000)]
         data = json.dumps(values).encode()
@@ -90,5 +98,8 @@ def test_json_array_from_stdin_streams_and_big_answer_streams_back(tmp_path):
         with cluster.client() as c:
             assert c.run_stream("sort", [values[:200_000], values[200_000:]], 8) == sorted(values)
             assert c.run_stream("sum", iter([[1, 2], [3]])) == 6
+            # One sub-task's result is itself longer than a 1 MiB line (the input is a number):
+            # the worker streams its DONE, and the server streams the answer on.
+            assert c.run("expand", 100_000) == [f"item-{i:08d}" for i in range(100_000)]
     finally:
         cluster.stop()

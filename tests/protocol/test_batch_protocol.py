@@ -334,14 +334,31 @@ def test_answers_are_split_within_the_servers_max_line(worker):
 
 
 def test_a_result_too_long_for_a_batch_line_is_result_too_large(worker):
+    """A number cannot be cut into pieces: too long for a line, it is ResultTooLarge."""
     clock, make = worker
     c, pool = make(server_max_line=200)
     c.send(dos(1))
-    pool.calls[0][2].callback("x" * 200)
+    pool.calls[0][2].callback(10**250)
     clock.advance(0)
     [line] = c.lines()
     assert line.startswith("ERROR [")
     assert json.loads(line[6:])[0]["type"] == "ResultTooLarge"
+
+
+def test_a_long_result_that_can_be_cut_is_streamed(worker):
+    """A string, array or object result too long for a line goes as DONE {..."stream":true}
+    on its own line, + pieces within the line limit, and '.'."""
+    clock, make = worker
+    c, pool = make(server_max_line=200)
+    c.send(dos(1))
+    pool.calls[0][2].callback("x" * 500)
+    clock.advance(0)
+    lines = c.lines()
+    head = json.loads(lines[0][5:])
+    assert lines[0].startswith("DONE {") and head["stream"] is True and head["id"] == 1
+    assert lines[-1] == "."
+    assert all(len(x) <= 200 for x in lines)
+    assert "".join(json.loads(x[1:]) for x in lines[1:-1]) == "x" * 500
 
 
 def test_drain_sends_the_last_answers_before_it_fires(worker):

@@ -378,3 +378,73 @@ def test_connection_lost_mid_answer_stops_sending(clock):
 
 def compact(value) -> str:
     return json.dumps(value, separators=(",", ":"))
+
+
+# -- a worker's result too long for one line ---------------------------------------------------
+
+
+def streamed_done(w: LineConn, msg: dict, result, piece: int = 10, t: float = 0.5) -> None:
+    """Answer ``msg`` as a worker whose DONE line would be too long: head, pieces, '.'."""
+    w.send("DONE " + compact({"id": msg["id"], "t": t, "stream": True}) + "\n")
+    for i in range(0, len(result), piece):
+        w.send("+" + compact(result[i : i + piece]) + "\n")
+    w.send(".\n")
+
+
+def one_do(w: LineConn) -> dict:
+    (line,) = [x for x in w.lines() if x.startswith("DO ")]
+    return json.loads(line[3:])
+
+
+def test_worker_result_in_pieces_is_joined_and_combined(factory, core):
+    w = Worker(factory)
+    c = LineConn(factory)
+    c.send('RUN sort [3,1,2] {"chunks":1}\n')
+    msg = w.collect()[0]
+    w.todo.clear()
+    streamed_done(w, msg, list(range(1, 101)))
+    assert c.lines() == ["RESULT j1 " + compact(list(range(1, 101)))]
+    assert core.get("j1").status()["ran_on"] == {"w1": 1}
+    assert c.ask("PING") == ["OK PONG"]  # the worker connection is back to normal lines too
+    assert w.ask("PING") == ["OK PONG"]
+    close_all(c, w)
+
+
+def test_worker_result_stream_past_max_result_bytes_fails_the_job(clock):
+    core = Scheduler(REGISTRY, clock, max_result_bytes=50)
+    factory = ServerFactory(core)
+    w = Worker(factory)
+    c = LineConn(factory)
+    c.send('RUN sort [3,1,2] {"chunks":1}\n')
+    msg = w.collect()[0]
+    streamed_done(w, msg, list(range(100)))
+    (reply,) = c.lines()
+    assert reply.startswith("FAILED j1 RESULT_TOO_LARGE")
+    close_all(c, w)
+
+
+def test_bad_result_piece_is_a_failed_attempt_that_is_retried(factory, core):
+    w = Worker(factory)
+    c = LineConn(factory)
+    c.send('SUBMIT sort [3,1,2] {"chunks":1,"attempts":2}\n')
+    msg = w.collect()[0]
+    w.todo.clear()
+    w.send("DONE " + compact({"id": msg["id"], "stream": True}) + "\n+[1,\n.\n")
+    assert core.get("j1").failures == {0: 1}
+    clock = core.clock
+    clock.advance(1)  # the retry's backoff
+    w.run_all()
+    assert c.ask("WAIT j1") == ["OK j1", "RESULT j1 [1,2,3]"]
+    close_all(c, w)
+
+
+def test_worker_lost_mid_result_stream_requeues_the_subtask(factory, core):
+    w = Worker(factory)
+    c = LineConn(factory)
+    c.send('SUBMIT sort [3,1,2] {"chunks":1}\n')
+    msg = w.collect()[0]
+    w.send("DONE " + compact({"id": msg["id"], "stream": True}) + "\n+[1]\n")
+    w.lose()
+    job = core.get("j1")
+    assert job.queued == 1 and job.requeued == 1
+    c.lose()

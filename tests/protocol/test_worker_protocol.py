@@ -532,20 +532,27 @@ def test_a_stopping_worker_drains_as_soon_as_it_registers(pool, clock):
 
 
 def test_a_result_too_long_for_the_server_is_sent_as_result_too_large(pool, clock):
-    """A DONE line longer than the max_line the server announced is replaced by an ERROR of type
-    ResultTooLarge; one that fits is sent as DONE."""
+    """A DONE line longer than the max_line the server announced is streamed in pieces when the
+    result can be cut (an array here), or replaced by an ERROR of type ResultTooLarge when it
+    cannot (a number with more digits than a line holds); one that fits is sent as DONE."""
     w = Worker(pool, clock)
     w.send((format_greeting("server", 60) + "\n").encode())
     w.lines()
-    w.send(do_line(1, "sort", [1]) + do_line(2, "sort", [2]))
+    w.send(do_line(1, "sort", [1]) + do_line(2, "sort", [2]) + do_line(3, "sum", [3]))
     pool.calls[0][2].callback(list(range(30)))
     pool.calls[1][2].callback([2])
-    big, small = w.lines()
-    verb, msg = verb_json(big)
-    assert (verb, msg["id"], msg["type"]) == ("ERROR", 1, "ResultTooLarge")
-    assert "60" in msg["message"]
+    pool.calls[2][2].callback(10**80)
+    lines = w.lines()
+    verb, head = verb_json(lines[0])
+    assert (verb, head["id"], head["stream"]) == ("DONE", 1, True)
+    end = lines.index(".")
+    assert [x for line in lines[1:end] for x in json.loads(line[1:])] == list(range(30))
+    assert all(len(line) <= 60 for line in lines[: end + 1])
+    small, big = lines[end + 1 :]
     assert small == 'DONE {"id":2,"job":"j1","result":[2]}'
-    assert len(small) <= 60
+    verb, msg = verb_json(big)
+    assert (verb, msg["id"], msg["type"]) == ("ERROR", 3, "ResultTooLarge")
+    assert "60" in msg["message"]
 
 
 # -- reliability end to end over iosim -----------------------------------------------------------

@@ -51,10 +51,16 @@ def _die_once(chunk):
     return "survived"
 
 
+def _expand(n):
+    """A result far bigger than its input: n numbered strings."""
+    return [f"item-{i:08d}" for i in range(n)]
+
+
 TASKS = [
     Task("fail", _split, _boom, lambda results: None, "always raises ValueError"),
     Task("pids", _split, _whoami, lambda results: sorted(set(results)), "pool process ids"),
     Task("record", _record_split, _record, sum, "count executions in a directory"),
     Task("hang_once", lambda v, c: [v], _hang_once, lambda r: r[0], "hangs the first time"),
     Task("die_once", lambda v, c: [v], _die_once, lambda r: r[0], "kills its process once"),
+    Task("expand", lambda v, c: [v], _expand, lambda r: r[0], "n numbered strings"),
 ]

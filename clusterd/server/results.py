@@ -1,0 +1,81 @@
+"""A sub-task result too long for one line, arriving from a worker in pieces.
+
+A worker whose ``DONE`` line would pass the server's ``--max-line`` sends
+``DONE {"id":N,"stream":true,...}``, then ``+<piece>`` lines (JSON arrays, strings or objects),
+then ``.`` (docs/PROTOCOL.md, "Streamed values"). The protocol hands each of those lines here; the
+pieces are joined and, at the ``.``, the sub-task's Deferred fires with the whole result, or
+fails with ``ResultTooLarge`` past ``--max-result-bytes`` (the job then fails, as for any
+oversized answer) or ``BadResult`` for a malformed piece (an ordinary failed attempt).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+
+from clusterd.core.framing import LineTooLong
+from clusterd.core.scheduler import TaskFailed, TimedResult
+from clusterd.core.streaming import END, PIECE, Joiner
+from clusterd.core.wire import WireError, parse_json
+
+__all__ = ["ResultStream"]
+
+
+class ResultStream:
+    def __init__(self, d: Deferred[Any], seconds: Any, limit: int) -> None:
+        self.d = d
+        self.seconds = seconds
+        self.limit = limit
+        self.joiner = Joiner()
+        self.size = 0
+        self.failure: TaskFailed | None = None
+        self.done = False  # the '.' line (or the stream's end by other means) came
+
+    def line(self, event: bytes | LineTooLong) -> bool:
+        """Take one line from the worker; False when it is not part of the stream (which is
+        then over, its attempt failed), so the caller handles the line as usual."""
+        if isinstance(event, LineTooLong):
+            self._fail("BadResult", f"a result piece is longer than {event.limit} bytes")
+            return True
+        stripped = event.strip()
+        if stripped == END.encode():
+            self.finish()
+            return True
+        if stripped[:1] != PIECE.encode():
+            self._fail("BadResult", "the result's pieces ended without a '.' line")
+            self.finish()
+            return False
+        if self.failure is not None:
+            return True
+        self.size += len(stripped)
+        if self.size > self.limit:
+            self._fail(
+                "ResultTooLarge",
+                f"the streamed result passed {self.limit} bytes, the server's --max-result-bytes",
+            )
+            self.joiner = Joiner()  # what was held is of no use now
+            return True
+        try:
+            self.joiner.add(parse_json(stripped[1:].decode("utf-8"), "a result piece", 100_000))
+        except (WireError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+            self._fail("BadResult", f"a result piece is not valid: {e}")
+        return True
+
+    def finish(self) -> None:
+        """The ``.`` line (or the stream's end by other means): settle the sub-task."""
+        self.done = True
+        if self.d.called:  # cancelled meanwhile (timed out, job ended, a copy won)
+            return
+        if self.failure is not None:
+            self.d.errback(self.failure)
+            return
+        value = self.joiner.value()
+        if type(self.seconds) is float and self.seconds >= 0:
+            self.d.callback(TimedResult(value, self.seconds))
+        else:
+            self.d.callback(value)
+
+    def _fail(self, kind: str, message: str) -> None:
+        if self.failure is None:
+            self.failure = TaskFailed(kind, message)
