@@ -215,8 +215,19 @@ class WorkerProtocol(Protocol):
         d.addCallbacks(ok, failed).addBoth(settled)
 
     def _error(self, ticket: Any, msg: dict[str, Any], kind: str, message: str) -> None:
-        body = dumps({"id": ticket, "job": msg.get("job"), "type": kind, "message": message})
-        size = len(body) if body.isascii() else len(body.encode("utf-8", "backslashreplace"))
+        """Answer ERROR. A line the server cannot take would leave the sub-task unanswered
+        until a timeout, if it has one, so a long message (a task's huge exception text) is
+        shortened to fit the server's line, with a note that it was."""
+        room = self.server_max_line - 7  # "ERROR [" + body + "]"
+        kind, text = kind[:200], message
+        for _ in range(20):
+            body = dumps({"id": ticket, "job": msg.get("job"), "type": kind, "message": text})
+            size = len(body) if body.isascii() else len(body.encode("utf-8", "backslashreplace"))
+            if size <= room or not message:
+                break
+            # Keep the share of the message that fits, less room for the note and escapes.
+            message = message[: max(0, len(message) * room // size - 40)]
+            text = message + " … (shortened)" if message else ""
         self._answer("ERROR", body, size)
 
     def _stream_result(self, done: dict[str, Any]) -> bool:
