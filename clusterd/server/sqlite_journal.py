@@ -63,6 +63,39 @@ ALTER TABLE jobs ADD COLUMN streamed INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE jobs ADD COLUMN sealed INTEGER;
 """
 _STOP = object()
+
+_ACCEPTED = "id, seq, task, input, chunks, options, key, submitted, streamed"
+_ENDED = "state, result, error, total, finished"
+_INSERT_ACCEPTED = f"INSERT OR REPLACE INTO jobs ({_ACCEPTED}) VALUES ({', '.join('?' * 9)})"
+_INSERT_ACCEPTED_ENDED = (
+    f"INSERT OR REPLACE INTO jobs ({_ACCEPTED}, {_ENDED}) VALUES ({', '.join('?' * 14)})"
+)
+
+
+def _accepted_row(rec: JobAccepted) -> tuple[Any, ...]:
+    return (
+        rec.job,
+        rec.seq,
+        rec.task,
+        rec.input_json,
+        rec.chunks,
+        json.dumps(rec.options),
+        rec.key,
+        rec.submitted,
+        int(rec.streamed),
+    )
+
+
+def _ended_row(rec: JobEnded) -> tuple[Any, ...]:
+    return (
+        rec.state,
+        rec.result_json,
+        json.dumps(rec.error) if rec.error is not None else None,
+        rec.total,
+        rec.finished,
+    )
+
+
 _HURRY = object()  # wakes a lingering writer: somebody waits for what is queued
 # Records nobody waits for: the scheduler ignores a result's Deferred (a crash before its commit
 # only runs that sub-task again), and a forget is housekeeping.
@@ -299,47 +332,13 @@ class SqliteJournal:
                         "INSERT OR IGNORE INTO results VALUES (?, ?, ?)",
                         (rec.job, rec.index, rec.result_json),
                     )
-                elif isinstance(rec, JobAccepted) and rec.job in ended:
-                    end = ended[rec.job]
-                    c.execute(
-                        "INSERT OR REPLACE INTO jobs (id, seq, task, input, chunks, options, key,"
-                        " submitted, streamed, state, result, error, total, finished)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            rec.job,
-                            rec.seq,
-                            rec.task,
-                            rec.input_json,
-                            rec.chunks,
-                            json.dumps(rec.options),
-                            rec.key,
-                            rec.submitted,
-                            int(rec.streamed),
-                            end.state,
-                            end.result_json,
-                            json.dumps(end.error) if end.error is not None else None,
-                            end.total,
-                            end.finished,
-                        ),
-                    )
-                    merged.add(rec.job)
-                    max_seq = max(max_seq, rec.seq)
                 elif isinstance(rec, JobAccepted):
-                    c.execute(
-                        "INSERT OR REPLACE INTO jobs (id, seq, task, input, chunks, options, key,"
-                        " submitted, streamed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            rec.job,
-                            rec.seq,
-                            rec.task,
-                            rec.input_json,
-                            rec.chunks,
-                            json.dumps(rec.options),
-                            rec.key,
-                            rec.submitted,
-                            int(rec.streamed),
-                        ),
-                    )
+                    end = ended.get(rec.job)
+                    if end is None:
+                        c.execute(_INSERT_ACCEPTED, _accepted_row(rec))
+                    else:
+                        c.execute(_INSERT_ACCEPTED_ENDED, _accepted_row(rec) + _ended_row(end))
+                        merged.add(rec.job)
                     max_seq = max(max_seq, rec.seq)
                 elif isinstance(rec, ChunksAdded):
                     c.executemany(
@@ -354,14 +353,7 @@ class SqliteJournal:
                     c.execute(
                         "UPDATE jobs SET state=?, result=?, error=?, total=?, finished=? "
                         "WHERE id=?",
-                        (
-                            rec.state,
-                            rec.result_json,
-                            json.dumps(rec.error) if rec.error is not None else None,
-                            rec.total,
-                            rec.finished,
-                            rec.job,
-                        ),
+                        (*_ended_row(rec), rec.job),
                     )
                     c.execute("DELETE FROM results WHERE job=?", (rec.job,))
                     c.execute("DELETE FROM inputs WHERE job=?", (rec.job,))
