@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_TEXT_CHUNK",
     "DEFAULT_LIST_CHUNK",
     "ANSWER_PIECE",
+    "piece_lines",
     "KINDS",
 ]
 
@@ -177,6 +178,16 @@ def split_for_lines(
             step = per
 
     return pieces()
+
+
+def piece_lines(value: Any, encoded: str, max_line: int, dumps: Any) -> Iterator[str] | None:
+    """The ``+<piece>`` lines of a value too long for one line (``encoded`` is its encoding),
+    each within ``max_line`` bytes and about ANSWER_PIECE characters: how the server sends a big
+    answer and a worker a big result. None when the value cannot be cut (a number); the
+    iterator raises ValueError on reaching one element longer than a line."""
+    limit = max_line - 1 if encoded.isascii() else (max_line - 1) // 4  # UTF-8: <= 4 bytes
+    pieces = split_for_lines(value, encoded, limit, dumps, ANSWER_PIECE)
+    return None if pieces is None else (PIECE + p for p in pieces)
 
 
 class Joiner:

@@ -39,7 +39,7 @@ from clusterd.core.scheduler import (
     WorkerHandle,
     WorkerLost,
 )
-from clusterd.core.streaming import ANSWER_PIECE, END, STREAM_MARK, split_for_lines
+from clusterd.core.streaming import END, STREAM_MARK, piece_lines
 from clusterd.core.wire import (
     CLIENT_VERBS,
     DEFAULT_MAX_JSON_DEPTH,
@@ -82,14 +82,12 @@ def final_lines(job: Job, max_line: int) -> tuple[str, Iterator[str] | None]:
         return line, None
     encoded = job.result_json or "null"
     value = job.result if job.result is not None else json.loads(encoded)
-    limit = max_line - 1 if encoded.isascii() else (max_line - 1) // 4
-    pieces = split_for_lines(value, encoded, limit, dumps, ANSWER_PIECE)
+    pieces = piece_lines(value, encoded, max_line, dumps)
     if pieces is None:
-        return line, None  # a number or one huge string: nothing smaller to send
+        return line, None  # a number: nothing smaller to send
 
     def lines() -> Iterator[str]:
-        for piece in pieces:
-            yield "+" + piece
+        yield from pieces
         yield END
 
     return f"RESULT {job.id} {STREAM_MARK}", lines()

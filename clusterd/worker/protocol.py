@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from clusterd import PROTOCOL_VERSION
 from clusterd.core.auth import proof
 from clusterd.core.framing import DEFAULT_MAX_LINE, LineFramer, LineTooLong
-from clusterd.core.streaming import ANSWER_PIECE, END, split_for_lines
+from clusterd.core.streaming import END, piece_lines
 from clusterd.core.wire import (
     WireError,
     dumps,
@@ -236,13 +236,9 @@ class WorkerProtocol(Protocol):
         False when it cannot be cut that way (a number, or one element longer than a line):
         the caller then reports ResultTooLarge."""
         value = done.pop("result", None)
-        encoded = dumps(value)
-        limit = self.server_max_line - 1
-        if not encoded.isascii():
-            limit //= 4
-        pieces = split_for_lines(value, encoded, limit, dumps, ANSWER_PIECE)
+        pieces = piece_lines(value, dumps(value), self.server_max_line, dumps)
         try:
-            lines = None if pieces is None else ["+" + p for p in pieces]
+            lines = None if pieces is None else list(pieces)
         except ValueError:
             lines = None
         if lines is None:
