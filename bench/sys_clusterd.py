@@ -419,32 +419,11 @@ class ClusterdSystem:
                 register_s = time.perf_counter() - t0
                 time.sleep(1.0)
                 after = rss_bytes(pid)
-                stop = threading.Event()
-                pings: list[float] = []
-                errors: list[BaseException] = []
-
-                def pinger() -> None:
-                    try:
-                        with self._client(cluster) as pc:
-                            while not stop.is_set():
-                                t = time.perf_counter()
-                                check("S1 ping", pc.ping(), "PONG")
-                                pings.append(time.perf_counter() - t)
-                                stop.wait(0.005)
-                    except BaseException as e:  # noqa: BLE001 - reported below
-                        errors.append(e)
-
-                thread = threading.Thread(target=pinger, daemon=True)
-                thread.start()
-                try:
+                with PingSampler(self._client(cluster)) as sampler:
                     t1 = time.perf_counter()
                     total = c.run("inc", {"n": n}, chunks=n)
                     dt = time.perf_counter() - t1
-                finally:
-                    stop.set()
-                    thread.join(30)
-                if errors:
-                    raise errors[0]
+                pings = sampler.samples
                 check(f"S1 W1 inc n={n}", total, inc_answer(n))
                 lost = c.stats().get("workers_lost", 0)
                 if lost:
