@@ -334,11 +334,7 @@ def test_streamed_answer_goes_out_a_few_pieces_per_turn_and_waits_for_room(clock
     for i in range(0, 300, 10):
         c.send("+" + compact(values[i : i + 10]) + "\n")
     c.send(".\n")
-    for _ in range(40):
-        for line in w.lines():
-            if line.startswith("DO "):
-                m = json.loads(line[3:])
-                w.send("DONE " + compact({"id": m["id"], "result": sorted(m["input"])}) + "\n")
+    answer_sorts(w, 40)
     first = c.lines()
     assert first[0] == "RESULT j1 @" and len(first) == 5  # the first turn: 4 pieces
     c.proto.pauseProducing()
@@ -365,15 +361,20 @@ def test_connection_lost_mid_answer_stops_sending(clock):
     for i in range(0, 120, 10):
         c.send("+" + compact(list(range(i, i + 10))) + "\n")
     c.send(".\n")
-    for _ in range(30):
-        for line in w.lines():
-            if line.startswith("DO "):
-                m = json.loads(line[3:])
-                w.send("DONE " + compact({"id": m["id"], "result": m["input"]}) + "\n")
+    answer_sorts(w, 30)
     assert c.lines()[0] == "RESULT j1 @"
     c.lose()  # mid-answer: its next step must not stay scheduled
     w.lose()
     assert clock.getDelayedCalls() == []
+
+
+def answer_sorts(w: LineConn, rounds: int) -> None:
+    """Answer the sort DOs a worker connection gets, for ``rounds`` rounds of lines."""
+    for _ in range(rounds):
+        for line in w.lines():
+            if line.startswith("DO "):
+                m = json.loads(line[3:])
+                w.send("DONE " + compact({"id": m["id"], "result": sorted(m["input"])}) + "\n")
 
 
 def compact(value) -> str:
