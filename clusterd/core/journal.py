@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 
 __all__ = [
     "JobAccepted",
@@ -31,7 +31,10 @@ __all__ = [
 
 
 class JournalError(Exception):
-    """The journal cannot be opened or read; the server refuses to start on it."""
+    """The journal cannot be opened, read or written. At open, the server refuses to start on
+    it; once a write has failed, the journal is *broken*: its ``failure`` is set, and every
+    later append fails with it too (a later commit must never succeed while an earlier batch of
+    records was lost), so the server takes no new work until it is restarted."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,18 @@ class Recovered:
 
 
 class Journal(Protocol):
+    """Where the scheduler makes records durable.
+
+    ``failure`` is None while the journal is healthy; once a write fails it holds that
+    :class:`JournalError` (with the operating system's reason) for good, and every append from
+    then on fails with it at once."""
+
     durable: bool
+    failure: JournalError | None
+
+    def start(self) -> None:
+        """Begin writing (the server calls it from ``startService``)."""
+        ...
 
     def append(self, record: Record, lazy: bool = False) -> Deferred[None]:
         """Fires once ``record`` is durable. ``lazy``: nobody waits for it yet (a RUN's
@@ -124,6 +138,10 @@ class NullJournal:
     """No journal: every record is "durable" at once, and nothing survives a restart."""
 
     durable = False
+    failure: JournalError | None = None
+
+    def start(self) -> None:
+        pass
 
     def append(self, record: Record, lazy: bool = False) -> Deferred[None]:
         return succeed(None)
@@ -149,6 +167,7 @@ class MemoryJournal:
 
     def __init__(self, hold: bool = False) -> None:
         self.hold = hold
+        self.failure: JournalError | None = None
         self.jobs: dict[str, JobRecord] = {}
         self.pending: list[tuple[Record, Deferred[None]]] = []
         self.appended: list[Record] = []
@@ -156,7 +175,20 @@ class MemoryJournal:
         self.lazy: list[Record] = []  # records appended with lazy=True
         self.hurried = 0  # hurry() calls
 
+    def start(self) -> None:
+        pass
+
+    def break_with(self, message: str) -> None:
+        """Fault injection: the disk fails now. Every pending record and every later append
+        fails with ``JournalError(message)``, as a real journal's do after a failed commit."""
+        self.failure = JournalError(message)
+        pending, self.pending = self.pending, []
+        for _, d in pending:
+            d.errback(self.failure)
+
     def append(self, record: Record, lazy: bool = False) -> Deferred[None]:
+        if self.failure is not None:
+            return fail(self.failure)
         d: Deferred[None] = Deferred()
         self.appended.append(record)
         if lazy:

@@ -130,6 +130,7 @@ class SqliteJournal:
         self._urgent = threading.Event()  # set when an urgent record is queued
         self._thread: threading.Thread | None = None
         self._closed: Deferred[None] | None = None
+        self.failure: JournalError | None = None  # set for good by the first failed write
         self.commits = 0
         self.records = 0
         self._conn = self._open()
