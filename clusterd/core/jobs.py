@@ -9,6 +9,12 @@ have state (:attr:`inflight`), and only failed ones a counter (:attr:`failures`,
 Each result is recorded exactly once: a duplicate or late result (the job already has it, or the
 job has ended) is ignored and counted. A job's waiters are told of its end only once the end is
 durable (``settle``), so an answer a client saw is never lost by a crash.
+
+That is the one gate between the core and anything a client is shown: an id waits for
+:meth:`Job.when_durable`, an end (an answer, a failure, a cancel) for :meth:`Job.wait`, and
+:meth:`Job.status` shows a final state only once it is settled. When the journal cannot make a
+record durable, those Deferreds fail with the journal's error instead of firing, so no path (an
+error handler included) can show what a restart would not find.
 """
 
 from __future__ import annotations
@@ -17,9 +23,9 @@ from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 
-__all__ = ["Job", "JobState", "JobOptions"]
+__all__ = ["Job", "JobState", "JobOptions", "Tally"]
 
 
 class JobState:
@@ -45,29 +51,47 @@ class JobOptions:
 
 
 class _Waiters:
-    """Deferreds to fire once, with late subscribers answered at once."""
+    """Deferreds to fire once, with success or a failure; late subscribers are answered at once."""
 
     def __init__(self) -> None:
         self.fired = False
         self.value: Any = None
+        self.error: BaseException | None = None
         self._ds: list[Deferred[Any]] = []
 
     def add(self) -> Deferred[Any]:
         if self.fired:
-            d: Deferred[Any] = Deferred()
-            d.callback(self.value)
-            return d
+            return fail(self.error) if self.error is not None else succeed(self.value)
         d = Deferred(lambda d: self._ds.remove(d) if d in self._ds else None)
         self._ds.append(d)
         return d
 
     def fire(self, value: Any) -> None:
+        self._settle(value, None)
+
+    def fail(self, error: BaseException) -> None:
+        self._settle(None, error)
+
+    def _settle(self, value: Any, error: BaseException | None) -> None:
         if self.fired:
             return
-        self.fired, self.value = True, value
+        self.fired, self.value, self.error = True, value, error
         ds, self._ds = self._ds, []
         for d in ds:
-            d.callback(value)
+            if error is None:
+                d.callback(value)
+            else:
+                d.errback(error)
+
+
+class Tally:
+    """Counts shared by every job of one scheduler, kept as jobs change so that admission
+    checks and STATS never walk the job table: sub-tasks queued over all jobs."""
+
+    __slots__ = ("queued",)
+
+    def __init__(self) -> None:
+        self.queued = 0
 
 
 class Job:
@@ -78,8 +102,11 @@ class Job:
         chunks: list[Any],
         submitted: float,
         options: JobOptions | None = None,
+        tally: Tally | None = None,
     ) -> None:
         self.id = job_id
+        self.tally = tally if tally is not None else Tally()
+        self.tally.queued += len(chunks)
         self.task = task
         self.chunks = chunks
         self.total = len(chunks)
@@ -96,9 +123,9 @@ class Job:
         self.result_json: str | None = None  # the answer, encoded once
         self.error: dict[str, Any] | None = None  # {"code":..., "type":..., "message":...}
         self.submitted = submitted
+        self.shown_state = JobState.QUEUED
         self.finished: float | None = None
         self.key: str | None = None
-        self.owner: object | None = None  # the connection that submitted it, for per-client limits
         self.duplicates = 0
         self.requeued = 0
         self.recovered = 0
@@ -134,6 +161,7 @@ class Job:
         else:
             index = self.next_index
             self.next_index += 1
+        self.tally.queued -= 1
         if self.state == JobState.QUEUED:
             self.state = JobState.RUNNING
         return index
@@ -143,6 +171,7 @@ class Job:
         if self.state in JobState.FINAL or self.results[index] is not _MISSING:
             return False
         self.requeued += 1
+        self.tally.queued += 1
         if front:
             self.retry.appendleft(index)
         else:
@@ -154,6 +183,8 @@ class Job:
         self.chunks.extend(chunks)
         self.results.extend([_MISSING] * len(chunks))
         self.total += len(chunks)
+        if self.state not in JobState.FINAL:
+            self.tally.queued += len(chunks)
 
     def seal(self) -> None:
         """A streamed input is complete: the job can finish once every sub-task has a result."""
@@ -164,6 +195,7 @@ class Job:
 
     def prefill(self, results: dict[int, Any]) -> None:
         """Recovery: install results a journal already holds; queue only the missing ones."""
+        before = self.queued
         for index, value in results.items():
             if 0 <= index < self.total and self.results[index] is _MISSING:
                 self.results[index] = value
@@ -172,6 +204,7 @@ class Job:
                 self.recovered += 1
         self.next_index = self.total
         self.retry = deque(i for i in range(self.total) if self.results[i] is _MISSING)
+        self.tally.queued += self.queued - before
         if self.done:
             self.state = JobState.RUNNING
 
@@ -208,6 +241,8 @@ class Job:
         when :meth:`settle` is called, once the end is durable."""
         if self.state in JobState.FINAL:
             return
+        self.tally.queued -= self.queued
+        self.shown_state = self.state  # what status() shows until the end is durable
         self.state = state
         self.result = result
         self.error = error
@@ -220,7 +255,13 @@ class Job:
         self._watchers.clear()
 
     def settle(self) -> None:
+        """The end is durable: waiters hear of it, and views show it."""
         self._ended.fire(self)
+
+    def settle_failed(self, error: BaseException) -> None:
+        """The end could not be made durable: every waiter fails with ``error``, so no client
+        is shown an end that a restart would not find."""
+        self._ended.fail(error)
 
     @property
     def is_final(self) -> bool:
@@ -235,7 +276,22 @@ class Job:
         return self._ended.add()
 
     def mark_durable(self) -> None:
+        """The job's acceptance (its input, as cut) is durable: its id may be shown."""
         self._durable.fire(self)
+
+    def not_durable(self, error: BaseException) -> None:
+        """The acceptance could not be made durable: whoever waits for the id gets ``error``."""
+        self._durable.fail(error)
+
+    def not_durable_failure(self, failure: Any) -> None:
+        """:meth:`not_durable` as an errback (``failure`` is a Twisted ``Failure``)."""
+        self._durable.fail(failure.value)
+
+    @property
+    def accepted(self) -> bool:
+        """Whether the id was (or may be) shown as accepted: acceptance durable, not refused.
+        A job never accepted (an abandoned upload, a refused acceptance) holds no key."""
+        return self._durable.fired and self._durable.error is None
 
     def when_durable(self) -> Deferred[Job]:
         """Fires once the job's acceptance is durable: only then may a client see its id."""
@@ -263,12 +319,20 @@ class Job:
     def progress(self) -> dict[str, Any]:
         return {"done": self.done, "total": self.total}
 
+    @property
+    def visible_state(self) -> str:
+        """The state a client may see: a final state only once it is durable (settled)."""
+        ended = self._ended
+        if self.state in JobState.FINAL and (not ended.fired or ended.error is not None):
+            return self.shown_state
+        return self.state
+
     def status(self) -> dict[str, Any]:
         final = self.is_final
         out: dict[str, Any] = {
             "id": self.id,
             "task": self.task,
-            "state": self.state,
+            "state": self.visible_state,
             "total": self.total,
             "done": self.done,
             "running": 0 if final else self.running,
@@ -284,9 +348,9 @@ class Job:
             out["key"] = self.key
         if not self.sealed and not final:
             out["receiving"] = True
-        if self.finished is not None:
+        if self.finished is not None and out["state"] in JobState.FINAL:
             out["finished"] = round(self.finished, 3)
             out["elapsed"] = round(self.finished - self.submitted, 6)
-        if self.error is not None:
-            out["error"] = self.error
+            if self.error is not None:
+                out["error"] = self.error
         return out

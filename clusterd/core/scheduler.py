@@ -18,7 +18,7 @@ exactly once; late and duplicate results are counted and dropped.
 from __future__ import annotations
 
 import json
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +28,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from clusterd.core.jobs import Job, JobOptions, JobState
+from clusterd.core.jobs import Job, JobOptions, JobState, Tally
 from clusterd.core.journal import (
     ChunksAdded,
     JobAccepted,
@@ -123,7 +123,10 @@ class WorkerHandle:
     alive: bool = True
     draining: bool = False
     prefetch: int = 1  # sub-tasks per slot it may hold when they are short (queued on the worker)
-    extra: dict[str, Any] = field(default_factory=dict)
+    last_answer: float = 0.0  # when it last answered a sub-task (or registered)
+    # Its unanswered sub-tasks, oldest dispatch first (a dict keeps insertion order and
+    # removes in O(1)), so the stall check looks at one entry per worker.
+    dispatches: dict[Any, None] = field(default_factory=dict)
 
     @property
     def free(self) -> int:
@@ -157,6 +160,7 @@ class _Dispatch:
     started: float
     speculative: bool
     d: Deferred[Any] | None = None
+    stalled: str | None = None  # why check_stalls took it back: "worker" or "subtask"
 
 
 @dataclass
@@ -177,6 +181,10 @@ class SchedulerConfig:
     )
     speculate_min_done: int = 3  # finished sub-tasks needed before the mean is trusted
     speculate_min_seconds: float = 1.0  # never speculate on sub-tasks younger than this
+    # A sub-task with no timeout stalls after stall_factor x its task's mean run time, and
+    # never before stall_min seconds; a worker that answered nothing for that long is wedged.
+    stall_factor: float = 20.0
+    stall_min: float = 60.0
     max_result_bytes: int = 64 * 1024 * 1024  # a job's encoded answer
     max_input_bytes: int = 1 << 30  # a streamed input's piece lines, in total
     prefetch: int = 1  # short sub-tasks a worker may hold per slot (the server's default is 256)
@@ -224,6 +232,13 @@ class Scheduler:
         self._sent_since_pause = 0
         self._pass: deque[list[Any]] | None = None  # [worker, grants left] of a paused pass
         self._resume_call: Any = None  # the callLater(0) that resumes a paused dispatch
+        # Kept as things change, so that no request walks the job or worker table:
+        self._tally = Tally()  # sub-tasks queued over all jobs
+        self._active = 0  # jobs not ended
+        self._busy = 0  # sub-tasks dispatched and not answered, over all workers
+        self._slots = 0  # slots over all connected workers
+        self._task_slots: Counter[str] = Counter()  # task -> slots of workers that run it
+        self._task_workers: Counter[str] = Counter()  # task -> workers that run it
         self.counters = {
             "jobs_submitted": 0,
             "jobs_done": 0,
@@ -261,49 +276,38 @@ class Scheduler:
         chunks: int | None = None,
         options: dict[str, Any] | None = None,
         input_json: str | None = None,
-        owner: object | None = None,
         pieces: list[Any] | None = None,
     ) -> Job:
-        """Split and enqueue a job; raises WireError for an unknown task, a bad input, or a
-        full queue. With a ``key`` option, a job already submitted under that key is returned
-        instead (idempotent submit). The job is dispatched at once; its id may be shown to the
-        client once ``job.when_durable()`` fires. ``pieces``: the input already split by
-        :meth:`prepare` (on another thread, for a big input)."""
+        """Split and enqueue a job; raises WireError for an unknown task, a bad input, a full
+        queue or a broken journal. With a ``key`` option, a job already accepted under that key
+        is returned instead (idempotent submit). The job is dispatched at once; its id may be
+        shown to the client once ``job.when_durable()`` fires. ``pieces``: the input already
+        split by :meth:`prepare` (on another thread, for a big input).
+
+        The journal records the sub-task inputs exactly as cut here, never the input to be
+        split again: a restart resumes the very split its recorded results were computed for,
+        whatever the workers connected since (the default chunk count depends on them)."""
         options = options or {}
+        self._check_journal()
         existing = self._keyed(options.get("key"), task_name)
         if existing is not None:
             return existing
         task = self._task(task_name)
-        if chunks is None:
-            chunks = self._default_chunks(task_name)
-        if chunks > self.config.max_subtasks:
-            raise WireError(
-                ErrorCode.TOO_MANY_SUBTASKS,
-                f"{chunks} chunks asked; this server allows at most "
-                f"{self.config.max_subtasks} per job.",
-            )
         if pieces is None:
+            if chunks is None:
+                chunks = self._default_chunks(task_name)
+            self._check_chunks(chunks)
             pieces = self._split(task_name, value, chunks)
         self._check_queue(len(pieces))
-        if input_json is None:
-            input_json = dumps(value)
-        job = self._new_job(task, pieces, options, owner)
-        job.input_size = len(input_json)
-        record = JobAccepted(
-            job.id,
-            int(job.id[1:]),
-            task_name,
-            input_json,
-            chunks,
-            {"timeout": job.options.timeout, "attempts": job.options.attempts},
-            job.key,
-            job.submitted,
-        )
+        job = self._new_job(task, pieces, options)
+        job.input_size = len(input_json) if input_json is not None else 0
         # Lazy: a RUN's client sees no id before the end, and a SUBMIT's OK hurries the journal
         # (ServerProtocol), so a short RUN's acceptance can share its end's commit.
-        self.journal.append(record, lazy=True).addCallbacks(
-            lambda _: job.mark_durable(), self._not_durable, errbackArgs=(job,)
-        )
+        self._record_acceptance(job, streamed=False, lazy=True)
+        if self.journal.durable:
+            encoded = tuple(dumps(p) for p in pieces)
+            self._append(ChunksAdded(job.id, 0, encoded), job, lazy=True)
+        self._append(JobSealed(job.id, job.total), job, lazy=True, then=job.mark_durable)
         if job.total == 0:
             self._combine(job)
         else:
@@ -311,15 +315,61 @@ class Scheduler:
             self._pump()
         return job
 
+    def _record_acceptance(self, job: Job, streamed: bool, lazy: bool) -> None:
+        """Journal a job's acceptance. Its sub-task inputs follow in ChunksAdded records (so
+        ``streamed`` is always True in the record: recovery reads the cut, never re-splits);
+        ``streamed`` here only says whether the input is still arriving."""
+        record = JobAccepted(
+            job.id,
+            int(job.id[1:]),
+            job.task,
+            "",
+            job.total,
+            {"timeout": job.options.timeout, "attempts": job.options.attempts},
+            job.key,
+            job.submitted,
+            streamed=True,
+        )
+        self._append(record, job, lazy=lazy)
+
+    def _append(
+        self,
+        record: Any,
+        job: Job,
+        lazy: bool = False,
+        then: Callable[[], None] | None = None,
+    ) -> None:
+        """Append one of ``job``'s records and call ``then`` once it is durable. If it cannot
+        be made durable, the job fails and whoever waits for its id or its end gets the
+        journal's error (never the id or the end)."""
+        self.journal.append(record, lazy=lazy).addCallbacks(
+            _call, self._not_durable, callbackArgs=(then,), errbackArgs=(job,)
+        )
+
+    def _check_journal(self) -> None:
+        """A broken journal takes no new work: nothing accepted now could be made durable."""
+        failure = self.journal.failure
+        if failure is not None:
+            raise WireError(ErrorCode.JOURNAL_ERROR, str(failure))
+
+    def _check_chunks(self, chunks: int | None) -> None:
+        if chunks is not None and chunks > self.config.max_subtasks:
+            raise WireError(
+                ErrorCode.TOO_MANY_SUBTASKS,
+                f"{chunks} chunks asked; this server allows at most "
+                f"{self.config.max_subtasks} per job.",
+            )
+
     def open_stream(
-        self, task_name: str, options: dict[str, Any] | None = None, owner: object | None = None
+        self, task_name: str, options: dict[str, Any] | None = None
     ) -> tuple[Job, Upload | None]:
         """Start a job whose input will arrive in pieces (docs/PROTOCOL.md, "Streamed values").
         Returns the job and the :class:`Upload` to feed, or, when a ``key`` names a job already
-        held, that job and None (the pieces are then read and dropped). Sub-tasks are dispatched
-        as soon as they are cut, while the rest of the input is still arriving; the job's id may
-        be shown once the input is complete and durable (``job.when_durable()``)."""
+        accepted, that job and None (the pieces are then read and dropped). Sub-tasks are
+        dispatched as soon as they are cut, while the rest of the input is still arriving; the
+        job's id may be shown once the input is complete and durable (``job.when_durable()``)."""
         options = options or {}
+        self._check_journal()
         existing = self._keyed(options.get("key"), task_name)
         if existing is not None:
             return existing, None
@@ -330,25 +380,9 @@ class Scheduler:
                 f"task {task_name} does not take a streamed input; send it on the request line.",
             )
         chunks = options.get("chunks")
-        if chunks is not None and chunks > self.config.max_subtasks:
-            raise WireError(
-                ErrorCode.TOO_MANY_SUBTASKS,
-                f"{chunks} chunks asked; this server allows at most "
-                f"{self.config.max_subtasks} per job.",
-            )
-        job = self._new_job(task, [], options, owner, streamed=True)
-        record = JobAccepted(
-            job.id,
-            int(job.id[1:]),
-            task_name,
-            "",
-            chunks or 0,
-            {"timeout": job.options.timeout, "attempts": job.options.attempts},
-            job.key,
-            job.submitted,
-            streamed=True,
-        )
-        self.journal.append(record).addErrback(self._not_durable, job)
+        self._check_chunks(chunks)
+        job = self._new_job(task, [], options, streamed=True)
+        self._record_acceptance(job, streamed=True, lazy=False)
         if chunks is None:
             chunks = self._default_chunks(task_name)
         target = chunk_target(task.stream, options.get("size"), chunks)
@@ -370,7 +404,7 @@ class Scheduler:
         start = job.total
         job.add_chunks(pieces)
         if self.journal.durable:
-            self.journal.append(ChunksAdded(job.id, start, tuple(dumps(p) for p in pieces)))
+            self._append(ChunksAdded(job.id, start, tuple(dumps(p) for p in pieces)), job)
         self._enring(job)
         self._pump()
 
@@ -383,18 +417,17 @@ class Scheduler:
             size=job.input_size,
             n=job.total,
         )
-        self.journal.append(JobSealed(job.id, job.total)).addCallbacks(
-            lambda _: job.mark_durable(), self._not_durable, errbackArgs=(job,)
-        )
+        self._append(JobSealed(job.id, job.total), job, then=job.mark_durable)
         if job.complete():
             self._combine(job)
 
     def abandon(self, job: Job, code: str, message: str) -> None:
         """A streamed input went wrong (a bad piece, a limit, the connection lost): the job
-        fails with ``code``, so whoever looks it up learns why."""
+        fails with ``code``, so whoever looks it up learns why. It was never accepted, so its
+        key is free for a retry."""
         if not job.is_final:
             self._end(job, JobState.FAILED, error={"code": code, "message": message})
-        job.mark_durable()
+        job.not_durable(WireError(code, message))
 
     def wants_more(self, job: Job) -> bool:
         """Whether a streamed job should take more input now. Enough queued sub-tasks to keep
@@ -402,13 +435,19 @@ class Scheduler:
         client, so the server holds what the job needs now, not the whole input."""
         if job.is_final:
             return True
-        slots = sum(w.slots for w in self._workers.values() if job.task in w.tasks)
-        return job.queued < max(8, 2 * slots)
+        return job.queued < max(8, 2 * self._task_slots[job.task])
 
     def _keyed(self, key: str | None, task_name: str) -> Job | None:
+        """The job a key names, if it was accepted (or its acceptance is still on its way). A
+        job that ended without ever being accepted (an upload abandoned or cut short by a
+        crash, an acceptance the journal refused) frees its key: the client saw an error, not
+        an id, and PROTOCOL.md tells it to retry with the same key."""
         if key is None or key not in self._keys:
             return None
         existing = self._keys[key]
+        if existing.is_final and not existing.accepted:
+            del self._keys[key]
+            return None
         if existing.task != task_name:
             raise WireError(
                 ErrorCode.BAD_REQUEST,
@@ -427,7 +466,7 @@ class Scheduler:
         return task
 
     def _check_queue(self, adding: int) -> None:
-        queued = self.queued_subtasks()
+        queued = self._tally.queued
         if queued + adding > self.config.max_queued:
             raise WireError(
                 ErrorCode.BUSY,
@@ -440,7 +479,6 @@ class Scheduler:
         task: Task,
         pieces: list[Any],
         options: dict[str, Any],
-        owner: object | None,
         streamed: bool = False,
     ) -> Job:
         # A null option means "the default", as it does for chunks.
@@ -452,10 +490,11 @@ class Scheduler:
             pieces,
             self.clock.seconds(),
             JobOptions(timeout, attempts),
+            self._tally,
         )
         job.key = options.get("key")
-        job.owner = owner
         job.sealed = not streamed
+        self._active += 1
         self._next_id += 1
         self._jobs[job.id] = job
         if job.key is not None:
@@ -470,8 +509,10 @@ class Scheduler:
         return job
 
     def _not_durable(self, failure: Failure, job: Job) -> None:
-        """The journal could not record the job: it must not run as if accepted."""
-        self.log.failure("journal write for job {job_id} failed", failure=failure, job_id=job.id)
+        """A record of ``job`` could not be made durable (the journal logged why, once): the
+        job must not run as if accepted, and nobody may be shown its id or its end."""
+        error = failure.value
+        self.log.debug("job {job_id}: journal write failed: {e}", job_id=job.id, e=error)
         if not job.is_final:
             self._end(
                 job,
@@ -483,12 +524,14 @@ class Scheduler:
                 },
                 durable=False,
             )
-        job.mark_durable()
+        job.not_durable(error)
+        job.settle_failed(error)
 
     def prepare(self, task_name: str, value: Any, chunks: int | None) -> list[Any] | None:
-        """The slow, pure part of :meth:`submit`: split a (big) input. Safe on another thread:
-        it reads only the registry and the limits. None when submit will refuse the job
-        anyway (unknown task, too many chunks), so no time is spent splitting it."""
+        """The slow, pure part of :meth:`submit`: split a (big) input into ``chunks``. Safe on
+        another thread: it reads only the registry and the limits. None when submit will
+        refuse the job anyway (unknown task, too many chunks), so no time is spent splitting
+        it. The caller passes the pieces to :meth:`submit`, which journals exactly them."""
         if task_name not in self.registry:
             return None
         if chunks is None or chunks > self.config.max_subtasks:
@@ -536,13 +579,12 @@ class Scheduler:
         return list(self._jobs.values())
 
     def queued_subtasks(self) -> int:
-        return sum(j.queued for j in self._ring)
+        """Sub-tasks queued over all jobs: a counter, never a walk of the jobs."""
+        return self._tally.queued
 
     def waiting_for_worker(self, job: Job) -> bool:
         """True while the job has queued work that no connected worker can run."""
-        return job.has_pending() and not any(
-            job.task in w.tasks for w in self._workers.values() if w.alive
-        )
+        return job.has_pending() and not self._task_workers[job.task]
 
     def job_status(self, job: Job) -> dict[str, Any]:
         out = job.status()
@@ -584,7 +626,7 @@ class Scheduler:
                 if e.finished < horizon:
                     expired.append(a.job)
                     continue
-                job = Job(a.job, a.task, [], a.submitted, opts)
+                job = Job(a.job, a.task, [], a.submitted, opts, self._tally)
                 job.total = e.total
                 job.state, job.finished, job.error = e.state, e.finished, e.error
                 job.result_json = e.result_json
@@ -592,16 +634,19 @@ class Scheduler:
                 job.next_index = job.total
                 if e.state == JobState.DONE:
                     job.done = job.total
+                job.settle()  # its end is in the journal
             else:
+                self._active += 1
                 job = self._resume(rec, opts)
                 resumed += 1
             job.key = a.key
-            job.mark_durable()
+            # Acknowledged jobs only: a streamed input never completed was never given an id
+            # as accepted, so it holds no key (the client retries under the same one).
+            if not a.streamed or rec.sealed is not None:
+                job.mark_durable()
             self._jobs[job.id] = job
             if a.key is not None:
                 self._keys[a.key] = job
-            if job.is_final and not job.settled:
-                job.settle()
         if expired:
             self.journal.forget(expired)
         self.counters["jobs_recovered"] = resumed
@@ -623,13 +668,13 @@ class Scheduler:
             else:
                 pieces = self._split(a.task, json.loads(a.input_json), a.chunks)
         except (WireError, ValueError) as e:
-            job = Job(a.job, a.task, [], a.submitted, opts)
+            job = Job(a.job, a.task, [], a.submitted, opts, self._tally)
             code = e.code if isinstance(e, WireError) else ErrorCode.BAD_INPUT
             message = e.message if isinstance(e, WireError) else str(e)
             self._jobs[job.id] = job
             self._end(job, JobState.FAILED, error={"code": code, "message": message})
             return job
-        job = Job(a.job, a.task, pieces, a.submitted, opts)
+        job = Job(a.job, a.task, pieces, a.submitted, opts, self._tally)
         job.prefill({i: json.loads(r) for i, r in rec.results.items()})
         self.log.info(
             "job {job_id} resumed: {done} of {total} sub-tasks already done",
@@ -685,7 +730,12 @@ class Scheduler:
             name, frozenset(tasks), slots, runner, close, address, self.clock.seconds()
         )
         handle.prefetch = self.config.prefetch
+        handle.last_answer = handle.connected
         self._workers[name] = handle
+        self._slots += slots
+        for task in handle.tasks:
+            self._task_slots[task] += slots
+            self._task_workers[task] += 1
         self.counters["workers_registered"] += 1
         self.log.info(
             "worker {worker} registered from {address}: {slots} slots, tasks {tasks}",
@@ -715,6 +765,12 @@ class Scheduler:
         handle.alive = False
         if self._workers.get(handle.name) is handle:
             del self._workers[handle.name]
+            self._slots -= handle.slots
+            for task in handle.tasks:
+                self._task_slots[task] -= handle.slots
+                self._task_workers[task] -= 1
+                if not self._task_workers[task]:
+                    del self._task_workers[task], self._task_slots[task]
         self.counters["workers_lost"] += 1
         self.log.info(
             "worker {worker} lost with {busy} sub-tasks in flight",
@@ -732,7 +788,7 @@ class Scheduler:
     # -- dispatch ------------------------------------------------------------------------------
 
     def _default_chunks(self, task_name: str) -> int:
-        slots = sum(w.slots for w in self._workers.values() if task_name in w.tasks)
+        slots = self._task_slots[task_name]
         if not slots:
             return DEFAULT_CHUNKS_NO_WORKERS
         return max(1, min(MAX_DEFAULT_CHUNKS, DEFAULT_CHUNKS_PER_SLOT * slots))
@@ -892,6 +948,8 @@ class Scheduler:
         job.inflight.setdefault(index, []).append(disp)
         job.running += 1
         worker.busy += 1
+        self._busy += 1
+        worker.dispatches[disp] = None
         self.counters["subtasks_dispatched"] += 1
         attempt = job.failures.get(index, 0) + 1
         sub = SubTask(job.id, index, job.task, job.chunks[index], attempt)
@@ -927,10 +985,13 @@ class Scheduler:
                 del job.inflight[disp.index]
         job.running -= 1
         worker.busy -= 1
+        self._busy -= 1
+        worker.dispatches.pop(disp, None)
 
     def _on_result(self, result: Any, disp: _Dispatch) -> None:
         self._release(disp)
         job, index, worker = disp.job, disp.index, disp.worker
+        worker.last_answer = self.clock.seconds()
         if type(result) is TimedResult:
             result, duration = result.value, result.seconds
         else:
@@ -944,7 +1005,7 @@ class Scheduler:
             worker.done += 1
             self.counters["subtasks_completed"] += 1
             if self.journal.durable:
-                self.journal.append(ResultRecorded(job.id, index, dumps(result)))
+                self._append(ResultRecorded(job.id, index, dumps(result)), job)
             for other in list(job.inflight.get(index, ())):
                 other.d.cancel()  # a speculative copy lost the race
             if job.complete():
@@ -956,6 +1017,9 @@ class Scheduler:
     def _on_error(self, failure: Failure, disp: _Dispatch) -> None:
         self._release(disp)
         job, index, worker = disp.job, disp.index, disp.worker
+        if disp.stalled is not None:
+            self._stalled(disp)
+            return
         if failure.check(CancelledError) or job.has_result(index) or job.inflight.get(index):
             # We cancelled it (job ended, or a copy won), or another copy still runs.
             self._pump()
@@ -1051,6 +1115,86 @@ class Scheduler:
         if job.requeue(index):
             self._enring(job)
             self._pump()
+
+    # -- stalls --------------------------------------------------------------------------------
+
+    def check_stalls(self) -> int:
+        """Take back sub-tasks that make no progress; the server calls it every second.
+
+        A sub-task whose job and task set no timeout still gets a deadline once its task's
+        run time is known: ``stall_factor`` times the mean, at least ``stall_min`` seconds. A
+        worker holding such a sub-task that has answered nothing for that long (it answers
+        PING but never a DO, say) is wedged: it is dropped, and everything it held runs
+        elsewhere. On a worker that does answer, just the stalled sub-task fails its attempt
+        (retried, like a timeout). Until a task has a measured run time nothing stalls.
+        Looks at each worker's oldest sub-task only: O(workers) per call. Returns how many
+        sub-tasks were taken back."""
+        now, taken = self.clock.seconds(), 0
+        for worker in list(self._workers.values()):
+            stalled = []
+            for disp in worker.dispatches:
+                limit = self._stall_limit(disp.job)
+                if limit is None or now - disp.started < limit:
+                    break
+                stalled.append((disp, limit))
+            if not stalled:
+                continue
+            first, limit = stalled[0]
+            if now - max(worker.last_answer, first.started) >= limit:
+                self.log.warn(
+                    "worker {worker} answered nothing for {t:.0f}s while holding {n} sub-tasks; "
+                    "dropping it, its sub-tasks run elsewhere",
+                    worker=worker.name,
+                    t=now - max(worker.last_answer, first.started),
+                    n=len(worker.dispatches),
+                )
+                self.remove_worker(worker)
+                stalled = [(d, limit) for d in worker.dispatches]
+                reason = "worker"
+            else:
+                reason = "subtask"
+            for disp, _ in stalled:
+                disp.stalled = reason
+                disp.d.cancel()  # the runner's owner drops it (tells the worker, if any)
+                taken += 1
+            if reason == "worker":
+                worker.close()
+        return taken
+
+    def _stall_limit(self, job: Job) -> float | None:
+        if job.options.timeout is not None:
+            return None  # the job's own timeout takes it back
+        mean = job.mean_duration()
+        if mean is None:
+            mean = self._task_mean.get(job.task)
+        if mean is None:
+            return None
+        return max(self.config.stall_min, self.config.stall_factor * mean)
+
+    def _stalled(self, disp: _Dispatch) -> None:
+        job, index, worker = disp.job, disp.index, disp.worker
+        if job.has_result(index) or job.inflight.get(index):
+            self._pump()
+            return
+        if disp.stalled == "worker":
+            if job.requeue(index):
+                self.counters["subtasks_requeued"] += 1
+                self._enring(job)
+        else:
+            self.counters["subtasks_timed_out"] += 1
+            limit = self._stall_limit(job) or 0.0
+            self._attempt_failed(
+                job,
+                index,
+                worker,
+                {
+                    "code": ErrorCode.TIMEOUT,
+                    "type": "Stalled",
+                    "message": f"no answer after {limit:g}s ({self.config.stall_factor:g}x "
+                    "the task's mean run time)",
+                },
+            )
+        self._pump()
 
     # -- stragglers ----------------------------------------------------------------------------
 
@@ -1155,6 +1299,8 @@ class Scheduler:
         durable: bool = True,
     ) -> None:
         job.result_json = encoded
+        if not job.is_final:
+            self._active -= 1
         job.finish(state, self.clock.seconds(), result=result, error=error)
         for call in job.delayed.values():
             if call.active():
@@ -1177,43 +1323,41 @@ class Scheduler:
             n=job.total,
         )
         if not durable:
-            job.settle()
-            return
+            return  # the caller fails the job's waiters with the journal's error
         record = JobEnded(job.id, state, encoded, error, job.total, job.finished)
-
-        def not_recorded(failure: Failure) -> None:
-            # The answer stands in memory; only its survival of a restart is lost.
-            self.log.failure("journal write for the end of {job_id} failed", failure, job_id=job.id)
-            job.settle()
-
-        self.journal.append(record).addCallbacks(lambda _: job.settle(), not_recorded)
+        self._append(record, job, then=job.settle)
 
     # -- views ---------------------------------------------------------------------------------
 
     def tasks_view(self) -> list[dict[str, Any]]:
         out = []
         for task in self.registry:
-            able = [w for w in self._workers.values() if task.name in w.tasks]
             d = task.describe()
-            d["workers"] = len(able)
-            d["slots"] = sum(w.slots for w in able)
+            d["workers"] = self._task_workers[task.name]
+            d["slots"] = self._task_slots[task.name]
             out.append(d)
         return out
 
     def stats(self) -> dict[str, Any]:
-        live = [j for j in self._jobs.values() if not j.is_final]
+        """Counters, all kept as things change: O(1) in jobs and workers."""
         return {
             **self.counters,
-            "jobs_active": len(live),
+            "jobs_active": self._active,
             "jobs_held": len(self._jobs),
-            "subtasks_queued": sum(j.queued for j in live),
-            "subtasks_running": sum(w.busy for w in self._workers.values()),
+            "subtasks_queued": self._tally.queued,
+            "subtasks_running": self._busy,
             "workers": len(self._workers),
-            "slots": sum(w.slots for w in self._workers.values()),
-            "slots_busy": sum(w.busy for w in self._workers.values()),
+            "slots": self._slots,
+            "slots_busy": self._busy,
             "journal": self.journal.durable,
+            "journal_ok": self.journal.failure is None,
             "uptime": round(self.clock.seconds() - self.started, 3),
         }
+
+
+def _call(_: Any, fn: Callable[[], None] | None) -> None:
+    if fn is not None:
+        fn()
 
 
 def _describe(e: BaseException) -> str:

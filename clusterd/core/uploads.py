@@ -57,8 +57,10 @@ class Upload:
     def end(self) -> None:
         """The ``.`` line: the last sub-task is cut and the job sealed."""
         self.ended = True
-        if self.job.is_final:  # cancelled while arriving: that end is what SUBMIT reports
-            self.job.mark_durable()
+        if self.job.is_final:  # cancelled while arriving: that end is what SUBMIT reports,
+            # once it is durable (a restart must not resume a job shown as cancelled).
+            job = self.job
+            job.wait().addCallbacks(lambda _: job.mark_durable(), job.not_durable_failure)
             return
         self.scheduler.grow(self.job, self.cutter.finish())
         self.scheduler.seal(self.job)

@@ -24,6 +24,7 @@ __all__ = [
     "parse_request",
     "parse_job_request",
     "parse_json",
+    "refusal_line",
     "parse_json_object",
     "parse_json_objects",
     "dumps",
@@ -506,3 +507,11 @@ class ReplyReader:
             self._job, self._joiner = job, Joiner()
             return None
         return parse_reply(line)
+
+
+def refusal_line(error: BaseException) -> str:
+    """The ``ERR`` line for a record that could not be made durable: the request's own code
+    for a refused upload, JOURNAL_ERROR for a journal that failed."""
+    if isinstance(error, WireError):
+        return format_error(error.code, error.message)
+    return format_error(ErrorCode.JOURNAL_ERROR, f"{error} (nothing of this request is kept).")

@@ -53,6 +53,7 @@ from clusterd.core.wire import (
     parse_json_object,
     parse_json_objects,
     parse_request,
+    refusal_line,
 )
 from clusterd.endpoints import no_delay
 from clusterd.heartbeat import Heartbeat
@@ -565,9 +566,7 @@ class ServerProtocol(Protocol):
         self._accept(_Slot(), req, verb, None)
 
     def _accept(self, slot: _Slot, req: Any, verb: str, pieces: list[Any] | None) -> None:
-        job = self.core.submit(
-            req.task, req.input, req.chunks, req.options, req.input_json, self, pieces
-        )
+        job = self.core.submit(req.task, req.input, req.chunks, req.options, req.input_json, pieces)
         if not job.is_final:
             self.open_jobs.add(job)
         self._answer_job(slot, job, verb)
@@ -622,12 +621,13 @@ class ServerProtocol(Protocol):
         if not d.called:
             self.core.journal.hurry()  # the id waits for the commit: no lingering for company
         slot.cleanup = d.cancel
-        d.addCallback(lambda j: self._finish(slot, f"OK {j.id}"))
-        d.addErrback(_ignore_cancel)
+        d.addCallbacks(
+            lambda j: self._finish(slot, f"OK {j.id}"), self._refused, errbackArgs=(slot,)
+        )
 
     def _open_stream(self, task: str, options: dict[str, Any], verb: str) -> None:
         """``RUN``/``SUBMIT <task> @``: the input follows as piece lines (streams.py)."""
-        job, upload = self.core.open_stream(task, options, owner=self)
+        job, upload = self.core.open_stream(task, options)
         if not job.is_final:
             self.open_jobs.add(job)
         slot = _Slot()
@@ -680,8 +680,18 @@ class ServerProtocol(Protocol):
         self._reply("OK " + dumps(self.core.job_status(job)))
 
     def do_CANCEL(self, rest: str) -> None:
+        """``OK <job> cancelled`` once the cancel is durable (a job already ended answers its
+        own final state): a restart never resumes a job its client was told is cancelled."""
         job = self.core.cancel(self._job_id(rest, "CANCEL"))
-        self._reply(f"OK {job.id} {job.state}")
+        slot = _Slot()
+        self.slots.append(slot)
+        d = job.wait()
+        slot.cleanup = d.cancel
+        d.addCallbacks(
+            lambda j: self._finish(slot, f"OK {j.id} {j.state}"),
+            self._refused,
+            errbackArgs=(slot,),
+        )
 
     def do_JOBS(self, rest: str) -> None:
         brief = [
@@ -719,8 +729,19 @@ class ServerProtocol(Protocol):
             d.cancel()
 
         slot.cleanup = cleanup
-        d.addCallback(lambda j: self._send_final(slot, j))
-        d.addErrback(_ignore_cancel)
+        d.addCallbacks(
+            self._send_final_to, self._refused, callbackArgs=(slot,), errbackArgs=(slot,)
+        )
+
+    def _send_final_to(self, job: Job, slot: _Slot) -> None:
+        self._send_final(slot, job)
+
+    def _refused(self, failure: Failure, slot: _Slot) -> None:
+        """What a request waiting for a durable record gets when the record could not be made
+        durable: ``ERR`` with the reason, never the id or the end it waited for."""
+        if failure.check(CancelledError):
+            return  # its connection went away: nothing left to tell
+        self._finish(slot, refusal_line(failure.value))
 
     # -- worker role ---------------------------------------------------------------------------
 
@@ -900,11 +921,6 @@ class ServerProtocol(Protocol):
                     d.callback(msg.get("result"))
             else:
                 d.errback(TaskFailed(str(msg.get("type", "Error")), str(msg.get("message", ""))))
-
-
-def _ignore_cancel(failure: Failure) -> None:
-    """A waiter cancelled because its connection went away: nothing left to tell."""
-    failure.trap(CancelledError)
 
 
 class ServerFactory(Factory):

@@ -29,6 +29,9 @@ class ServerService(Service):
         self._speculate = LoopingCall(core.speculate)
         self._speculate.clock = core.clock
         self.speculate_interval = speculate_interval
+        # Sub-tasks that make no progress (a wedged worker) are taken back: see check_stalls.
+        self._stalls = LoopingCall(core.check_stalls)
+        self._stalls.clock = core.clock
 
     def _expire(self) -> None:
         n = self.core.expire()
@@ -48,11 +51,12 @@ class ServerService(Service):
         self._sweep.start(self.sweep_interval, now=False)
         if self.core.config.speculate:
             self._speculate.start(self.speculate_interval, now=False)
+        self._stalls.start(1.0, now=False)
 
     def stopService(self) -> Deferred[Any]:
         """Listeners stop first (they were added after us); then the journal is flushed."""
         super().stopService()
-        for loop in (self._sweep, self._speculate):
+        for loop in (self._sweep, self._speculate, self._stalls):
             if loop.running:
                 loop.stop()
 

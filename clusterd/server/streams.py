@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from clusterd.core.framing import LineTooLong
 from clusterd.core.streaming import END, PIECE
-from clusterd.core.wire import ErrorCode, WireError, format_error, parse_json
+from clusterd.core.wire import ErrorCode, WireError, format_error, parse_json, refusal_line
 
 if TYPE_CHECKING:
     from clusterd.core.jobs import Job
@@ -123,8 +123,12 @@ class InputStream:
         self.failed = True
         if self.upload is not None and not self.upload.ended:
             self.upload.abandon(code, message)
-            message = f"{message} Job {self.job.id} was abandoned."
-        self._refuse(format_error(code, message))
+            job, refuse = self.job, self._refuse
+            line = format_error(code, f"{message} Job {job.id} was abandoned.")
+            # The ERR names the job: it goes out once the job's end is durable (the gate).
+            job.wait().addCallbacks(lambda _: refuse(line), lambda f: refuse(refusal_line(f.value)))
+        else:
+            self._refuse(format_error(code, message))
         self._release()
 
     def lost(self) -> None:

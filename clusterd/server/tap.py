@@ -86,6 +86,22 @@ class Options(usage.Options):
             float,
         ],
         [
+            "stall-factor",
+            None,
+            20.0,
+            "A sub-task with no timeout that runs this many times its task's mean run time "
+            "(and at least --stall-min seconds) has stalled: it is retried, and a worker that "
+            "answered nothing meanwhile is dropped.",
+            _positive_float,
+        ],
+        [
+            "stall-min",
+            None,
+            60.0,
+            "Seconds a sub-task with no timeout may always run before it can count as stalled.",
+            _positive_float,
+        ],
+        [
             "default-attempts",
             None,
             3,
@@ -279,6 +295,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         retention=options["retention"],
         default_timeout=options["default-timeout"] or None,
         default_attempts=options["default-attempts"],
+        stall_factor=options["stall-factor"],
+        stall_min=options["stall-min"],
         max_lost=options["max-lost"],
         speculate=bool(options["speculate"]),
         speculate_factor=options["speculate-factor"],

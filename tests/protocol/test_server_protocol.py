@@ -924,12 +924,14 @@ def test_run_result_is_held_until_the_job_end_is_durable(journaled, journal):
     waiter = Conn(journaled)
     assert waiter.ask("WAIT j1") == []
     worker.answer_all()
-    assert ok_json(Conn(journaled).ask("STATUS j1")[0])["state"] == "done"
+    # Done in memory, not yet durable: STATUS shows it still running (the gate).
+    assert ok_json(Conn(journaled).ask("STATUS j1")[0])["state"] == "running"
     assert conn.lines() == []
     assert waiter.lines() == []
     journal.flush()
     assert conn.lines() == ["RESULT j1 6"]
     assert waiter.lines() == ["RESULT j1 6"]
+    assert ok_json(Conn(journaled).ask("STATUS j1")[0])["state"] == "done"
 
 
 def test_results_are_retrievable_from_a_restarted_server(clock):

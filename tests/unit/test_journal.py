@@ -13,8 +13,10 @@ from twisted.internet.task import Clock
 
 from clusterd.core.jobs import JobState
 from clusterd.core.journal import (
+    ChunksAdded,
     JobAccepted,
     JobEnded,
+    JobSealed,
     JournalError,
     MemoryJournal,
     ResultRecorded,
@@ -59,7 +61,7 @@ def test_submit_appends_the_acceptance_lazily_and_the_end_urgently(registry, clo
     core = Scheduler(registry, clock, journal=journal)
     add(core, "w1")
     job = core.submit("sum", [1, 2], chunks=1)
-    assert [type(r) for r in journal.lazy] == [JobAccepted]
+    assert [type(r) for r in journal.lazy] == [JobAccepted, ChunksAdded, JobSealed]
     assert journal.lazy[0].job == job.id
     assert journal.hurried == 0
 
@@ -76,7 +78,11 @@ def test_a_job_is_durable_only_once_its_accepted_record_is_flushed(registry, clo
     journal.flush()
     assert result_of(durable) is job
     assert journal.appended == [
-        JobAccepted("j1", 1, "sum", "[1,2,3]", 2, {"timeout": None, "attempts": 3}, "k1", 3.0)
+        JobAccepted(
+            "j1", 1, "sum", "", 2, {"timeout": None, "attempts": 3}, "k1", 3.0, streamed=True
+        ),
+        ChunksAdded("j1", 0, ("[1,2]", "[3]")),
+        JobSealed("j1", 2),
     ]
     assert result_of(job.when_durable()) is job  # a late subscriber is answered at once
     core.cancel(job.id)
@@ -98,6 +104,8 @@ def test_a_job_end_is_told_only_once_its_ended_record_is_durable(registry, clock
     assert result_of(waiter) is job
     assert [type(r).__name__ for r in journal.appended] == [
         "JobAccepted",
+        "ChunksAdded",
+        "JobSealed",
         "ResultRecorded",
         "ResultRecorded",
         "JobEnded",
@@ -218,7 +226,7 @@ def test_a_key_makes_submit_idempotent(registry, clock):
     w = add(core, "w1", slots=4)
     job = core.submit("sum", [1, 2], chunks=2, options={"key": "batch-1"})
     assert core.submit("sum", [1, 2], chunks=2, options={"key": "batch-1"}) is job
-    assert len(journal.appended) == 1
+    assert {r.job for r in journal.appended} == {"j1"}  # one job's records, not two
     assert len(w.calls) == 2
     assert core.stats()["jobs_submitted"] == 1
     assert job.status()["key"] == "batch-1"

@@ -591,6 +591,7 @@ def test_stats_counters(core, clock):
         "slots": 2,
         "slots_busy": 0,
         "journal": False,
+        "journal_ok": True,
         "uptime": 7,
     }
 
