@@ -277,12 +277,14 @@ class Scheduler:
         options: dict[str, Any] | None = None,
         input_json: str | None = None,
         pieces: list[Any] | None = None,
+        encoded: tuple[str, ...] | None = None,
     ) -> Job:
         """Split and enqueue a job; raises WireError for an unknown task, a bad input, a full
         queue or a broken journal. With a ``key`` option, a job already accepted under that key
         is returned instead (idempotent submit). The job is dispatched at once; its id may be
         shown to the client once ``job.when_durable()`` fires. ``pieces``: the input already
-        split by :meth:`prepare` (on another thread, for a big input).
+        split by :meth:`prepare` (on another thread, for a big input), and ``encoded`` those
+        pieces as :meth:`encode_cut` gives them (also done there).
 
         The journal records the sub-task inputs exactly as cut here, never the input to be
         split again: a restart resumes the very split its recorded results were computed for,
@@ -305,7 +307,8 @@ class Scheduler:
         # (ServerProtocol), so a short RUN's acceptance can share its end's commit.
         self._record_acceptance(job, streamed=False, lazy=True)
         if self.journal.durable:
-            encoded = tuple(dumps(p) for p in pieces)
+            if encoded is None or len(encoded) != len(pieces):
+                encoded = self.encode_cut(pieces)
             self._append(ChunksAdded(job.id, 0, encoded), job, lazy=True)
         self._append(JobSealed(job.id, job.total), job, lazy=True, then=job.mark_durable)
         if job.total == 0:
@@ -537,6 +540,11 @@ class Scheduler:
         if chunks is None or chunks > self.config.max_subtasks:
             return None
         return self._split(task_name, value, chunks)
+
+    @staticmethod
+    def encode_cut(pieces: list[Any]) -> tuple[str, ...]:
+        """Sub-task inputs as the journal keeps them. Pure: safe on another thread."""
+        return tuple(dumps(p) for p in pieces)
 
     def default_chunks(self, task_name: str) -> int:
         """The chunk count a job of this task gets when it names none (depends on workers)."""

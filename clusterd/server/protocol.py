@@ -565,8 +565,17 @@ class ServerProtocol(Protocol):
             return
         self._accept(_Slot(), req, verb, None)
 
-    def _accept(self, slot: _Slot, req: Any, verb: str, pieces: list[Any] | None) -> None:
-        job = self.core.submit(req.task, req.input, req.chunks, req.options, req.input_json, pieces)
+    def _accept(
+        self,
+        slot: _Slot,
+        req: Any,
+        verb: str,
+        pieces: list[Any] | None,
+        encoded: tuple[str, ...] | None = None,
+    ) -> None:
+        job = self.core.submit(
+            req.task, req.input, req.chunks, req.options, req.input_json, pieces, encoded
+        )
         if not job.is_final:
             self.open_jobs.add(job)
         self._answer_job(slot, job, verb)
@@ -581,18 +590,22 @@ class ServerProtocol(Protocol):
         chunks = self.core.default_chunks(task)
         depth = self.settings.max_json_depth
 
-        def prepare() -> tuple[Any, list[Any] | None]:
+        def prepare() -> tuple[Any, list[Any] | None, tuple[str, ...] | None]:
+            # Parse, split and encode the cut the journal keeps: all pure, all off the reactor.
             req = parse_job_request(rest, verb, depth)
-            return req, self.core.prepare(req.task, req.input, req.chunks or chunks)
+            pieces = self.core.prepare(req.task, req.input, req.chunks or chunks)
+            durable = pieces is not None and self.core.journal.durable
+            encoded = self.core.encode_cut(pieces) if durable else None
+            return req, pieces, encoded
 
-        def parsed(out: tuple[Any, list[Any] | None]) -> None:
-            req, pieces = out
+        def parsed(out: tuple[Any, list[Any] | None, tuple[str, ...] | None]) -> None:
+            req, pieces, encoded = out
             if req.streamed:  # "RUN task @ <a megabyte of options>"
                 message = "a streamed request's options must be short; send the input as pieces."
                 self._finish(slot, format_error(ErrorCode.BAD_REQUEST, message))
                 self.stream = InputStream.refused()
             else:
-                self._accept(slot, req, verb, pieces)
+                self._accept(slot, req, verb, pieces, encoded)
 
         def refused(failure: Failure) -> None:
             e = failure.value
