@@ -57,13 +57,14 @@ class _Waiters:
         self.fired = False
         self.value: Any = None
         self.error: BaseException | None = None
-        self._ds: list[Deferred[Any]] = []
+        # A dict (insertion-ordered): a waiter whose connection closed leaves in O(1).
+        self._ds: dict[Deferred[Any], None] = {}
 
     def add(self) -> Deferred[Any]:
         if self.fired:
             return fail(self.error) if self.error is not None else succeed(self.value)
-        d = Deferred(lambda d: self._ds.remove(d) if d in self._ds else None)
-        self._ds.append(d)
+        d: Deferred[Any] = Deferred(lambda d: self._ds.pop(d, None))
+        self._ds[d] = None
         return d
 
     def fire(self, value: Any) -> None:
@@ -76,7 +77,7 @@ class _Waiters:
         if self.fired:
             return
         self.fired, self.value, self.error = True, value, error
-        ds, self._ds = self._ds, []
+        ds, self._ds = self._ds, {}
         for d in ds:
             if error is None:
                 d.callback(value)
@@ -124,6 +125,7 @@ class Job:
         self.error: dict[str, Any] | None = None  # {"code":..., "type":..., "message":...}
         self.submitted = submitted
         self.shown_state = JobState.QUEUED
+        self.recorded = False  # its acceptance record is durable: its id exists for good
         self.finished: float | None = None
         self.key: str | None = None
         self.duplicates = 0

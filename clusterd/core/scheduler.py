@@ -21,6 +21,7 @@ import json
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
@@ -333,7 +334,7 @@ class Scheduler:
             job.submitted,
             streamed=True,
         )
-        self._append(record, job, lazy=lazy)
+        self._append(record, job, lazy=lazy, then=partial(setattr, job, "recorded", True))
 
     def _append(
         self,
@@ -570,8 +571,10 @@ class Scheduler:
         return pieces
 
     def get(self, job_id: str) -> Job:
+        """A job by id, for any request naming one. A job whose acceptance is not durable yet
+        does not exist for clients (its id may never be kept): it is UNKNOWN_JOB."""
         job = self._jobs.get(job_id)
-        if job is None:
+        if job is None or not job.recorded:
             raise WireError(
                 ErrorCode.UNKNOWN_JOB, f"no job {job_id!r} (never submitted, or expired)."
             )
@@ -584,7 +587,8 @@ class Scheduler:
         return job
 
     def jobs(self) -> list[Job]:
-        return list(self._jobs.values())
+        """Every job held whose id exists for good (its acceptance is durable)."""
+        return [j for j in self._jobs.values() if j.recorded]
 
     def queued_subtasks(self) -> int:
         """Sub-tasks queued over all jobs: a counter, never a walk of the jobs."""
@@ -648,6 +652,7 @@ class Scheduler:
                 job = self._resume(rec, opts)
                 resumed += 1
             job.key = a.key
+            job.recorded = True
             # Acknowledged jobs only: a streamed input never completed was never given an id
             # as accepted, so it holds no key (the client retries under the same one).
             if not a.streamed or rec.sealed is not None:

@@ -138,3 +138,16 @@ def test_a_key_whose_upload_was_abandoned_is_free_for_the_retry(factory, journal
     journal.flush()
     assert retry.lines() == ["OK j2"]
     assert ok_json(retry.ask("STATUS j2")[0])["key"] == "K"
+
+
+def test_a_job_not_yet_durable_is_unknown_to_every_other_request(factory, journal):
+    """Until its acceptance commits, a job's id exists nowhere a client can see it: STATUS and
+    WAIT say UNKNOWN_JOB and JOBS does not list it (its id might never be kept)."""
+    conn, other = Conn(factory), Conn(factory)
+    assert conn.ask("SUBMIT sum [1,2,3]") == []
+    assert err_code(other.ask("STATUS j1")[0]) == "UNKNOWN_JOB"
+    assert err_code(other.ask("WAIT j1")[0]) == "UNKNOWN_JOB"
+    assert ok_json(other.ask("JOBS")[0]) == []
+    journal.flush()
+    assert conn.lines() == ["OK j1"]
+    assert [j["id"] for j in ok_json(other.ask("JOBS")[0])] == ["j1"]
