@@ -691,7 +691,7 @@ def test_client_lost_while_run_pending_leaks_nothing(factory, client, core):
     job = core.get("j1")
     assert len(job._ended._ds) == 1
     client.lose(ConnectionLost)
-    assert job._ended._ds == []
+    assert job._ended._ds == {}
     assert len(client.proto.slots) == 0
     WorkerConn(factory, slots=4).answer_all()
     assert job.result == 6
@@ -706,7 +706,7 @@ def test_client_lost_while_watching_leaks_nothing(factory, client, core):
     assert len(job._watchers) == 1
     client.lose()
     assert job._watchers == []
-    assert job._ended._ds == []
+    assert job._ended._ds == {}
     WorkerConn(factory, slots=4).answer_all()
     assert job.result == 3
     assert client.tr.value() == b""

@@ -328,7 +328,7 @@ def test_cancelled_waiter_is_forgotten(core, clock):
     d = job.wait()
     d.addErrback(lambda f: None)
     d.cancel()
-    assert job._ended._ds == []
+    assert job._ended._ds == {}
     core.cancel(job.id)
 
 
