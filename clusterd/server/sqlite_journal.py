@@ -154,7 +154,7 @@ class SqliteJournal:
         if sync not in ("full", "normal"):
             raise JournalError(f"journal sync must be 'full' or 'normal', not {sync!r}")
         self.sync = sync
-        self.path = path
+        self.path = os.path.abspath(path)  # messages name the file wherever the server runs
         self.reactor = reactor
         self.batch_max = batch_max
         self.linger = linger  # seconds a batch of lazy records may wait for an urgent one
@@ -170,7 +170,7 @@ class SqliteJournal:
         self.checkpoints = 0
         self.vacuums = 0
         self._tidy_warned = False
-        self.lock_path = path + ".lock"
+        self.lock_path = self.path + ".lock"
         self._lock: BinaryIO | None = None
         self._files: dict[str, tuple[int, int]] = {}  # path -> (st_dev, st_ino) as opened
         self._conn = self._open()
@@ -193,7 +193,9 @@ class SqliteJournal:
             if isinstance(e, JournalError):
                 raise
             if isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError):
-                raise JournalError(f"cannot use journal {self.path}: {e}") from e
+                raise JournalError(
+                    f"cannot use journal {self.path}: {e}; move the file away to start empty"
+                ) from e
             raise JournalError(f"journal {self.path} cannot be written: {self._reason(e)}") from e
 
     def _take_lock(self) -> BinaryIO:
