@@ -42,9 +42,8 @@ class ServerService(Service):
         super().startService()
         # twistd has begun logging by now: its text log gets the faster formatter (same text).
         speed_up_text_logs()
-        start = getattr(self.core.journal, "start", None)
-        if start is not None:
-            start()
+        # The journal's writer starts only now, after recovery read it back (in makeService).
+        self.core.journal.start()
         self.log.info(
             "clusterd server starting; tasks: {tasks}", tasks=", ".join(self.core.registry.names())
         )

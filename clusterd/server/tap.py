@@ -305,20 +305,23 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         prefetch=options["prefetch"],
         dispatch_per_turn=options["dispatch-per-turn"],
     )
+    journal = None
     try:
+        journal = open_journal(options["journal"], reactor, options["journal-sync"])
         core = Scheduler(
             options.registry,
             reactor,
-            open_journal(options["journal"], reactor, options["journal-sync"]),
+            journal,
             config,
             offload=partial(deferToThreadPool, reactor, reactor.getThreadPool()),
         )
         core.recover()
     except JournalError as e:
-        # Exit 1 with one clear line: never start empty on a journal we cannot read.
-        raise SystemExit(
-            f"clusterd-server: {e}. Refusing to start; move the file away to start empty."
-        ) from None
+        # Exit 1 with one clear line: never start empty on a journal we cannot read, and never
+        # start on one that cannot be written or that another server holds.
+        if journal is not None:
+            journal.close()  # lets go of its lock
+        raise SystemExit(f"clusterd-server: {e}. Refusing to start.") from None
     ServerService(core).setServiceParent(top)
     settings = ConnectionSettings(
         max_line=options["max-line"],

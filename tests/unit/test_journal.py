@@ -3,6 +3,7 @@ SQLite journal's storage (round trip, group-commit thread, refusal of corrupt or
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 
@@ -10,6 +11,8 @@ import pytest
 from helpers import add_worker as add
 from helpers import result_of
 from twisted.internet.task import Clock
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from clusterd.core.jobs import JobState
 from clusterd.core.journal import (
@@ -512,8 +515,9 @@ def test_a_lazy_acceptance_waits_for_its_end_and_shares_one_commit(tmp_path):
     assert conn.execute("SELECT count(*) FROM results").fetchone() == (0,)
     conn.close()
     rec = SqliteJournal(path, QueueReactor()).load()
+    # An ended job's input is not kept: its row says so with an empty input.
     assert [(r.accepted, r.ended, r.results) for r in rec.jobs] == [
-        (accepted("j1", 1, chunks=1), JobEnded("j1", "done", "3", None, 1, 2.0), {})
+        (accepted("j1", 1, chunks=1, input_json=""), JobEnded("j1", "done", "3", None, 1, 2.0), {})
     ]
     assert rec.next_seq == 2
 
@@ -573,3 +577,197 @@ def result_of_close(j: SqliteJournal, reactor: QueueReactor) -> None:
     assert not j._thread.is_alive()
     reactor.run_calls()
     assert result_of(closed) is None
+
+
+# -- a broken journal: failed writes, a second server, a deleted file ------------------------------
+
+
+class FailingCommit:
+    """Wraps the journal's connection: COMMITs fail as on a full disk. Like SQLite after some
+    failed commits, it has already rolled the transaction back when it raises."""
+
+    def __init__(self, conn: sqlite3.Connection, after: int = 0) -> None:
+        self.conn = conn
+        self.after = after  # COMMITs that still succeed
+
+    def execute(self, sql: str, *args):
+        if sql == "COMMIT":
+            if self.after > 0:
+                self.after -= 1
+            else:
+                self.conn.execute("ROLLBACK")
+                raise sqlite3.OperationalError("database or disk is full")
+        return self.conn.execute(sql, *args)
+
+    def __getattr__(self, name: str):
+        return getattr(self.conn, name)
+
+
+def _logged(j: SqliteJournal) -> list[dict]:
+    events: list[dict] = []
+    j.log = Logger(namespace="test", observer=events.append)
+    return events
+
+
+def _settle(d) -> Exception | None:
+    """What a fired Deferred carried: None on success, the exception on failure."""
+    out: list = []
+    d.addBoth(out.append)
+    assert out, "the Deferred has not fired"
+    return out[0].value if isinstance(out[0], Failure) else None
+
+
+def _wait_for(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_a_failed_commit_breaks_the_journal_for_good_with_the_commits_own_error(tmp_path):
+    """A failed COMMIT fails its batch with the commit's own error (never a follow-up ROLLBACK's
+    "no transaction is active"), logs it once, fails what was queued after it and every later
+    append at once, and nothing appended after it is ever committed."""
+    path = str(tmp_path / "journal.db")
+    reactor = QueueReactor()
+    j = SqliteJournal(path, reactor, linger=0)
+    events = _logged(j)
+    j._conn = FailingCommit(j._conn, after=1)
+    j.start()
+    first = j.append(accepted("j1", 1))
+    _wait_for(lambda: j.commits == 1)
+    lost = j.append(accepted("j2", 2))
+    _wait_for(lambda: j.failure is not None)
+    later = j.append(accepted("j3", 3))
+    assert later.called  # at once, without touching the disk
+    result_of_close(j, reactor)
+    assert _settle(first) is None
+    err = _settle(lost)
+    assert isinstance(err, JournalError)
+    assert err is j.failure
+    assert _settle(later) is j.failure
+    message = str(j.failure)
+    assert message.startswith(f"journal {path} cannot be written: ")
+    assert "database or disk is full" in message
+    assert "no new work until restarted" in message
+    assert "rollback" not in message
+    assert [e["failure"] for e in events if e["log_level"].name == "critical"] == [message]
+    reopened = SqliteJournal(path, QueueReactor())
+    assert [r.accepted.job for r in reopened.load().jobs] == ["j1"]
+    result_of(reopened.close())
+
+
+def test_ids_are_never_reused_after_a_failed_write_and_a_restart(tmp_path, registry):
+    """A restart after a failed write hands out no id that was ever committed, even when the
+    newest committed jobs were forgotten before the failure."""
+    path = str(tmp_path / "journal.db")
+    reactor = QueueReactor()
+    j = SqliteJournal(path, reactor, linger=0)
+    j._write([accepted("j1", 1), accepted("j2", 2), accepted("j3", 3)])
+    j._write([_Forget(["j2", "j3"])])
+    j._conn = FailingCommit(j._conn)
+    j.start()
+    lost = j.append(accepted("j4", 4))
+    _wait_for(lambda: j.failure is not None)
+    result_of_close(j, reactor)
+    assert isinstance(_settle(lost), JournalError)
+    reopened = SqliteJournal(path, QueueReactor())
+    core = restart(registry, reopened)
+    assert core.submit("sum", [1], chunks=1).id == "j4"  # j1-j3 were committed; j4 never was
+    result_of(reopened.close())
+
+
+def test_a_second_journal_on_the_same_file_is_refused_naming_the_holder(tmp_path):
+    """One journal serves one server: a second SqliteJournal on the path is refused with the
+    lock file and the holder's pid, and the file is free again once the first is closed."""
+    path = str(tmp_path / "journal.db")
+    first = SqliteJournal(path, QueueReactor())
+    with pytest.raises(JournalError) as refused:
+        SqliteJournal(path, QueueReactor())
+    assert str(refused.value) == (
+        f"journal {path} is in use by another server (pid {os.getpid()}), which holds its lock "
+        f"file {path}.lock; a journal serves one server at a time"
+    )
+    result_of(first.close())
+    result_of(SqliteJournal(path, QueueReactor()).close())
+
+
+@pytest.mark.parametrize("what", ["delete", "replace", "delete-wal", "delete-lock"])
+def test_a_journal_deleted_or_replaced_while_running_breaks_it(tmp_path, what):
+    """A journal file (or its WAL or lock file) deleted or replaced while the server runs is a
+    failed write: the next batch fails, loudly, instead of committing to a file no restart
+    reads."""
+    path = str(tmp_path / "journal.db")
+    reactor = QueueReactor()
+    j = SqliteJournal(path, reactor, linger=0)
+    events = _logged(j)
+    j.start()
+    first = j.append(accepted("j1", 1))
+    _wait_for(lambda: j.commits == 1)
+    if what == "replace":
+        (tmp_path / "other.db").write_bytes(b"")
+        os.replace(tmp_path / "other.db", path)
+    else:
+        os.unlink(
+            {"delete": path, "delete-wal": path + "-wal", "delete-lock": path + ".lock"}[what]
+        )
+    lost = j.append(accepted("j2", 2))
+    _wait_for(lambda: j.failure is not None)
+    result_of_close(j, reactor)
+    assert _settle(first) is None
+    assert _settle(lost) is j.failure
+    assert ("replaced" if what == "replace" else "deleted while the server ran") in str(j.failure)
+    assert len([e for e in events if e["log_level"].name == "critical"]) == 1
+
+
+def _size(path: str) -> int:
+    return sum(os.path.getsize(p) for p in (path, path + "-wal") if os.path.exists(p))
+
+
+def test_a_finished_jobs_space_is_given_back_to_the_file_system(tmp_path):
+    """A big job's input, sub-task inputs and results are dropped at its end, the free pages are
+    returned and the WAL is truncated: the journal shrinks back to a small bound."""
+    path = str(tmp_path / "journal.db")
+    reactor = QueueReactor()
+    j = SqliteJournal(path, reactor, linger=0, wal_limit=4 << 20)
+    j.start()
+    small = j.append(accepted("j1", 1, input_json="[1]", chunks=1))  # stays: it is unfinished
+    big = "x" * (1 << 20)
+    j.append(accepted("j2", 2, input_json=f'"{big * 10}"', chunks=10))
+    j.append(ChunksAdded("j2", 0, tuple(f'"{big}"' for _ in range(10))))
+    for i in range(10):
+        j.append(ResultRecorded("j2", i, f'"{big}"'))
+    j.hurry()
+    _wait_for(lambda: j.records == 13)
+    grown = _size(path)
+    assert grown > 30 << 20
+    checkpoints = j.checkpoints
+    end = j.append(JobEnded("j2", "done", "1", None, 10, 3.0))
+    _wait_for(lambda: j.vacuums == 1 and j.checkpoints > checkpoints)
+    shrunk = _size(path)
+    result_of_close(j, reactor)
+    assert _settle(small) is None and _settle(end) is None
+    assert shrunk < 1 << 20, (grown, shrunk)
+    reopened = SqliteJournal(path, QueueReactor())
+    jobs = {r.accepted.job: r for r in reopened.load().jobs}
+    assert jobs["j1"].accepted.input_json == "[1]"
+    assert jobs["j2"].accepted.input_json == ""
+    assert jobs["j2"].ended.result_json == "1"
+    result_of(reopened.close())
+
+
+def test_a_journal_made_without_auto_vacuum_is_converted_once_on_open(tmp_path):
+    """A journal file from before auto_vacuum gets it (one VACUUM at open), keeping its jobs."""
+    path = str(tmp_path / "journal.db")
+    j = SqliteJournal(path, QueueReactor())
+    j._write([accepted("j1", 1)])
+    result_of(j.close())
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA auto_vacuum=NONE")
+    conn.execute("VACUUM")
+    assert conn.execute("PRAGMA auto_vacuum").fetchone() == (0,)
+    conn.close()
+    reopened = SqliteJournal(path, QueueReactor())
+    assert reopened._conn.execute("PRAGMA auto_vacuum").fetchone() == (2,)
+    assert [r.accepted.job for r in reopened.load().jobs] == ["j1"]
+    result_of(reopened.close())

@@ -125,7 +125,7 @@ def test_sqlite_journal_keeps_streamed_inputs(tmp_path):
     path = str(tmp_path / "j.sqlite")
     j = SqliteJournal(path, Clock())
     j._write(streamed_records())
-    j._conn.close()
+    j.close()  # lets go of the journal's lock too: one journal object per file at a time
     (rec,) = SqliteJournal(path, Clock()).load().jobs
     assert rec.accepted.streamed and rec.sealed == 3
     assert rec.chunks == {0: "[1,2]", 1: "[3]", 2: "[4]"}
