@@ -259,11 +259,6 @@ def test_a_journal_deleted_under_a_running_server_is_logged_once_as_a_failed_wri
         assert "cannot rollback" not in log
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the scheduler's side of issue 10 item 2 (shows answers only after commit, refuses "
-    "new work with ERR JOURNAL_ERROR when journal.failure is set) lands from the lead's branch",
-)
 def test_a_server_whose_journal_was_deleted_shows_no_answer_and_takes_no_new_work(tmp_path):
     """After its journal was deleted, the server answers no job (nothing of it is durable)."""
     with LocalCluster(tmp_path) as cluster:
