@@ -266,8 +266,13 @@ class SqliteJournal:
         if "meta" in tables:
             version = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if version is not None and version[0] == "1":
-            conn.executescript("BEGIN;" + _UPGRADE_1_TO_2 + "COMMIT;")
-            conn.execute("UPDATE meta SET value=? WHERE key='schema'", (SCHEMA_VERSION,))
+            # One transaction: new columns and new version commit together, so a crash in
+            # between cannot leave columns added under the old version (never upgradable).
+            conn.executescript(
+                "BEGIN;"
+                + _UPGRADE_1_TO_2
+                + f"UPDATE meta SET value='{SCHEMA_VERSION}' WHERE key='schema';COMMIT;"
+            )
             version = (SCHEMA_VERSION,)
         conn.executescript(_SCHEMA)
         if version is None:
