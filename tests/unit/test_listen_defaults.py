@@ -3,7 +3,11 @@ without both secrets needs an explicit ``--insecure``."""
 
 from __future__ import annotations
 
+import json
+import re
+import shlex
 import subprocess
+from pathlib import Path
 
 import pytest
 from twisted.internet.testing import MemoryReactorClock
@@ -134,3 +138,54 @@ def test_twistd_refuses_an_open_exposed_server(tmp_path, no_secret_env):
     assert proc.returncode != 0
     assert "refusing to listen on tcp:0:interface=0.0.0.0" in proc.stderr + proc.stdout
     assert "clusterd listening" not in proc.stdout
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _json_command(path: Path, pattern: str) -> list[str]:
+    match = re.search(pattern, path.read_text(), re.MULTILINE)
+    assert match, f"no {pattern!r} in {path}"
+    return json.loads(match.group(1))
+
+
+def test_container_commands_start_with_the_secrets_they_are_given(no_secret_env):
+    """The Dockerfile's and compose.yaml's server commands (0.0.0.0 inside a container) start
+    when given the two secrets through the environment, as deploy/ documents, and are refused
+    without them."""
+    commands = [
+        _json_command(REPO / "deploy" / "Dockerfile", r"^CMD (\[.*\])$"),
+        _json_command(
+            REPO / "deploy" / "compose.yaml", r"^    command: (\[\"clusterd-server\".*\])$"
+        ),
+    ]
+    compose = (REPO / "deploy" / "compose.yaml").read_text()
+    assert "CLUSTERD_CLIENT_SECRET: ${CLUSTERD_CLIENT_SECRET:?" in compose
+    assert "CLUSTERD_WORKER_SECRET: ${CLUSTERD_WORKER_SECRET:?" in compose
+    assert compose.count("CLUSTERD_SECRET: ${CLUSTERD_WORKER_SECRET:?") == 1  # shared by workers
+    for argv in commands:
+        assert argv[0] == "clusterd-server"
+        with pytest.raises(usage.UsageError, match="refusing to listen"):
+            _options(*argv[1:])
+    no_secret_env.setenv("CLUSTERD_CLIENT_SECRET", CLIENT)
+    no_secret_env.setenv("CLUSTERD_WORKER_SECRET", WORKER)
+    for argv in commands:
+        assert _options(*argv[1:])["listen"] == ["tcp:7420:interface=0.0.0.0"]
+
+
+def test_systemd_server_unit_starts_with_its_credentials(no_secret_env, tmp_path):
+    """clusterd-server.service's ExecStart, with %d pointing at its two credentials, parses and
+    listens on 0.0.0.0; the worker unit passes the worker secret too."""
+    unit = (REPO / "deploy" / "clusterd-server.service").read_text()
+    exec_start = re.search(r"^ExecStart=(.*)$", unit, re.MULTILINE).group(1)
+    for name, secret in (("client.secret", CLIENT), ("worker.secret", WORKER)):
+        assert f"LoadCredential={name}:/etc/clusterd/{name}" in unit
+        (tmp_path / name).write_text(secret)
+    argv = shlex.split(exec_start.replace("%d", str(tmp_path)).replace("$CLUSTERD_SERVER_ARGS", ""))
+    argv = argv[argv.index("clusterd-server") + 1 :]
+    options = _options(*argv)
+    assert options["listen"] == ["tcp:7420:interface=0.0.0.0"]
+    assert set(options.secrets) == {"client", "worker"}
+    worker = (REPO / "deploy" / "clusterd-worker@.service").read_text()
+    assert "LoadCredential=worker.secret:/etc/clusterd/worker.secret" in worker
+    assert '--secret-file "%d/worker.secret"' in worker
