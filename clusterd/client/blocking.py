@@ -117,8 +117,11 @@ class BlockingClient:
                     raise ServerTimeout(
                         f"TLS handshake with {address} timed out after {timeout:g} s"
                     ) from e
-                why = getattr(e, "verify_message", None) or getattr(e, "reason", None) or e
-                raise ClusterError(f"TLS handshake with {address} failed: {why} ({e})") from e
+                if isinstance(e, ssl.SSLCertVerificationError):
+                    why = f"certificate verify failed: {e.verify_message}"
+                else:
+                    why = str(e)
+                raise ClusterError(f"TLS handshake with {address} failed: {why}") from e
         self.file = self.sock.makefile("rwb")
         self.replies = ReplyReader()
         try:
