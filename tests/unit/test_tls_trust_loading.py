@@ -121,3 +121,17 @@ def test_worker_logs_why_its_tls_handshake_failed():
     assert [e["n"] for e in errors] == [1, 2, 4]
     assert all(e["reason"] == "certificate verify failed" for e in errors)
     assert "TLS handshake with {peer} failed" in errors[0]["log_format"]
+
+
+def test_worker_with_an_empty_trust_directory_stops_with_a_clear_message(tmp_path):
+    """twistd clusterd-worker --connect tls:...:trustRoots=<no certificates> exits naming the
+    directory, instead of retrying forever in silence."""
+    from clusterd.worker.tap import Options, makeService
+
+    empty = tmp_path / "ca"
+    empty.mkdir()
+    (empty / "ca.txt").write_text("not read")
+    options = Options()
+    options.parseOptions(["--connect", f"tls:127.0.0.1:7421:trustRoots={empty}", "--slots", "1"])
+    with pytest.raises(SystemExit, match=f"trust directory {empty} holds no certificate"):
+        makeService(options, MemoryReactorClock())
