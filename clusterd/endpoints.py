@@ -12,7 +12,71 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from zope.interface import implementer
 
-__all__ = ["LoggingEndpoint", "listening_service", "describe_address", "no_delay"]
+__all__ = [
+    "LoggingEndpoint",
+    "ListenAddress",
+    "listening_service",
+    "describe_address",
+    "loopback_default",
+    "no_delay",
+]
+
+# Prefixes whose endpoints bind an IP interface given by ``interface=``; Twisted's default for
+# each (tcp, ssl: 0.0.0.0; tcp6: ::) is every interface, so clusterd supplies loopback instead.
+_LOOPBACK_FOR = {"tcp": "127.0.0.1", "ssl": "127.0.0.1", "mtls": "127.0.0.1", "tcp6": "::1"}
+_LOCAL_ONLY = ("unix",)  # endpoints no other machine can reach
+
+
+class ListenAddress:
+    """One ``--listen`` string after clusterd's defaults: ``description`` is what is bound
+    (an IP endpoint without ``interface=`` gets loopback), ``exposed`` says whether peers on
+    other machines may reach it (a non-loopback interface, or an endpoint type whose interface
+    clusterd cannot see, such as ``systemd:``), and ``where`` names it for messages."""
+
+    def __init__(self, description: str, exposed: bool, where: str) -> None:
+        self.description = description
+        self.exposed = exposed
+        self.where = where
+
+    def __repr__(self) -> str:
+        return f"ListenAddress({self.description!r}, exposed={self.exposed})"
+
+
+def _is_loopback(interface: str) -> bool:
+    import ipaddress
+
+    if interface.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(interface.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False  # a host name or "": Twisted binds whatever it resolves to, or everything
+
+
+def loopback_default(description: str) -> ListenAddress:
+    """Apply clusterd's listening default to an endpoint string: ``tcp:7420`` (and ``ssl:``,
+    ``mtls:``, ``tcp6:``) without ``interface=`` binds loopback, not every interface as
+    Twisted's own default would. Raises ValueError for a string Twisted cannot parse."""
+    from twisted.internet.endpoints import _parse
+
+    try:
+        args, kwargs = _parse(description)
+    except Exception as e:  # Twisted's tokenizer raises bare exceptions on bad escapes
+        raise ValueError(f"cannot parse endpoint {description!r}: {e}") from None
+    if not args:
+        raise ValueError(f"cannot parse endpoint {description!r}")
+    prefix = str(args[0]).lower()
+    if prefix in _LOCAL_ONLY:
+        return ListenAddress(description, False, description)
+    if prefix not in _LOOPBACK_FOR:
+        return ListenAddress(description, True, f"{description} (interface unknown to clusterd)")
+    if "interface" not in kwargs:
+        loopback = _LOOPBACK_FOR[prefix].replace(":", "\\:")
+        description = f"{description}:interface={loopback}"
+        return ListenAddress(description, False, description)
+    interface = str(kwargs["interface"])
+    exposed = not _is_loopback(interface)
+    return ListenAddress(description, exposed, f"{description} (interface {interface or 'all'})")
 
 
 def describe_address(addr: Any) -> str:

@@ -156,6 +156,10 @@ class LocalCluster:
         wait_for(registered, timeout or self.start_timeout, f"workers {sorted(want)} to register")
 
     def client(self, timeout: float | None = None) -> BlockingClient:
+        """A client of the server; ``timeout`` bounds every read, and without it connecting
+        and the greeting still get BlockingClient's default bound (never a hang)."""
+        if timeout is None:
+            return BlockingClient(self.address, secret=self.client_secret)
         return BlockingClient(self.address, timeout=timeout, secret=self.client_secret)
 
     def kill_worker(self, name: str, sig: int = signal.SIGKILL) -> None:

@@ -15,22 +15,27 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionDone
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectingCancelledError, ConnectionDone
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from clusterd import PROTOCOL_VERSION
-from clusterd.client.errors import ClusterError, InputUnreadable, raise_for
+from clusterd.client.errors import ClusterError, InputUnreadable, ServerTimeout, raise_for
 from clusterd.client.pieces import stream_lines
 from clusterd.core.auth import proof
 from clusterd.core.framing import LineFramer, LineTooLong
 from clusterd.core.wire import Reply, ReplyReader, WireError, dumps, parse_greeting, parse_json
 from clusterd.endpoints import no_delay
 
-__all__ = ["ClientProtocol", "Client", "connect", "job_line", "auth_line"]
+__all__ = ["ClientProtocol", "Client", "connect", "job_line", "auth_line", "DEFAULT_TIMEOUT"]
+
+# Seconds to connect, finish a TLS handshake, read the greeting and authenticate. A server
+# answers all of that in milliseconds (a failed AUTH is delayed at most 5 s); without a bound a
+# port that accepts and never speaks would hang a client forever.
+DEFAULT_TIMEOUT = 10.0
 
 ProgressFn = Callable[[str, dict[str, Any]], None]
 
@@ -156,13 +161,23 @@ class ClientProtocol(Protocol):
     def _fail_all(self, exc: Exception) -> None:
         pending, self.pending = self.pending, deque()
         for p in pending:
-            p.d.errback(exc)
+            if not p.d.called:  # a request cancelled by a timeout already has its answer
+                p.d.errback(exc)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        from clusterd.tls import tls_failure_reason
+
         reason = reason or Failure(ConnectionDone())
         self.closed = True
         if not self.greeted.called:
-            self.greeted.errback(ClusterError(f"connection closed: {reason.getErrorMessage()}"))
+            tls = tls_failure_reason(reason)
+            self.greeted.errback(
+                ClusterError(
+                    f"TLS handshake failed: {tls}"
+                    if tls is not None
+                    else f"connection closed: {reason.getErrorMessage()}"
+                )
+            )
         self._fail_all(ClusterError(f"connection to the server lost: {reason.getErrorMessage()}"))
 
 
@@ -320,21 +335,57 @@ class Client:
         self.protocol.transport.loseConnection()
 
 
-def connect(reactor: Any, endpoint: str, secret: bytes | None = None) -> Deferred[Client]:
+def connect(
+    reactor: Any,
+    endpoint: str,
+    secret: bytes | None = None,
+    timeout: float | None = DEFAULT_TIMEOUT,
+) -> Deferred[Client]:
     """Connect to a server by endpoint string (``tcp:host:port``, ``unix:path``, ``tls:...``);
     fires with a :class:`Client` once the server's greeting has arrived and, if the server
-    requires it, the client secret has been proven."""
-    return Deferred.fromCoroutine(_connect(reactor, endpoint, secret))
+    requires it, the client secret has been proven. All of that must happen within
+    ``timeout`` seconds (None: wait forever), or it fails with :class:`ServerTimeout` and the
+    connection is closed. A TLS handshake that fails says why (``certificate verify
+    failed``)."""
+    state = _Connecting(endpoint)
+    d = Deferred.fromCoroutine(_connect(reactor, endpoint, secret, state))
+    if timeout is not None:
+
+        def timed_out(result: Any, _timeout: float) -> Any:
+            if state.proto is not None and state.proto.transport is not None:
+                state.proto.transport.abortConnection()
+            if isinstance(result, Failure) and result.check(
+                CancelledError, ConnectingCancelledError
+            ):
+                raise ServerTimeout(f"timed out after {timeout:g} s {state.stage}")
+            return result
+
+        d.addTimeout(timeout, reactor, onTimeoutCancel=timed_out)
+    return d
 
 
-async def _connect(reactor: Any, endpoint: str, secret: bytes | None) -> Client:
-    from twisted.internet.endpoints import clientFromString
+class _Connecting:
+    """How far a connect got: what a timeout message names, and the connection it closes."""
 
-    ep = clientFromString(reactor, endpoint)
+    def __init__(self, endpoint: str) -> None:
+        self.stage = f"connecting to {endpoint}"
+        self.proto: ClientProtocol | None = None
+
+
+async def _connect(reactor: Any, endpoint: str, secret: bytes | None, state: _Connecting) -> Client:
+    from clusterd.tls import client_endpoint
+
+    try:
+        ep = client_endpoint(reactor, endpoint)
+    except (ValueError, OSError) as e:
+        raise ClusterError(str(e)) from None
     proto = await ep.connect(Factory.forProtocol(ClientProtocol))
+    state.proto = proto
+    state.stage = "waiting for the server's greeting (is it a clusterd server?)"
     info = await proto.greeted
     line = auth_line(info, secret)
     if line is not None:
+        state.stage = "waiting for the answer to AUTH"
         try:
             raise_for(await proto.request(line))
         except ClusterError:

@@ -6,12 +6,16 @@
 It speaks the same protocol and raises the same exceptions as the Deferred API. It understands
 ``tcp:HOST:PORT``, ``HOST:PORT``, ``unix:PATH`` and the common form of Twisted's TLS client
 string, ``tls:HOST:PORT[:trustRoots=DIR][:certificate=CERT:privateKey=KEY]`` (the host name is
-checked against the server certificate).
+checked against the server certificate; ``trustRoots`` is read as the worker reads it, see
+:func:`clusterd.tls.load_certificates`).
+
+Connecting, the TLS handshake, the greeting and AUTH are bounded by ``timeout`` (default
+:data:`DEFAULT_TIMEOUT`), so a port that accepts and never speaks raises
+:class:`~clusterd.client.errors.ServerTimeout` instead of hanging.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 import ssl
 from collections.abc import Callable, Iterable, Iterator
@@ -19,11 +23,14 @@ from typing import Any
 
 from clusterd import DEFAULT_PORT, PROTOCOL_VERSION
 from clusterd.client.api import auth_line, job_line
-from clusterd.client.errors import ClusterError, InputUnreadable, raise_for
+from clusterd.client.errors import ClusterError, InputUnreadable, ServerTimeout, raise_for
 from clusterd.client.pieces import stream_lines
 from clusterd.core.wire import Reply, ReplyReader, WireError, dumps, parse_greeting, parse_json
 
-__all__ = ["BlockingClient", "parse_address"]
+__all__ = ["BlockingClient", "parse_address", "DEFAULT_TIMEOUT"]
+
+DEFAULT_TIMEOUT = 10.0  # seconds to connect, handshake, be greeted and authenticate
+_UNSET: Any = object()
 
 
 def parse_address(address: str) -> tuple[int, Any]:
@@ -43,56 +50,102 @@ def parse_address(address: str) -> tuple[int, Any]:
 
 
 def tls_context(address: str) -> ssl.SSLContext | None:
-    """An SSL context for a ``tls:`` address (None for any other): trust roots from the
-    ``trustRoots`` directory (default: the system's), and a client certificate if given."""
+    """An SSL context for a ``tls:`` address (None for any other): trust roots from
+    ``trustRoots``, a directory or a bundle file whose every certificate is trusted (default:
+    the system's), and a client certificate if given."""
     if not address.startswith("tls:"):
         return None
+    from clusterd.tls import load_certificates
+
     args = dict(p.split("=", 1) for p in address.split(":") if "=" in p)
     ctx = ssl.create_default_context()
     roots = args.get("trustRoots")
     if roots:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        for name in sorted(os.listdir(roots)):
-            path = os.path.join(roots, name)
-            if os.path.isfile(path):
-                ctx.load_verify_locations(cafile=path)
+        try:
+            pem = b"".join(c.dumpPEM() for c in load_certificates(roots))
+        except ValueError as e:
+            raise ClusterError(str(e)) from None
+        ctx.load_verify_locations(cadata=pem.decode("ascii"))
     if "certificate" in args:
         ctx.load_cert_chain(args["certificate"], args.get("privateKey"))
     return ctx
 
 
 class BlockingClient:
+    """One connection to a server, used from plain (blocking) code.
+
+    ``timeout`` bounds connecting, the TLS handshake, the greeting and AUTH (default
+    :data:`DEFAULT_TIMEOUT` seconds; None waits forever); past it, :class:`ServerTimeout`.
+    ``request_timeout`` bounds each later read, a reply such as ``RUN``'s being as slow as its
+    job: by default it is ``timeout`` when that was given explicitly (as before), else None.
+    """
+
     def __init__(
         self,
         address: str = f"tcp:127.0.0.1:{DEFAULT_PORT}",
-        timeout: float | None = None,
+        timeout: float | None = _UNSET,
         secret: bytes | None = None,
+        request_timeout: float | None = _UNSET,
     ):
+        if request_timeout is _UNSET:
+            request_timeout = None if timeout is _UNSET else timeout
+        if timeout is _UNSET:
+            timeout = DEFAULT_TIMEOUT  # read now, so tests and callers may change the default
         family, sockaddr = parse_address(address)
+        ctx = tls_context(address)
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            self.sock = socket.socket(family, socket.SOCK_STREAM)
             self.sock.settimeout(timeout)
             self.sock.connect(sockaddr)
             if family == socket.AF_INET:
                 self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            ctx = tls_context(address)
-            if ctx is not None:
-                self.sock = ctx.wrap_socket(self.sock, server_hostname=sockaddr[0])
-        except (OSError, ssl.SSLError) as e:
+        except TimeoutError as e:
+            self.sock.close()
+            raise ServerTimeout(
+                f"cannot connect to {address}: no connection within {timeout:g} s"
+            ) from e
+        except OSError as e:
             self.sock.close()
             raise ClusterError(f"cannot connect to {address}: {e}") from e
+        if ctx is not None:
+            try:
+                self.sock = ctx.wrap_socket(self.sock, server_hostname=sockaddr[0])
+            except (OSError, ssl.SSLError) as e:
+                self.sock.close()
+                if isinstance(e, TimeoutError):
+                    raise ServerTimeout(
+                        f"TLS handshake with {address} timed out after {timeout:g} s"
+                    ) from e
+                if isinstance(e, ssl.SSLCertVerificationError):
+                    why = f"certificate verify failed: {e.verify_message}"
+                else:
+                    why = str(e)
+                raise ClusterError(f"TLS handshake with {address} failed: {why}") from e
         self.file = self.sock.makefile("rwb")
         self.replies = ReplyReader()
         try:
             version, self.server_info = parse_greeting(self._readline())
+            if version != PROTOCOL_VERSION:
+                raise ClusterError(
+                    f"server speaks protocol {version}, this client {PROTOCOL_VERSION}"
+                )
+            line = auth_line(self.server_info, secret)
+            if line is not None:
+                self.request(line)
         except WireError as e:
             self.close()
             raise ClusterError(str(e)) from None
-        if version != PROTOCOL_VERSION:
-            raise ClusterError(f"server speaks protocol {version}, this client {PROTOCOL_VERSION}")
-        line = auth_line(self.server_info, secret)
-        if line is not None:
-            self.request(line)
+        except ServerTimeout as e:
+            self.close()
+            raise ServerTimeout(
+                f"{address} accepted the connection but did not greet and authenticate us "
+                f"within {timeout:g} s (is it a clusterd server?)"
+            ) from e
+        except ClusterError:
+            self.close()
+            raise
+        self.sock.settimeout(request_timeout)
 
     def __enter__(self) -> BlockingClient:
         return self
@@ -109,6 +162,10 @@ class BlockingClient:
     def _readline(self) -> str:
         try:
             line = self.file.readline()
+        except TimeoutError as e:
+            raise ServerTimeout(
+                f"no answer from the server within {self.sock.gettimeout():g} s"
+            ) from e
         except OSError as e:
             raise ClusterError(f"connection to the server failed: {e}") from e
         if not line:

@@ -1,12 +1,15 @@
 """The ``clusterd`` command: submit jobs and inspect a server from a shell.
 
 Exit codes: 0 success; 1 the job failed or was cancelled; 2 bad usage; 3 the server could not be
-reached or the connection broke; 4 the server refused the request (``ERR``).
+reached, did not answer within ``--timeout``, or the connection broke; 4 the server refused the
+request (``ERR``); 141 (128 + SIGPIPE, like other Unix tools) the reader of stdout went away
+(``clusterd jobs | head -1``), which is not reported.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import itertools
 import json
 import os
@@ -21,20 +24,31 @@ from clusterd.client.errors import (
     JobCancelled,
     JobFailed,
     RequestRefused,
+    ServerTimeout,
 )
 from clusterd.client.pieces import PIECE_BYTES, json_array_pieces, text_pieces
 
 __all__ = ["main", "EXIT_OK", "EXIT_JOB_FAILED", "EXIT_USAGE", "EXIT_CONNECTION", "EXIT_REFUSED"]
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_CONNECTION, EXIT_REFUSED = 0, 1, 2, 3, 4
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for tools killed by it
 DEFAULT_SERVER = f"tcp:127.0.0.1:{DEFAULT_PORT}"
+DEFAULT_TIMEOUT = 10.0  # seconds: clusterd.client.api.DEFAULT_TIMEOUT, without importing Twisted
+
+
+def _timeout(value: str) -> float:
+    seconds = float(value)
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    return seconds
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="clusterd",
         description="Talk to a clusterd server.",
-        epilog="Exit codes: 0 ok, 1 job failed or cancelled, 2 usage, 3 connection, 4 refused.",
+        epilog="Exit codes: 0 ok, 1 job failed or cancelled, 2 usage, 3 connection or timeout, "
+        "4 refused, 141 stdout closed early.",
     )
     p.add_argument(
         "--server",
@@ -46,6 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--secret-file",
         help="file holding the client secret, if the server requires one (or set $CLUSTERD_SECRET)",
+    )
+    p.add_argument(
+        "--timeout",
+        "--connect-timeout",
+        dest="connect_timeout",
+        type=_timeout,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"give up (exit 3) if the server has not accepted, greeted and authenticated us "
+        f"within SECONDS, or has not answered ping (default {DEFAULT_TIMEOUT:g}); goes before "
+        "COMMAND (after run/submit, --timeout is the sub-task timeout)",
     )
     p.add_argument("--version", action="version", version=f"clusterd {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -250,19 +275,38 @@ async def _main(reactor: Any, args: argparse.Namespace) -> int:
         print(f"clusterd: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        client = await connect(reactor, args.server, secret)
+        client = await connect(reactor, args.server, secret, timeout=args.connect_timeout)
     except RequestRefused as e:
         return _report(e)
     except Exception as e:
         print(f"clusterd: cannot connect to {args.server}: {e}", file=sys.stderr)
         return EXIT_CONNECTION
     try:
-        return await _command(client, args)
+        code = await _command(client, args, reactor)
+        sys.stdout.flush()  # a closed pipe shows here, where it is handled, not at exit
+        return code
     except (ClusterError, UsageError) as e:
         return _report(e)
+    except BrokenPipeError:
+        return _stdout_gone()
+    except OSError as e:
+        if e.errno == errno.EPIPE:
+            return _stdout_gone()
+        raise
     finally:
         if not client.protocol.closed:
             client.close()
+
+
+def _stdout_gone() -> int:
+    """The reader of our output went away (``| head -1``): stop quietly, as Unix tools do.
+    stdout is pointed at /dev/null so the interpreter's final flush cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+    return EXIT_BROKEN_PIPE
 
 
 def _report(e: Exception) -> int:
@@ -278,7 +322,7 @@ def _report(e: Exception) -> int:
     return EXIT_CONNECTION
 
 
-async def _command(client: Any, args: argparse.Namespace) -> int:
+async def _command(client: Any, args: argparse.Namespace, reactor: Any = None) -> int:
     cmd = args.command
     if cmd in ("run", "submit"):
         info: dict[str, Any] = {}
@@ -331,7 +375,18 @@ async def _command(client: Any, args: argparse.Namespace) -> int:
     elif cmd == "cancel":
         print(f"{args.job} {await client.cancel(args.job)}")
     elif cmd == "ping":
-        print(await client.ping())
+        # ping checks the server is alive: its answer is bounded by --timeout like the greeting.
+        from twisted.internet.defer import TimeoutError as DeferTimeout
+
+        answer = client.ping()
+        if reactor is not None:
+            answer.addTimeout(args.connect_timeout, reactor)
+        try:
+            print(await answer)
+        except DeferTimeout:
+            raise ServerTimeout(
+                f"no answer to PING from {args.server} within {args.connect_timeout:g} s"
+            ) from None
     else:
         _print_json(await getattr(client, cmd)())
     return EXIT_OK

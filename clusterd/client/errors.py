@@ -12,12 +12,18 @@ __all__ = [
     "JobFailed",
     "JobCancelled",
     "InputUnreadable",
+    "ServerTimeout",
     "raise_for",
 ]
 
 
 class ClusterError(Exception):
     """Base class for every error this library raises about the cluster."""
+
+
+class ServerTimeout(ClusterError):
+    """The server did not accept the connection, greet, or answer within the client's timeout
+    (a port that accepts and never speaks, a firewall that drops packets, a stuck server)."""
 
 
 class RequestRefused(ClusterError):

@@ -214,6 +214,13 @@ class Options(usage.Options):
     ]
     optFlags = [
         [
+            "insecure",
+            None,
+            "Allow listening on a non-loopback interface without both a client and a worker "
+            "secret: anyone who can reach the port may submit jobs or attach a worker. Logged "
+            "loudly at start. Without it, such a --listen is refused.",
+        ],
+        [
             "speculate",
             None,
             "Start backup copies of straggling sub-tasks on idle workers; the first result wins.",
@@ -227,7 +234,9 @@ class Options(usage.Options):
 
     def opt_listen(self, description: str) -> None:
         """Endpoint to listen on, e.g. tcp:7420, tcp:7420:interface=0.0.0.0, unix:/run/c.sock,
-        ssl:7421:privateKey=k.pem:certKey=c.pem. Repeatable. Default: tcp:7420 on 127.0.0.1."""
+        ssl:7421:privateKey=k.pem:certKey=c.pem. Repeatable. Default: tcp:7420 on 127.0.0.1.
+        tcp:, ssl:, mtls: and tcp6: without interface= bind loopback; a non-loopback interface
+        needs both secrets (or --insecure)."""
         self["listen"].append(description)
 
     def opt_tasks(self, module: str) -> None:
@@ -251,12 +260,40 @@ class Options(usage.Options):
             }
         except SecretError as e:
             raise usage.UsageError(str(e)) from e
+        self._check_listen()
         from clusterd.tasks import load_registry
 
         try:
             self.registry = load_registry(self["tasks"])
         except Exception as e:
             raise usage.UsageError(f"cannot load tasks: {e}") from e
+
+    def _check_listen(self) -> None:
+        """Bind loopback unless an interface is named, and refuse to expose an open server:
+        listening where other machines can connect, without both secrets, needs --insecure
+        (issue 10 item 12: ``tcp:7420`` used to bind 0.0.0.0 with nothing required)."""
+        from clusterd.endpoints import loopback_default
+
+        try:
+            addresses = [loopback_default(d) for d in self["listen"]]
+        except ValueError as e:
+            raise usage.UsageError(f"--listen: {e}") from None
+        self["listen"] = [a.description for a in addresses]
+        self.exposed = [a.where for a in addresses if a.exposed]
+        missing = [r for r in ("client", "worker") if r not in self.secrets]
+        if self.exposed and missing and not self["insecure"]:
+            raise usage.UsageError(
+                f"refusing to listen on {', '.join(self.exposed)} without a "
+                f"{' and a '.join(missing)} secret: anyone who can reach it could "
+                + (
+                    "submit jobs and attach workers"
+                    if len(missing) == 2
+                    else ("submit jobs" if missing == ["client"] else "attach a worker")
+                )
+                + ". Give --client-secret-file and --worker-secret-file (or "
+                "$CLUSTERD_CLIENT_SECRET and $CLUSTERD_WORKER_SECRET), listen on loopback or "
+                "unix:, or pass --insecure to run open on purpose (see SECURITY.md)."
+            )
 
 
 def open_journal(path: str, reactor: Any, sync: str = "full") -> Any:
@@ -336,7 +373,14 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     )
     log = Logger(namespace="clusterd.server")
     open_roles = [r for r in ("client", "worker") if r not in options.secrets]
-    if open_roles:
+    if open_roles and getattr(options, "exposed", None):
+        log.critical(
+            "INSECURE (--insecure): listening on {exposed} with no secret for {roles}: anyone "
+            "who can reach it over the network may act as {roles} (see SECURITY.md)",
+            exposed=", ".join(options.exposed),
+            roles=" and ".join(open_roles),
+        )
+    elif open_roles:
         log.warn(
             "no secret for {roles}: anyone who can reach {listen} may act as {roles} "
             "(see SECURITY.md)",

@@ -27,7 +27,7 @@ from clusterd.core.wire import (
     parse_json_object,
     parse_json_objects,
 )
-from clusterd.endpoints import no_delay
+from clusterd.endpoints import describe_address, no_delay
 from clusterd.heartbeat import Heartbeat
 from clusterd.worker.pool import ChildDied, PoolService, RunResult
 
@@ -145,6 +145,7 @@ class WorkerProtocol(Protocol):
             self.batch = isinstance(info, dict) and info.get("batch") is True
             self.factory.registrations += 1
             self.factory.rejections = 0
+            self.factory.last_loss, self.factory.losses = None, 0
             self.log.info(
                 "registered with server {peer} as {name} ({slots} slots)",
                 peer=str(self.transport.getPeer()),
@@ -336,6 +337,43 @@ class WorkerProtocol(Protocol):
         self._maybe_idle()
         if self.registered:
             self.log.info("lost the server: {reason}", reason=reason.getErrorMessage())
+        elif not self.closing and not self.factory.stopping:
+            self._log_unregistered_loss(reason)
+
+    def _log_unregistered_loss(self, reason: Failure | None) -> None:
+        """Say why a connection ended before registering: a TLS handshake that failed (the
+        server's certificate could not be verified, or the server refused ours) used to leave
+        the worker retrying forever in silence. Repeats of one cause are logged at the 1st,
+        2nd, 4th, 8th... time, so a worker that keeps failing does not flood its log."""
+        from clusterd.tls import tls_failure_reason
+
+        try:
+            peer = describe_address(self.transport.getPeer())
+        except Exception:  # pragma: no cover - a transport without a peer
+            peer = "the server"
+        tls = tls_failure_reason(reason)
+        text = tls if tls is not None else (reason.getErrorMessage() if reason else "closed")
+        factory = self.factory
+        if text != factory.last_loss:
+            factory.last_loss, factory.losses = text, 0
+        factory.losses += 1
+        if factory.losses & (factory.losses - 1):
+            return  # not a power of two
+        if tls is not None:
+            self.log.error(
+                "TLS handshake with {peer} failed: {reason} (attempt {n}); check trustRoots, "
+                "the server's certificate and the name it is valid for, and our certificate",
+                peer=peer,
+                reason=tls,
+                n=factory.losses,
+            )
+        else:
+            self.log.warn(
+                "connection to {peer} ended before registering: {reason} (attempt {n})",
+                peer=peer,
+                reason=text,
+                n=factory.losses,
+            )
 
 
 class WorkerFactory(Factory):
@@ -368,6 +406,8 @@ class WorkerFactory(Factory):
         self.max_delay = max_delay
         self.current: WorkerProtocol | None = None
         self.stopping = False
+        self.last_loss: str | None = None  # why the last connections ended before registering
+        self.losses = 0  # how many in a row ended so
 
     def buildProtocol(self, addr: Any) -> WorkerProtocol:
         return WorkerProtocol(self)

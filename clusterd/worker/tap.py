@@ -118,8 +118,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         from twisted.internet import reactor  # noqa: PLC0415 - only when twistd runs us
 
     from twisted.application.internet import ClientService, backoffPolicy
-    from twisted.internet.endpoints import clientFromString
 
+    from clusterd.tls import client_endpoint
     from clusterd.worker.pool import PoolService
     from clusterd.worker.protocol import WorkerFactory
 
@@ -138,8 +138,13 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         secret=options.secret,
         max_delay=options["max-reconnect-delay"],
     )
+    try:
+        # Our parser: tls: trustRoots read every certificate (*.pem, *.crt, *.cer, bundles).
+        endpoint = client_endpoint(reactor, options["connect"])
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"clusterd-worker: --connect {options['connect']}: {e}") from None
     client = ClientService(
-        clientFromString(reactor, options["connect"]),
+        endpoint,
         factory,
         retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=options["max-reconnect-delay"]),
     )
