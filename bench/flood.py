@@ -1,6 +1,7 @@
 """Flood: one client pipelines requests without ever reading replies; another times PING.
 
     python bench/flood.py --runs 5            # prints each run, then the medians
+    python bench/flood.py --scenario jobs     # only 1,000 JOBS over 5,000 held jobs
 
 One connection writes ``--submits`` ``SUBMIT sleep 0`` lines, then ``--jobs`` ``JOBS`` lines, on a
 non-blocking socket: as fast as the kernel takes them, waiting for room when its buffer is full,
@@ -8,7 +9,8 @@ for at most ``--seconds``, and it never reads a reply. Meanwhile a second connec
 ``PING`` and waits for ``OK PONG``, one after another, and the server's resident memory
 (``VmRSS`` in ``/proc/<pid>/status``) is sampled every 20 ms. No worker is connected, so every
 accepted job stays queued (the per-connection limit, ``--max-client-jobs``, refuses the rest
-with ``ERR BUSY``).
+with ``ERR BUSY``). The ``jobs`` scenario first has the server hold ``--hold`` queued jobs
+(submitted normally, replies read), then floods only the ``JOBS`` lines.
 
 Reported per run: PING round trips p50/p99/max (ms) and count, the server's RSS before the flood,
 its peak while flooding, and after the flooding connection closed (MB), and how much of the
@@ -121,6 +123,23 @@ def _pinger(
         sock.close()
 
 
+def hold_jobs(port: int, n: int) -> None:
+    """Have the server hold ``n`` queued jobs (no worker runs them): pipelined SUBMITs whose
+    replies are all read, over connections of at most 2,000 jobs each (under the default
+    --max-client-jobs), so a JOBS flood that follows has something to list."""
+    for first in range(0, n, 2000):
+        count = min(2000, n - first)
+        with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
+            f = sock.makefile("rwb")
+            f.readline()  # HELLO
+            f.write(SUBMIT_LINE * count)
+            f.flush()
+            for _ in range(count):
+                line = f.readline()
+                if not line.startswith(b"OK j"):
+                    raise RuntimeError(f"holding jobs: the server said {line[:200]!r}")
+
+
 def flood_once(
     port: int,
     pid: int,
@@ -218,56 +237,76 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settle", type=float, default=1.0, help="seconds of pinging after it")
     p.add_argument("--ping-timeout", type=float, default=30.0, help="longest wait for a PONG")
     p.add_argument("--rss-abort", type=float, default=1500.0, help="MB of growth that kills")
+    p.add_argument("--hold", type=int, default=5_000, help="jobs held for the JOBS scenario")
+    p.add_argument(
+        "--scenario",
+        choices=["submits", "jobs", "both"],
+        default="both",
+        help="submits: --submits SUBMITs then --jobs JOBS on an empty server; jobs: only "
+        "--jobs JOBS, over --hold held jobs",
+    )
     p.add_argument("--json", action="store_true", help="print each run as a JSON line too")
     args = p.parse_args(argv)
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from clusterd.launch import LocalCluster
 
-    results: list[FloodResult] = []
-    for run in range(1, args.runs + 1):
-        with tempfile.TemporaryDirectory(prefix="clusterd-flood-") as tmp:
-            cluster = LocalCluster(Path(tmp))
-            try:
-                cluster.start_server()
-                assert cluster.server is not None and cluster.port is not None
-                server = cluster.server
-                res = flood_once(
-                    cluster.port,
-                    server.pid,
-                    args.submits,
-                    args.jobs,
-                    args.seconds,
-                    args.settle,
-                    args.ping_timeout,
-                    args.rss_abort,
-                    kill=server.kill,
-                )
-            finally:
-                cluster.stop()
-        results.append(res)
+    scenarios = ["submits", "jobs"] if args.scenario == "both" else [args.scenario]
+    for scenario in scenarios:
+        submits, hold = (args.submits, 0) if scenario == "submits" else (0, args.hold)
+        results: list[FloodResult] = []
+        for run in range(1, args.runs + 1):
+            with tempfile.TemporaryDirectory(prefix="clusterd-flood-") as tmp:
+                cluster = LocalCluster(Path(tmp))
+                try:
+                    cluster.start_server()
+                    assert cluster.server is not None and cluster.port is not None
+                    server = cluster.server
+                    if hold:
+                        hold_jobs(cluster.port, hold)
+                    res = flood_once(
+                        cluster.port,
+                        server.pid,
+                        submits,
+                        args.jobs,
+                        args.seconds,
+                        args.settle,
+                        args.ping_timeout,
+                        args.rss_abort,
+                        kill=server.kill,
+                    )
+                finally:
+                    cluster.kill_server()  # a stuck server would not stop on SIGTERM at once
+                    cluster.stop()
+            results.append(res)
+            print(
+                f"{scenario} run {run}: PING p50 {res.ping_p50_ms:.2f} ms, "
+                f"p99 {res.ping_p99_ms:.2f} ms, max {res.ping_max_ms:.1f} ms over "
+                f"{res.pings} pings{' (the last timed out)' if res.ping_timed_out else ''}; "
+                f"server RSS {res.rss_before_mb:.0f} MB before, {res.rss_peak_mb:.0f} MB peak, "
+                f"{res.rss_after_mb:.0f} MB after; flood {res.flood_bytes}/"
+                f"{res.flood_total_bytes} bytes taken in {res.flood_seconds:.1f} s"
+                f"{' ABORTED (RSS)' if res.aborted else ''}",
+                flush=True,
+            )
+            if args.json:
+                print(json.dumps({"scenario": scenario, **res.summary()}), flush=True)
+
+        def med(attr: str, results: list[FloodResult] = results) -> float:
+            return statistics.median(getattr(r, attr) for r in results)
+
+        what = (
+            f"{submits} SUBMIT + {args.jobs} JOBS"
+            if scenario == "submits"
+            else f"{args.jobs} JOBS over {hold} held jobs"
+        )
         print(
-            f"run {run}: PING p50 {res.ping_p50_ms:.2f} ms, p99 {res.ping_p99_ms:.2f} ms, "
-            f"max {res.ping_max_ms:.1f} ms over {res.pings} pings"
-            f"{' (one timed out)' if res.ping_timed_out else ''}; server RSS "
-            f"{res.rss_before_mb:.0f} MB before, {res.rss_peak_mb:.0f} MB peak, "
-            f"{res.rss_after_mb:.0f} MB after; flood {res.flood_bytes}/{res.flood_total_bytes} "
-            f"bytes taken in {res.flood_seconds:.1f} s{' ABORTED (RSS)' if res.aborted else ''}",
+            f"{scenario} ({what}), median of {len(results)} runs: PING p50 "
+            f"{med('ping_p50_ms'):.2f} ms, p99 {med('ping_p99_ms'):.2f} ms, max "
+            f"{med('ping_max_ms'):.1f} ms; server RSS {med('rss_before_mb'):.0f} MB before, "
+            f"{med('rss_peak_mb'):.0f} MB peak, {med('rss_after_mb'):.0f} MB after",
             flush=True,
         )
-        if args.json:
-            print(json.dumps(res.summary()), flush=True)
-
-    def med(attr: str) -> float:
-        return statistics.median(getattr(r, attr) for r in results)
-
-    print(
-        f"median of {len(results)} runs: PING p50 {med('ping_p50_ms'):.2f} ms, "
-        f"p99 {med('ping_p99_ms'):.2f} ms, max {med('ping_max_ms'):.1f} ms; server RSS "
-        f"{med('rss_before_mb'):.0f} MB before, {med('rss_peak_mb'):.0f} MB peak, "
-        f"{med('rss_after_mb'):.0f} MB after",
-        flush=True,
-    )
     return 0
 
 

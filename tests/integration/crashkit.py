@@ -34,7 +34,6 @@ __all__ = [
     "SlotWorker",
     "expected_wordcount",
     "primes_below",
-    "rss_kib",
     "wait_ready",
     "words_text",
 ]
@@ -257,18 +256,3 @@ def wait_ready(cluster: LocalCluster, timeout: float = 30.0) -> None:
             return False
 
     wait_for(pong, timeout, "the restarted server to answer PING")
-
-
-# -- memory -------------------------------------------------------------------------------------
-
-
-def rss_kib(pid: int) -> int:
-    """VmRSS of a process in KiB, from /proc (0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0

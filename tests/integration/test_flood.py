@@ -9,7 +9,6 @@ the replies take is seen), and the server is killed if it grows by 1.5 GB.
 
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 
@@ -18,29 +17,13 @@ import pytest
 from clusterd.launch import LocalCluster
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from flood import FloodResult, flood_once  # noqa: E402  (bench/flood.py holds the scenario)
+from flood import FloodResult, flood_once, hold_jobs  # noqa: E402  (bench/flood.py holds the scenario)
 
 pytestmark = pytest.mark.integration
 
 PING_P99_MS = 250.0  # a PING's round trip, 99th percentile, while the flood is read
 PING_MAX_MS = 2000.0  # no single PING may wait longer than this
 RSS_GROWTH_MB = 200.0  # the server's resident memory, peak over its start
-
-
-def _hold_jobs(port: int, n: int) -> None:
-    """Have the server hold ``n`` queued jobs (no worker runs them): pipelined SUBMITs whose
-    replies are all read, over connections of at most 2,000 jobs each (under
-    --max-client-jobs), so the JOBS flood that follows has something to list."""
-    for first in range(0, n, 2000):
-        count = min(2000, n - first)
-        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
-            f = sock.makefile("rwb")
-            f.readline()  # HELLO
-            f.write(b"SUBMIT sleep 0\n" * count)
-            f.flush()
-            for _ in range(count):
-                line = f.readline()
-                assert line.startswith(b"OK j"), f"holding jobs: {line[:200]!r}"
 
 
 def _flood(
@@ -52,7 +35,7 @@ def _flood(
         cluster.start_server()
         assert cluster.server is not None and cluster.port is not None
         if hold:
-            _hold_jobs(cluster.port, hold)
+            hold_jobs(cluster.port, hold)
         return flood_once(
             cluster.port,
             cluster.server.pid,
