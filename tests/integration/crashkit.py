@@ -1,6 +1,6 @@
 """Helpers for the crash, disk and load tests: expected answers computed with plain Python, a
 ledger of every job id a client was shown, a raw line connection, an in-process worker with as
-many slots as a test asks for, and the server's resident memory.
+many slots as a test asks for, and a readiness wait for a restarted server.
 
 Why an in-process worker: a real 64-slot ``twistd clusterd-worker`` forks 64 pool processes,
 seconds of CPU on a 2-core machine, while what the server sees of a worker is its ``REGISTER``
