@@ -47,7 +47,11 @@ class JobAccepted:
     options: dict[str, Any]
     key: str | None
     submitted: float
-    streamed: bool = False  # input_json is empty; the inputs come in ChunksAdded records
+    streamed: bool = False  # input_json is empty; the sub-task inputs are journaled as cut
+    # A job whose input came whole carries its cut here (encoded sub-task inputs) and is sealed
+    # with their count, in one record; a streamed one gets ChunksAdded and JobSealed later.
+    inputs_json: tuple[str, ...] = ()
+    sealed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -225,7 +229,9 @@ class MemoryJournal:
 def apply_record(jobs: dict[str, JobRecord], record: Record) -> None:
     """Fold one record into a job table (how any journal reads back what it wrote)."""
     if isinstance(record, JobAccepted):
-        jobs[record.job] = JobRecord(record)
+        jobs[record.job] = JobRecord(
+            record, chunks=dict(enumerate(record.inputs_json)), sealed=record.sealed
+        )
     elif isinstance(record, ResultRecorded):
         rec = jobs.get(record.job)
         if rec is not None and rec.ended is None:

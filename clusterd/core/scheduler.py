@@ -304,14 +304,14 @@ class Scheduler:
         self._check_queue(len(pieces))
         job = self._new_job(task, pieces, options)
         job.input_size = len(input_json) if input_json is not None else 0
-        # Lazy: a RUN's client sees no id before the end, and a SUBMIT's OK hurries the journal
-        # (ServerProtocol), so a short RUN's acceptance can share its end's commit.
-        self._record_acceptance(job, streamed=False, lazy=True)
-        if self.journal.durable:
-            if encoded is None or len(encoded) != len(pieces):
-                encoded = self.encode_cut(pieces)
-            self._append(ChunksAdded(job.id, 0, encoded), job, lazy=True)
-        self._append(JobSealed(job.id, job.total), job, lazy=True, then=job.mark_durable)
+        if not self.journal.durable:
+            encoded = ()
+        elif encoded is None or len(encoded) != len(pieces):
+            encoded = self.encode_cut(pieces)
+        # One record, the cut in it. Lazy: a RUN's client sees no id before the end, and a
+        # SUBMIT's OK hurries the journal (ServerProtocol), so a short RUN's acceptance can
+        # share its end's commit.
+        self._record_acceptance(job, lazy=True, cut=encoded)
         if job.total == 0:
             self._combine(job)
         else:
@@ -319,10 +319,12 @@ class Scheduler:
             self._pump()
         return job
 
-    def _record_acceptance(self, job: Job, streamed: bool, lazy: bool) -> None:
-        """Journal a job's acceptance. Its sub-task inputs follow in ChunksAdded records (so
-        ``streamed`` is always True in the record: recovery reads the cut, never re-splits);
-        ``streamed`` here only says whether the input is still arriving."""
+    def _record_acceptance(self, job: Job, lazy: bool, cut: tuple[str, ...] | None) -> None:
+        """Journal a job's acceptance. ``cut``: its encoded sub-task inputs, when its input came
+        whole (the job is then sealed, and its id may be shown, once this record commits);
+        None for a streamed input, whose sub-task inputs follow in ChunksAdded records and
+        whose JobSealed comes last. Either way the record says ``streamed``: recovery reads
+        the cut, never splits an input again."""
         record = JobAccepted(
             job.id,
             int(job.id[1:]),
@@ -333,8 +335,10 @@ class Scheduler:
             job.key,
             job.submitted,
             streamed=True,
+            inputs_json=cut or (),
+            sealed=None if cut is None else job.total,
         )
-        self._append(record, job, lazy=lazy, then=partial(setattr, job, "recorded", True))
+        self._append(record, job, lazy=lazy, then=partial(_recorded, job, cut is not None))
 
     def _append(
         self,
@@ -386,7 +390,7 @@ class Scheduler:
         chunks = options.get("chunks")
         self._check_chunks(chunks)
         job = self._new_job(task, [], options, streamed=True)
-        self._record_acceptance(job, streamed=True, lazy=False)
+        self._record_acceptance(job, lazy=False, cut=None)
         if chunks is None:
             chunks = self._default_chunks(task_name)
         target = chunk_target(task.stream, options.get("size"), chunks)
@@ -1366,6 +1370,14 @@ class Scheduler:
             "journal_ok": self.journal.failure is None,
             "uptime": round(self.clock.seconds() - self.started, 3),
         }
+
+
+def _recorded(job: Job, sealed: bool) -> None:
+    """A job's acceptance is durable: its id exists for good, and if its cut came with it,
+    the id may be shown to its submitter."""
+    job.recorded = True
+    if sealed:
+        job.mark_durable()
 
 
 def _call(_: Any, fn: Callable[[], None] | None) -> None:

@@ -90,11 +90,11 @@ ALTER TABLE jobs ADD COLUMN sealed INTEGER;
 """
 _STOP = object()
 
-_ACCEPTED = "id, seq, task, input, chunks, options, key, submitted, streamed"
+_ACCEPTED = "id, seq, task, input, chunks, options, key, submitted, streamed, sealed"
 _ENDED = "state, result, error, total, finished"
-_INSERT_ACCEPTED = f"INSERT OR REPLACE INTO jobs ({_ACCEPTED}) VALUES ({', '.join('?' * 9)})"
+_INSERT_ACCEPTED = f"INSERT OR REPLACE INTO jobs ({_ACCEPTED}) VALUES ({', '.join('?' * 10)})"
 _INSERT_ACCEPTED_ENDED = (
-    f"INSERT OR REPLACE INTO jobs ({_ACCEPTED}, {_ENDED}) VALUES ({', '.join('?' * 14)})"
+    f"INSERT OR REPLACE INTO jobs ({_ACCEPTED}, {_ENDED}) VALUES ({', '.join('?' * 15)})"
 )
 
 
@@ -109,6 +109,7 @@ def _accepted_row(rec: JobAccepted) -> tuple[Any, ...]:
         rec.key,
         rec.submitted,
         int(rec.streamed),
+        rec.sealed,
     )
 
 
@@ -602,6 +603,11 @@ class SqliteJournal:
                     end = ended.get(rec.job)
                     if end is None:
                         c.execute(_INSERT_ACCEPTED, _accepted_row(rec))
+                        if rec.inputs_json:
+                            c.executemany(
+                                "INSERT OR IGNORE INTO inputs VALUES (?, ?, ?)",
+                                [(rec.job, i, t) for i, t in enumerate(rec.inputs_json)],
+                            )
                     else:
                         # An ended job needs no input: written without it.
                         row = _accepted_row(rec)

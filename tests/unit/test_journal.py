@@ -19,7 +19,6 @@ from clusterd.core.journal import (
     ChunksAdded,
     JobAccepted,
     JobEnded,
-    JobSealed,
     JournalError,
     MemoryJournal,
     ResultRecorded,
@@ -64,7 +63,7 @@ def test_submit_appends_the_acceptance_lazily_and_the_end_urgently(registry, clo
     core = Scheduler(registry, clock, journal=journal)
     add(core, "w1")
     job = core.submit("sum", [1, 2], chunks=1)
-    assert [type(r) for r in journal.lazy] == [JobAccepted, ChunksAdded, JobSealed]
+    assert [type(r) for r in journal.lazy] == [JobAccepted]
     assert journal.lazy[0].job == job.id
     assert journal.hurried == 0
 
@@ -82,10 +81,18 @@ def test_a_job_is_durable_only_once_its_accepted_record_is_flushed(registry, clo
     assert result_of(durable) is job
     assert journal.appended == [
         JobAccepted(
-            "j1", 1, "sum", "", 2, {"timeout": None, "attempts": 3}, "k1", 3.0, streamed=True
+            "j1",
+            1,
+            "sum",
+            "",
+            2,
+            {"timeout": None, "attempts": 3},
+            "k1",
+            3.0,
+            streamed=True,
+            inputs_json=("[1,2]", "[3]"),
+            sealed=2,
         ),
-        ChunksAdded("j1", 0, ("[1,2]", "[3]")),
-        JobSealed("j1", 2),
     ]
     assert result_of(job.when_durable()) is job  # a late subscriber is answered at once
     core.cancel(job.id)
@@ -107,8 +114,6 @@ def test_a_job_end_is_told_only_once_its_ended_record_is_durable(registry, clock
     assert result_of(waiter) is job
     assert [type(r).__name__ for r in journal.appended] == [
         "JobAccepted",
-        "ChunksAdded",
-        "JobSealed",
         "ResultRecorded",
         "ResultRecorded",
         "JobEnded",
