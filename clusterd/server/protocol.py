@@ -1143,8 +1143,6 @@ class ServerProtocol(Protocol):
             elif d is None:
                 # Timed out, cancelled, or a losing speculative copy: counted, never combined.
                 self.core.late_result()
-            elif verb == "DONE" and "result" not in msg:
-                d.errback(TaskFailed("BadResult", "the worker's DONE has no 'result'"))
             elif verb == "DONE":
                 seconds = msg.get("t")
                 if type(seconds) is float and seconds >= 0:
