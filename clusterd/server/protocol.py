@@ -205,6 +205,7 @@ class ServerProtocol(Protocol):
         # raises the line limit for the very next line (a pipelined request after AUTH).
         self._raw: deque[bytes] = deque()
         self._raw_off = 0
+        self._eof_pending = False  # the peer half-closed while read lines still waited here
         self._draining = False
         self.gone = False  # connectionLost has run
         self._on_resume: list[Callable[[], None]] = []  # streamed answers waiting for room
@@ -384,6 +385,9 @@ class ServerProtocol(Protocol):
                     break
         finally:
             self._draining = False
+        if self._eof_pending and not self._backlog and not self._raw and not self.gone:
+            self._eof_pending = False
+            self.readConnectionLost()
         self._sync_reading()
 
     def _frame_raw(self) -> None:
@@ -411,7 +415,11 @@ class ServerProtocol(Protocol):
 
     def readConnectionLost(self) -> None:
         """The peer closed its sending side (``nc -N``, a script at end of input): answer what
-        was asked, then close."""
+        was asked, then close. Lines already read but not yet run (the connection was paused
+        or held) come first: the end of input takes effect after them."""
+        if self._backlog or self._raw:
+            self._eof_pending = True
+            return
         if self.stream is not None:
             stream, self.stream = self.stream, None
             stream.fail(
