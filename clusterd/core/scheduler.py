@@ -1371,6 +1371,40 @@ class Scheduler:
             "uptime": round(self.clock.seconds() - self.started, 3),
         }
 
+    def list_jobs(self, limit: int, before: str | None = None) -> list[Job]:
+        """Up to ``limit`` held jobs, newest first; with ``before`` (a job id, held or not),
+        only jobs submitted before it: the JOBS verb's pages. Costs O(limit + log n),
+        amortised: a sorted index of job sequence numbers (ids are ``j<seq>``, seq only grows)
+        is extended from the new end of ``_jobs``, and ids no longer held are dropped from it
+        as they are met (or all at once, when they outnumber the held ones)."""
+        from bisect import bisect_left
+
+        index: list[int] | None = getattr(self, "_seq_index", None)
+        if index is None or len(index) > 2 * len(self._jobs) + 1024:
+            index = sorted(s for s in map(_job_seq, self._jobs) if s is not None)
+            self._seq_index = index
+        else:
+            top = index[-1] if index else 0
+            fresh = []
+            for job_id in reversed(self._jobs):  # newest first: stop at the first known one
+                seq = _job_seq(job_id)
+                if seq is None:
+                    continue
+                if seq <= top:
+                    break
+                fresh.append(seq)
+            index.extend(sorted(fresh))
+        i = len(index) if before is None else bisect_left(index, _job_seq(before) or 0)
+        out: list[Job] = []
+        while i > 0 and len(out) < limit:
+            i -= 1
+            job = self._jobs.get(f"j{index[i]}")
+            if job is None:
+                del index[i]  # expired or never kept: met once, then gone
+            elif job.recorded:  # an id not yet durable does not exist for clients
+                out.append(job)
+        return out
+
 
 def _recorded(job: Job, sealed: bool) -> None:
     """A job's acceptance is durable: its id exists for good, and if its cut came with it,
@@ -1388,3 +1422,10 @@ def _call(_: Any, fn: Callable[[], None] | None) -> None:
 def _describe(e: BaseException) -> str:
     msg = str(e)
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def _job_seq(job_id: str) -> int | None:
+    """The sequence number in a job id ``j<seq>``; None for anything else."""
+    if job_id[:1] == "j" and job_id[1:].isdigit():
+        return int(job_id[1:])
+    return None

@@ -91,7 +91,7 @@ CLIENT_VERBS: dict[str, str] = {
     "STATUS": "STATUS <job-id>  a job's state and progress",
     "WATCH": "WATCH <job-id>  PROGRESS lines until the job ends, then its result",
     "CANCEL": "CANCEL <job-id>  cancel a job",
-    "JOBS": "JOBS  all jobs the server holds",
+    "JOBS": 'JOBS [{"limit":N,"before":"<job-id>"}]  jobs the server holds, newest first (100 by default)',
     "WORKERS": "WORKERS  connected workers",
     "TASKS": "TASKS  tasks the server knows, and how many worker slots can run each",
     "STATS": "STATS  server counters",

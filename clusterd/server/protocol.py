@@ -9,6 +9,7 @@ even when a ``RUN`` ahead of a ``PING`` takes minutes.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -65,6 +66,17 @@ __all__ = ["ServerProtocol", "ServerFactory", "final_reply"]
 MAX_WORKER_SLOTS = 4096
 OFFLOAD_LINE = 1 << 20  # RUN/SUBMIT lines longer than this are parsed and split on a thread
 PIECES_PER_TURN = 4  # pieces of a streamed answer written per reactor turn
+# Requests read but not yet answered, per connection: past this many reply slots the server reads
+# nothing more from that connection until replies drain (docs/PROTOCOL.md, "Pipelining").
+MAX_PENDING_REPLIES = 1000
+# Before a role is granted (secrets set), a line may be at most this long: AUTH, PING, HELP and
+# QUIT are short, and an unauthenticated peer must not make the server hold megabytes.
+PRE_AUTH_MAX_LINE = 4096
+JOBS_DEFAULT_LIMIT = 100  # JOBS without a limit: the newest 100 jobs
+JOBS_MAX_LIMIT = 1000
+# A worker's DONE/ERROR that cannot be parsed: its ticket id, if the line starts as workers write
+# it ({"id":N,...}), so that attempt can be failed instead of left hanging.
+_TICKET_PREFIX = re.compile(rb"\s*(?:DONE|ERROR)\s+\{\s*\"id\"\s*:\s*(\d{1,18})\s*[,}]", re.I)
 
 
 def final_reply(job: Job) -> str:
@@ -136,6 +148,13 @@ class ConnectionSettings:
     max_json_depth: int = DEFAULT_MAX_JSON_DEPTH
     max_connections: int = 1024
     max_connections_per_ip: int = 64
+    # A close the server decides (auth timeout, refusal, QUIT, ...) waits this long for the peer
+    # (TLS close_notify, a full write buffer) before the socket is aborted.
+    close_grace: float = 5.0
+    # Failed AUTHs from one address within auth_failure_window seconds after which further AUTHs
+    # from it are refused unchecked until the window has passed (across connections).
+    max_address_auth_failures: int = 10
+    auth_failure_window: float = 60.0
 
 
 @implementer(IHalfCloseableProtocol, IPushProducer, IHandshakeListener)
@@ -157,7 +176,9 @@ class ServerProtocol(Protocol):
         self.slots: deque[_Slot] = deque()
         self.worker: WorkerHandle | None = None
         self.inflight: dict[int, Deferred[Any]] = {}
-        self.open_jobs: set[Job] = set()
+        # This connection's unfinished jobs -> the wait() that forgets each when it ends: a
+        # count kept in O(1) per job instead of a set rebuilt on every SUBMIT.
+        self.open_jobs: dict[Job, Deferred[Any]] = {}
         self.worker_max_line = DEFAULT_MAX_LINE
         self.batch = False  # the worker takes DO arrays and may answer with arrays
         self._outbox: dict[int, tuple[str, int]] = {}  # batch: ticket -> (DO object, bytes)
@@ -172,11 +193,20 @@ class ServerProtocol(Protocol):
         self.roles: set[str] = set()
         self.auth_failures = 0
         self.auth_timer: Any = None
+        self.auth_wait = False  # a failed AUTH's delayed answer is pending: read and run nothing
+        self.handshake_timer: Any = None  # TLS: the handshake must finish by auth_timeout
+        self._abort_call: Any = None  # a close in progress: abortConnection after close_grace
+        self._reads_paused = False  # what this protocol last told the transport
         self.counted = False
         self.stream: InputStream | None = None  # a RUN/SUBMIT whose input is arriving
         self.result_stream: ResultStream | None = None  # a worker's result arriving in pieces
         self.held = False  # reading paused by a stream's flow control or a big parse
         self._backlog: deque[bytes | LineTooLong] = deque()  # framed, not yet handled
+        # Before AUTH: bytes not yet framed, framed one line at a time so that a granted AUTH
+        # raises the line limit for the very next line (a pipelined request after AUTH).
+        self._raw: deque[bytes] = deque()
+        self._raw_off = 0
+        self._eof_pending = False  # the peer half-closed while read lines still waited here
         self._draining = False
         self.gone = False  # connectionLost has run
         self._on_resume: list[Callable[[], None]] = []  # streamed answers waiting for room
@@ -195,13 +225,21 @@ class ServerProtocol(Protocol):
             if refusal:
                 self.quitting = True
                 self._write(format_error(ErrorCode.TOO_MANY_CONNECTIONS, refusal))
-                self.transport.loseConnection()
+                self._close()
                 return
             self.counted = True
-        if not ISSLTransport.providedBy(self.transport):
+        if ISSLTransport.providedBy(self.transport):
+            # A peer that never sends a ClientHello, or stalls inside the handshake, holds a
+            # counted connection: it gets as long as an AUTH would, secrets or not.
+            self.handshake_timer = self.clock.callLater(
+                self.settings.auth_timeout, self._handshake_expired
+            )
+        else:
             self._register_producer()
         secrets = self.settings.secrets
         self.roles = {r for r in ROLES if r not in secrets}
+        if not self.roles:
+            self.framer.limit = PRE_AUTH_MAX_LINE
         extra: dict[str, Any] = {}
         if secrets:
             self.nonce = new_nonce()
@@ -221,9 +259,44 @@ class ServerProtocol(Protocol):
                     f"no successful AUTH within {self.settings.auth_timeout:g}s; closing.",
                 )
             )
-            self.transport.loseConnection()
+            self._close()
+
+    def _handshake_expired(self) -> None:
+        self.handshake_timer = None
+        self.log.warn(
+            "{peer} did not complete the TLS handshake in {t}s; closing",
+            peer=self.peer,
+            t=self.settings.auth_timeout,
+        )
+        self._close()
+
+    def _close(self) -> None:
+        """Every close the server decides comes here: ``loseConnection()`` (which lets queued
+        replies out, and on TLS waits for the peer's close_notify), then ``abortConnection()``
+        after ``close_grace`` seconds whatever the peer does, so a peer that never reads, never
+        answers close_notify or never finishes the handshake cannot keep its socket (and its
+        place in the connection limits). Reads nothing more meanwhile."""
+        self.quitting = True
+        if self.gone or self.transport is None:
+            return
+        self.transport.loseConnection()
+        if self._abort_call is None and not self.gone:
+            self._abort_call = self.clock.callLater(self.settings.close_grace, self._abort)
+
+    def _abort(self) -> None:
+        self._abort_call = None
+        if not self.gone:
+            self.log.info(
+                "{peer} did not close within {grace}s; aborting the connection",
+                peer=self.peer,
+                grace=self.settings.close_grace,
+            )
+            self.transport.abortConnection()
 
     def handshakeCompleted(self) -> None:
+        if self.handshake_timer is not None and self.handshake_timer.active():
+            self.handshake_timer.cancel()
+        self.handshake_timer = None
         self._register_producer()
 
     def _register_producer(self) -> None:
@@ -238,13 +311,12 @@ class ServerProtocol(Protocol):
     def pauseProducing(self) -> None:
         if not self.paused:
             self.paused = True
-            self.transport.pauseProducing()
+            self._sync_reading()
 
     def resumeProducing(self) -> None:
         if self.paused:
             self.paused = False
-            if not self.held:
-                self.transport.resumeProducing()
+            self._drain()  # the lines framed before the pause run now, and reading resumes
             waiting, self._on_resume = self._on_resume, []
             for fn in waiting:
                 fn()
@@ -256,40 +328,99 @@ class ServerProtocol(Protocol):
             return
         self.held = hold
         if hold:
-            self.transport.pauseProducing()
-            return
-        self._drain()
-        if not self.held and not self.paused and self.transport is not None:
-            self.transport.resumeProducing()
+            self._sync_reading()
+        else:
+            self._drain()
 
     def stopProducing(self) -> None:
         pass
 
+    def _stopped(self) -> bool:
+        """Whether this connection may run nothing more for now: its peer does not read its
+        replies (paused), a stream or a big parse holds it, a failed AUTH's answer is pending,
+        or MAX_PENDING_REPLIES requests are unanswered."""
+        return self.paused or self.held or self.auth_wait or len(self.slots) >= MAX_PENDING_REPLIES
+
+    def _sync_reading(self) -> None:
+        """Tell the transport to read, or not, to match :meth:`_stopped`: a stopped connection's
+        unread requests wait in TCP flow control, not in the server's memory."""
+        if self.gone or self.transport is None or self.transport.disconnecting:
+            return
+        stop = self._stopped()
+        if stop == self._reads_paused:
+            return
+        self._reads_paused = stop
+        if stop:
+            self.transport.pauseProducing()
+        else:
+            self.transport.resumeProducing()
+
     def dataReceived(self, data: bytes) -> None:
         if self.heartbeat is not None:
             self.heartbeat.touch()
-        self._backlog.extend(self.framer.feed(data))
+        if self._raw or self.framer.limit < self.max_line:
+            self._raw.append(data)
+        else:
+            self._backlog.extend(self.framer.feed(data))
         self._drain()
 
     def _drain(self) -> None:
-        """Handle framed lines in order until none is left or reading is held (a stream's
-        flow control, a big request being parsed off the reactor): a held connection's lines
-        wait here, so requests are still handled strictly in the order they were sent."""
+        """Handle framed lines in order until none is left or the connection is stopped (see
+        :meth:`_stopped`), checked between every two lines: the rest wait here, so requests
+        are still handled strictly in the order they were sent, and nothing runs while the
+        peer is not reading its replies."""
         if self._draining:
             return
         self._draining = True
         try:
-            while self._backlog and not self.held:
+            while not self._stopped():
                 if self.quitting:
                     self._backlog.clear()
-                    return
-                self._handle(self._backlog.popleft())
+                    self._raw.clear()
+                    break
+                if self._backlog:
+                    self._handle(self._backlog.popleft())
+                elif self._raw:
+                    self._frame_raw()
+                else:
+                    break
         finally:
             self._draining = False
+        if self._eof_pending and not self._backlog and not self._raw and not self.gone:
+            self._eof_pending = False
+            self.readConnectionLost()
+        self._sync_reading()
+
+    def _frame_raw(self) -> None:
+        """Frame unframed bytes: all of them once the full line limit applies, else one line
+        (or one read without a newline) at a time, under the pre-AUTH limit; the framer's skip
+        mode keeps nothing of an overlong line."""
+        raw, off = self._raw, self._raw_off
+        if self.framer.limit >= self.max_line:
+            first = raw.popleft()
+            self._raw_off = 0
+            self._backlog.extend(self.framer.feed(first[off:] if off else first))
+            while raw:
+                self._backlog.extend(self.framer.feed(raw.popleft()))
+            return
+        chunk = raw[0]
+        nl = chunk.find(b"\n", off)
+        if nl < 0 or nl == len(chunk) - 1:
+            raw.popleft()
+            self._raw_off = 0
+            piece = chunk[off:] if off else chunk
+        else:
+            piece = chunk[off : nl + 1]
+            self._raw_off = nl + 1
+        self._backlog.extend(self.framer.feed(piece))
 
     def readConnectionLost(self) -> None:
         """The peer closed its sending side (``nc -N``, a script at end of input): answer what
-        was asked, then close."""
+        was asked, then close. Lines already read but not yet run (the connection was paused
+        or held) come first: the end of input takes effect after them."""
+        if self._backlog or self._raw:
+            self._eof_pending = True
+            return
         if self.stream is not None:
             stream, self.stream = self.stream, None
             stream.fail(
@@ -298,16 +429,22 @@ class ServerProtocol(Protocol):
             )
         self.quitting = True
         if not self.slots:
-            self.transport.loseConnection()
+            self._close()
 
     def writeConnectionLost(self) -> None:
-        self.transport.loseConnection()
+        self._close()
 
     def connectionLost(self, reason: Failure = None) -> None:
         self.gone = True
         self._backlog.clear()
-        if self.auth_timer is not None and self.auth_timer.active():
-            self.auth_timer.cancel()
+        self._raw.clear()
+        for timer in (self.auth_timer, self.handshake_timer, self._abort_call):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self.auth_timer = self.handshake_timer = self._abort_call = None
+        open_jobs, self.open_jobs = self.open_jobs, {}
+        for d in open_jobs.values():
+            d.cancel()
         if self.counted:
             self.counted = False
             self.factory.release(self)
@@ -328,7 +465,7 @@ class ServerProtocol(Protocol):
             self.core.remove_worker(self.worker)  # first: nothing is requeued onto us
             if self.result_stream is not None:
                 stream, self.result_stream = self.result_stream, None
-                if not stream.d.called:
+                if stream.d is not None and not stream.d.called:
                     stream.d.errback(WorkerLost(self.worker.name))
             inflight, self.inflight = self.inflight, {}
             for d in inflight.values():
@@ -353,6 +490,7 @@ class ServerProtocol(Protocol):
             self._emit(slot, line)
         slot.finished = True
         slot.cleanup = None
+        full = len(self.slots) >= MAX_PENDING_REPLIES
         while self.slots and self.slots[0].finished:
             self.slots.popleft()
             if self.slots:
@@ -361,7 +499,9 @@ class ServerProtocol(Protocol):
                     self._write(queued)
                 head.lines.clear()
         if self.quitting and not self.slots:
-            self.transport.loseConnection()
+            self._close()
+        elif full and len(self.slots) < MAX_PENDING_REPLIES:
+            self._drain()  # replies drained below the backlog limit: read again
 
     def _send_final(self, slot: _Slot, job: Job) -> None:
         first, rest = final_lines(job, self.max_line)
@@ -428,6 +568,9 @@ class ServerProtocol(Protocol):
                     self.stream = None
                 return
             self.stream = None
+        if self.worker is not None:
+            self._worker_line(event)
+            return
         if isinstance(event, LineTooLong):
             self.log.warn(
                 "line of {size}+ bytes from {peer} over the {limit}-byte limit",
@@ -435,11 +578,16 @@ class ServerProtocol(Protocol):
                 peer=self.peer,
                 limit=event.limit,
             )
+            before_auth = (
+                f" (until AUTH succeeds, lines may be at most {event.limit} bytes)"
+                if event.limit < self.max_line
+                else ""
+            )
             self._reply(
                 format_error(
                     ErrorCode.LINE_TOO_LONG,
                     f"the line is longer than {event.limit} bytes and was discarded; "
-                    "nothing in it was run.",
+                    f"nothing in it was run{before_auth}.",
                 )
             )
             return
@@ -447,9 +595,6 @@ class ServerProtocol(Protocol):
         try:
             request = parse_request(event)
             if request is None:
-                return
-            if self.worker is not None:
-                self._worker_verb(request.verb, request.rest)
                 return
             self._check_role(request.verb)
             handler = getattr(self, "do_" + request.verb, None)
@@ -494,13 +639,30 @@ class ServerProtocol(Protocol):
         if secret is None or role in self.roles:
             self._reply(f"OK AUTHENTICATED {role}")
             return
+        factory = getattr(self, "factory", None)
+        if factory is not None and factory.auth_locked(self.host):
+            # This address has spent its guesses for now, across all its connections: the
+            # proof is not even checked, so opening more connections buys no more guesses.
+            self.log.warn(
+                "AUTH from {peer} refused unchecked: too many recent failures from {host}",
+                peer=self.peer,
+                host=self.host,
+            )
+            self.quitting = True
+            self._reply(
+                format_error(
+                    ErrorCode.AUTH_FAILED,
+                    f"too many failed AUTHs from {self.host} recently; try again later. Closing.",
+                )
+            )
+            return
         if self.nonce is not None and verify(secret, self.nonce, role, given):
             self.roles.add(role)
+            self.framer.limit = self.max_line
             self.log.info("{peer} authenticated as {role}", peer=self.peer, role=role)
             self._reply(f"OK AUTHENTICATED {role}")
             return
         self.auth_failures += 1
-        factory = getattr(self, "factory", None)
         delay = factory.auth_failed(self.host) if factory is not None else 0.0
         self.log.warn(
             "failed AUTH as {role} from {peer} ({n} on this connection); answering in {delay}s",
@@ -514,13 +676,13 @@ class ServerProtocol(Protocol):
             self.quitting = True  # read nothing more: no further guesses on this connection
         slot = _Slot()
         self.slots.append(slot)
-        # Read nothing more until this answer goes out: requests piling up behind a delayed
-        # answer would otherwise hold memory without bound.
-        self.transport.pauseProducing()
+        # Read and run nothing more until this answer goes out: a request pipelined behind a
+        # failed AUTH waits for it like its reply does, and nothing piles up meanwhile.
+        self.auth_wait = True
+        self._sync_reading()
 
         def answer() -> None:
-            if not last and not self.paused:
-                self.transport.resumeProducing()
+            self.auth_wait = False
             self._finish(
                 slot,
                 format_error(
@@ -529,8 +691,9 @@ class ServerProtocol(Protocol):
                 ),
             )
             if last:
-                self.quitting = True
-                self.transport.loseConnection()
+                self._close()
+            else:
+                self._drain()
 
         # Failures are answered slowly (and later requests queue behind): guessing is costly.
         call = self.clock.callLater(delay, answer)
@@ -548,8 +711,23 @@ class ServerProtocol(Protocol):
         self.quitting = True
         self._reply("OK BYE")
 
+    def _track(self, job: Job) -> None:
+        """Count one of this connection's jobs until it ends (for max_client_jobs): O(1) per
+        job, and forgotten when the connection goes."""
+        if job.is_final or job in self.open_jobs:
+            return
+        d = job.wait()
+        self.open_jobs[job] = d
+        # Its end, or an end the journal could not record: either way it stops counting.
+        d.addCallbacks(self._untrack, self._untrack_failed, errbackArgs=(job,))
+
+    def _untrack(self, job: Job) -> None:
+        self.open_jobs.pop(job, None)
+
+    def _untrack_failed(self, failure: Failure, job: Job) -> None:
+        self.open_jobs.pop(job, None)
+
     def _submit(self, rest: str, verb: str) -> None:
-        self.open_jobs = {j for j in self.open_jobs if not j.is_final}
         if len(self.open_jobs) >= self.settings.max_client_jobs:
             raise WireError(
                 ErrorCode.BUSY,
@@ -576,8 +754,7 @@ class ServerProtocol(Protocol):
         job = self.core.submit(
             req.task, req.input, req.chunks, req.options, req.input_json, pieces, encoded
         )
-        if not job.is_final:
-            self.open_jobs.add(job)
+        self._track(job)
         self._answer_job(slot, job, verb)
 
     def _submit_offloaded(self, rest: str, verb: str) -> None:
@@ -641,8 +818,7 @@ class ServerProtocol(Protocol):
     def _open_stream(self, task: str, options: dict[str, Any], verb: str) -> None:
         """``RUN``/``SUBMIT <task> @``: the input follows as piece lines (streams.py)."""
         job, upload = self.core.open_stream(task, options)
-        if not job.is_final:
-            self.open_jobs.add(job)
+        self._track(job)
         slot = _Slot()
         self.slots.append(slot)
 
@@ -707,9 +883,33 @@ class ServerProtocol(Protocol):
         )
 
     def do_JOBS(self, rest: str) -> None:
+        """``JOBS [{"limit": N, "before": "<job id>"}]``: one page of jobs, newest first, so
+        the reply's size is bounded whatever the server holds (the last id is the cursor)."""
+        limit, before = JOBS_DEFAULT_LIMIT, None
+        if rest.strip():
+            opts = parse_json_object(rest, "the JOBS options", self.settings.max_json_depth)
+            unknown = sorted(set(opts) - {"limit", "before"})
+            if unknown:
+                raise WireError(
+                    ErrorCode.BAD_REQUEST,
+                    f"unknown JOBS option {unknown[0][:40]!r}; known options: before, limit.",
+                )
+            limit = opts.get("limit", JOBS_DEFAULT_LIMIT)
+            if type(limit) is not int or not 1 <= limit <= JOBS_MAX_LIMIT:
+                raise WireError(
+                    ErrorCode.BAD_REQUEST,
+                    f"JOBS option 'limit' must be an integer from 1 to {JOBS_MAX_LIMIT}.",
+                )
+            before = opts.get("before")
+            if before is not None and not (
+                isinstance(before, str) and re.fullmatch(r"j[0-9]{1,18}", before)
+            ):
+                raise WireError(
+                    ErrorCode.BAD_REQUEST, "JOBS option 'before' must be a job id, e.g. j42."
+                )
         brief = [
             {k: s[k] for k in ("id", "task", "state", "done", "total")}
-            for s in (j.status() for j in self.core.jobs())
+            for s in (j.status() for j in self.core.list_jobs(limit, before))
         ]
         self._reply("OK " + dumps(brief))
 
@@ -886,6 +1086,69 @@ class ServerProtocol(Protocol):
         lines.append("DO [" + ",".join(group) + "]")
         self.transport.write("\n".join(lines).encode("utf-8", "backslashreplace") + b"\n")
 
+    def _worker_line(self, event: bytes | LineTooLong) -> None:
+        """One line from a registered worker. An answer (DONE/ERROR) that cannot be read must
+        never leave its sub-task waiting: its attempt fails if its ticket can be recovered,
+        else the connection is dropped and every sub-task on it runs elsewhere."""
+        if isinstance(event, LineTooLong):
+            why = f"a line of {event.size}+ bytes, over the {event.limit}-byte limit"
+            if self.inflight:
+                self._worker_broken(why)
+            else:
+                self._reply(format_error(ErrorCode.LINE_TOO_LONG, f"{why}; it was discarded."))
+            return
+        try:
+            request = parse_request(event)
+        except WireError as e:
+            self._unreadable_answer(event, e)
+            return
+        if request is None:
+            return
+        try:
+            self._worker_verb(request.verb, request.rest)
+        except WireError as e:
+            if request.verb in ("DONE", "ERROR"):
+                self._unreadable_answer(event, e)
+            else:
+                self._reply(format_error(e.code, e.message))
+
+    def _unreadable_answer(self, line: bytes, e: WireError) -> None:
+        match = _TICKET_PREFIX.match(line)
+        if match is None:
+            if not self.inflight or not re.match(rb"\s*(?:DONE|ERROR)\b", line, re.I):
+                self._reply(format_error(e.code, e.message))  # nothing can be waiting for it
+                return
+            self._worker_broken(f"an answer that cannot be read ({e.code}: {e.message})")
+            return
+        ticket = int(match.group(1))
+        d = self.inflight.pop(ticket, None)
+        if d is None:
+            self.core.late_result()
+        else:
+            self._outbox.pop(ticket, None)
+            self.log.warn(
+                "worker {worker} answered ticket {ticket} unreadably ({code}); that attempt failed",
+                worker=self.worker.name,
+                ticket=ticket,
+                code=e.code,
+            )
+            d.errback(TaskFailed("BadResult", f"the worker's answer could not be read: {e}"))
+        self._reply(format_error(e.code, e.message))  # the worker logs it
+
+    def _worker_broken(self, why: str) -> None:
+        """The worker sent something that cannot be matched to a sub-task: nothing it holds can
+        be trusted to be answered, so the connection is aborted and connectionLost requeues
+        every one of its sub-tasks (WorkerLost)."""
+        self.log.error(
+            "worker {worker} at {peer} sent {why}; dropping the connection so its sub-tasks "
+            "run elsewhere",
+            worker=self.worker.name,
+            peer=self.peer,
+            why=why,
+        )
+        self.quitting = True  # run none of the lines read behind it
+        self.transport.abortConnection()
+
     def _worker_verb(self, verb: str, rest: str) -> None:
         if verb == "PING":
             self._write("OK PONG")
@@ -909,15 +1172,14 @@ class ServerProtocol(Protocol):
         inflight = self.inflight
         for n, msg in enumerate(msgs, 1):
             ticket = msg.get("id")
-            d = inflight.pop(ticket, None) if isinstance(ticket, int) else None
+            d = inflight.pop(ticket, None) if type(ticket) is int else None
             streamed = verb == "DONE" and msg.get("stream") is True
             if streamed:
-                # The result follows as piece lines; they are read (and dropped, if nobody
-                # waits for them any more) up to the '.' line.
-                waiter: Deferred[Any] = d if d is not None else Deferred()
+                # The result follows as piece lines; they are read (and dropped as they come,
+                # if nobody waits for them) up to the '.' line.
                 if d is None:
                     self.core.late_result()
-                stream = ResultStream(waiter, msg.get("t"), self.core.config.max_result_bytes)
+                stream = ResultStream(d, msg.get("t"), self.core.config.max_result_bytes)
                 if n < len(msgs):  # pieces can only follow the line's last answer
                     stream.failure = TaskFailed("BadResult", "a streamed DONE must come last")
                     stream.finish()
@@ -971,17 +1233,26 @@ class ServerFactory(Factory):
         if self.per_host[proto.host] <= 0:
             del self.per_host[proto.host]
 
+    def _recent_failures(self, host: str, now: float) -> int:
+        count, last = self.failures.get(host, (0, now))
+        return 0 if now - last > self.settings.auth_failure_window else count
+
+    def auth_locked(self, host: str) -> bool:
+        """Whether ``host`` has used up its failed-AUTH budget (max_address_auth_failures
+        within auth_failure_window seconds of the last one), across all its connections: its
+        further AUTHs are refused without being checked until the window has passed."""
+        count = self._recent_failures(host, self.clock.seconds())
+        return count >= self.settings.max_address_auth_failures
+
     def auth_failed(self, host: str) -> float:
         """Record a failed AUTH from ``host``; returns how long to wait before answering. The
         delay grows with recent failures from that address, across connections."""
         now = self.clock.seconds()
-        count, last = self.failures.get(host, (0, now))
-        if now - last > 60:
-            count = 0
-        count += 1
+        count = self._recent_failures(host, now) + 1
+        self.failures.pop(host, None)  # re-inserted last: the dict stays in last-failure order
         self.failures[host] = (count, now)
-        if len(self.failures) > 10_000:  # bounded memory under a spray of addresses
-            self.failures.clear()
+        if len(self.failures) > 10_000:  # bounded memory under a spray of addresses:
+            del self.failures[next(iter(self.failures))]  # forget the stalest address only
         return min(5.0, 0.25 * 2 ** min(count - 1, 5))
 
     def buildProtocol(self, addr: Any) -> ServerProtocol:

@@ -6,6 +6,11 @@ then ``.`` (docs/PROTOCOL.md, "Streamed values"). The protocol hands each of tho
 pieces are joined and, at the ``.``, the sub-task's Deferred fires with the whole result, or
 fails with ``ResultTooLarge`` past ``--max-result-bytes`` (the job then fails, as for any
 oversized answer) or ``BadResult`` for a malformed piece (an ordinary failed attempt).
+
+A stream nobody waits for (an id the worker was never given, or one that timed out, was
+cancelled or lost a speculative race meanwhile) is read up to its ``.`` line with its pieces
+dropped as they arrive: a worker cannot make the server hold memory for an answer it did not ask
+for.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ __all__ = ["ResultStream"]
 
 
 class ResultStream:
-    def __init__(self, d: Deferred[Any], seconds: Any, limit: int) -> None:
+    def __init__(self, d: Deferred[Any] | None, seconds: Any, limit: int) -> None:
         self.d = d
         self.seconds = seconds
         self.limit = limit
@@ -46,7 +51,8 @@ class ResultStream:
             self._fail("BadResult", "the result's pieces ended without a '.' line")
             self.finish()
             return False
-        if self.failure is not None:
+        if self.failure is not None or self.d is None or self.d.called:
+            self.joiner = Joiner()  # nobody waits for it (any more): keep nothing
             return True
         self.size += len(stripped)
         if self.size > self.limit:
@@ -65,7 +71,9 @@ class ResultStream:
     def finish(self) -> None:
         """The ``.`` line (or the stream's end by other means): settle the sub-task."""
         self.done = True
-        if self.d.called:  # cancelled meanwhile (timed out, job ended, a copy won)
+        if (
+            self.d is None or self.d.called
+        ):  # cancelled meanwhile (timed out, job ended, a copy won)
             return
         if self.failure is not None:
             self.d.errback(self.failure)

@@ -6,8 +6,11 @@ import json
 import os
 import random
 import socket
+import ssl
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -291,3 +294,144 @@ def test_no_code_from_the_wire(tmp_path):
         for banned in ("import pickle", "pickle.loads", "eval(", "exec(", "__import__("):
             assert banned not in text, f"{banned} in {path}"
     assert os.path.exists(root / "tasks" / "registry.py")
+
+
+def _closed_after(sock: socket.socket, start: float, limit: float) -> float:
+    """Read ``sock`` until the server closes it (EOF or reset); seconds since ``start``."""
+    sock.settimeout(max(0.1, limit - (time.monotonic() - start)))
+    try:
+        while sock.recv(65536):
+            pass
+    except (ConnectionResetError, ssl.SSLError, OSError) as e:
+        if isinstance(e, socket.timeout):
+            raise AssertionError(f"still open after {limit}s") from None
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("with_secret", [False, True])
+def test_tls_peers_that_never_handshake_or_never_auth_are_closed_in_bounded_time(
+    tmp_path, with_secret
+):
+    """On an mtls: listener with --auth-timeout 2, raw TCP sockets that never send a ClientHello
+    (with or without secrets), sockets past --max-connections, and (with a secret) TLS peers
+    that finish the handshake but never AUTH are all closed by the server within the auth
+    timeout plus the 5 s close grace; then a valid client is admitted again."""
+    ca = CA(tmp_path / "pki", "clusterd-ca")
+    server_crt, server_key = ca.issue("server", server=True)
+    crt, key = ca.issue("client", server=False)
+    args = ["--auth-timeout", "2", "--max-connections", "8"]
+    if with_secret:
+        (tmp_path / "client.secret").write_bytes(CLIENT_SECRET)
+        (tmp_path / "worker.secret").write_bytes(WORKER_SECRET)
+        args += ["--client-secret-file", str(tmp_path / "client.secret")]
+        args += ["--worker-secret-file", str(tmp_path / "worker.secret")]
+    c = LocalCluster(
+        tmp_path / "run",
+        server_args=args,
+        env={"PYTHONPATH": SUPPORT},
+        client_secret=CLIENT_SECRET if with_secret else None,
+    )
+    (tmp_path / "run").mkdir()
+    c.client_address = (
+        f"tls:127.0.0.1:{{port}}:trustRoots={ca.roots}:certificate={crt}:privateKey={key}"
+    )
+    c.start_server(
+        listen=f"mtls:{{port}}:privateKey={server_key}:certKey={server_crt}"
+        f":caCerts={ca.cert_path}:interface=127.0.0.1"
+    )
+    socks: list[socket.socket] = []
+    try:
+        with c.client(timeout=30) as client:
+            assert client.ping() == "PONG"
+        start = time.monotonic()
+        if with_secret:
+            context = ssl.create_default_context(cafile=str(ca.cert_path))
+            context.load_cert_chain(str(crt), str(key))
+            for _ in range(2):  # handshake done, greeting read, never AUTH
+                raw = socket.create_connection(("127.0.0.1", c.port), timeout=10)
+                tls = context.wrap_socket(raw, server_hostname="127.0.0.1")
+                assert tls.recv(4096).startswith(b"HELLO ")
+                socks.append(tls)
+        while len(socks) < 12:  # no ClientHello ever; the last few are past the limit
+            socks.append(socket.create_connection(("127.0.0.1", c.port), timeout=10))
+        limit = 2 + 5 + 5  # auth timeout + close grace + slack for a busy machine
+        closed = [_closed_after(s, start, limit) for s in socks]
+        assert max(closed) < limit, closed
+        with c.client(timeout=30) as client:
+            assert client.ping() == "PONG"  # every place was given back
+    finally:
+        for s in socks:
+            s.close()
+        c.stop()
+
+
+def test_a_client_flooding_pipelined_requests_does_not_slow_ping(tmp_path):
+    """One connection pipelines JOBS and SUBMIT lines without reading a reply: the server stops
+    reading it at its backlog, its memory stays bounded, and PING on another connection stays
+    fast throughout (bounded: the flood stops when the server stops reading, or after 20 s)."""
+    c = LocalCluster(tmp_path, env={"PYTHONPATH": SUPPORT})
+    try:
+        c.start_server()
+        with c.client(timeout=30) as client:
+            for n in range(300):  # no worker: they stay queued, and JOBS replies are ~7 KB
+                client.submit("sum", [n], 1)
+            rss_before = _rss_kib(c.server.pid)
+            flood = socket.create_connection(("127.0.0.1", c.port), timeout=2)
+            stop = threading.Event()
+            sent = [0]
+
+            def flooder() -> None:
+                lines = (b"JOBS\n" * 500 + b"SUBMIT sum [1]\n" * 100) * 2
+                deadline = time.monotonic() + 20
+                try:
+                    while not stop.is_set() and time.monotonic() < deadline:
+                        flood.sendall(lines)
+                        sent[0] += 1200
+                except OSError:
+                    pass  # the server stopped reading: sendall timed out
+
+            thread = threading.Thread(target=flooder, daemon=True)
+            thread.start()
+            times = []
+            for _ in range(100):
+                t0 = time.perf_counter()
+                assert client.ping() == "PONG"
+                times.append(time.perf_counter() - t0)
+                time.sleep(0.02)
+            stop.set()
+            thread.join(30)
+            rss_after = _rss_kib(c.server.pid)
+            flood.close()
+            assert client.ping() == "PONG"
+        times.sort()
+        assert sent[0] >= 1200
+        assert times[len(times) // 2] < 0.05 and times[-1] < 1.0, times
+        assert rss_after - rss_before < 100 * 1024, (rss_before, rss_after)
+    finally:
+        c.stop()
+
+
+def test_unauthenticated_megabytes_without_newlines_hold_no_memory(secured):
+    """Ten unauthenticated connections each sending 15 MiB with no newline: the server's RSS
+    stays within 32 MiB of where it started, each gets one ERR LINE_TOO_LONG, and RSS is no
+    higher once they have closed."""
+    rss_before = _rss_kib(secured.server.pid)
+    blob = b"x" * (1 << 20)
+    conns = [_raw(secured.port) for _ in range(10)]
+    peak = rss_before
+    for s, _f, _info in conns:
+        for _ in range(15):
+            s.sendall(blob)
+        peak = max(peak, _rss_kib(secured.server.pid))
+    for s, f, _info in conns:
+        s.sendall(b"\n")
+        assert f.readline().startswith(b"ERR LINE_TOO_LONG ")
+    peak = max(peak, _rss_kib(secured.server.pid))
+    for s, f, _info in conns:
+        f.close()
+        s.close()
+    with secured.client(timeout=30) as c:
+        assert c.ping() == "PONG"
+    rss_after = _rss_kib(secured.server.pid)
+    assert peak - rss_before < 32 * 1024, (rss_before, peak)
+    assert rss_after - rss_before < 32 * 1024, (rss_before, rss_after)

@@ -125,13 +125,21 @@ def test_a_plain_worker_still_gets_one_object_per_line_at_once(server):
 
 
 def test_a_plain_worker_may_not_answer_with_an_array(server):
+    """A plain worker's DONE array is refused and names no ticket it can be matched to: the
+    worker is dropped, so the sub-task it held runs elsewhere instead of waiting for ever."""
     clock, core, connect = server
     plain = connect("plain", slots=1, batch=False)
-    core.submit("sum", [1, 2], 1)
+    job = core.submit("sum", [1, 2], 1)
     [do] = do_objects(plain.lines())
+    other = connect("other", slots=1, batch=False)
     plain.send("DONE " + json.dumps([{"id": do["id"], "result": 3}]) + "\n")
-    [err] = plain.lines()
-    assert err.startswith("ERR BAD_REQUEST DONE must be a JSON object")
+    assert plain.tr.disconnected  # aborted, not a graceful close
+    plain.lose()
+    clock.advance(0)
+    [again] = do_objects(other.lines())
+    assert (again["job"], again["index"]) == (do["job"], do["index"])
+    other.send("DONE " + json.dumps({"id": again["id"], "result": 3}) + "\n")
+    assert result_of(job.wait()).result == 3
 
 
 def test_dos_are_split_into_lines_within_the_workers_max_line(server):
@@ -183,10 +191,14 @@ def test_an_array_with_a_non_object_is_refused_whole(server):
     clock.advance(0)
     [do] = do_objects(w.lines())
     w.send("DONE " + json.dumps([{"id": do["id"], "result": 1}, 5]) + "\n")
-    [err] = w.lines()
-    assert err.startswith("ERR BAD_REQUEST DONE must be a JSON object or an array")
     assert not job.is_final  # nothing in that line was recorded
-    w.send("DONE " + json.dumps([{"id": do["id"], "result": 1}]) + "\n")
+    # No ticket can be matched to the refused line: the worker is dropped, its sub-task moves.
+    assert w.tr.disconnected
+    other = connect("w2", slots=1)
+    w.lose()
+    clock.advance(0)
+    [again] = do_objects(other.lines())
+    other.send("DONE " + json.dumps([{"id": again["id"], "result": 1}]) + "\n")
     assert result_of(job.wait()).result == 1
 
 
