@@ -319,8 +319,12 @@ class Client:
         """Cancel a job; fires with its state afterwards (``cancelled``, or how it had ended)."""
         return self._call(f"CANCEL {job}").addCallback(lambda r: r.text.split(" ", 1)[-1])
 
-    def jobs(self) -> Deferred[list[dict[str, Any]]]:
-        return self.protocol.request("JOBS").addCallback(_ok_json)
+    def jobs(
+        self, limit: int | None = None, before: str | None = None
+    ) -> Deferred[list[dict[str, Any]]]:
+        """One page of jobs, newest first (the server's default page is 100); pass the last
+        id of a page as ``before`` for the next one."""
+        return self.protocol.request(jobs_line(limit, before)).addCallback(_ok_json)
 
     def workers(self) -> Deferred[list[dict[str, Any]]]:
         return self.protocol.request("WORKERS").addCallback(_ok_json)
@@ -392,6 +396,12 @@ async def _connect(reactor: Any, endpoint: str, secret: bytes | None, state: _Co
             proto.transport.loseConnection()
             raise
     return Client(proto)
+
+
+def jobs_line(limit: int | None = None, before: str | None = None) -> str:
+    """``JOBS``, with its paging options when any is given."""
+    opts = {k: v for k, v in (("limit", limit), ("before", before)) if v is not None}
+    return "JOBS " + dumps(opts) if opts else "JOBS"
 
 
 def auth_line(info: dict[str, Any], secret: bytes | None) -> str | None:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from clusterd import DEFAULT_PORT, PROTOCOL_VERSION
-from clusterd.client.api import auth_line, job_line
+from clusterd.client.api import auth_line, job_line, jobs_line
 from clusterd.client.errors import ClusterError, InputUnreadable, ServerTimeout, raise_for
 from clusterd.client.pieces import stream_lines
 from clusterd.core.wire import Reply, ReplyReader, WireError, dumps, parse_greeting, parse_json
@@ -250,8 +250,10 @@ class BlockingClient:
     def cancel(self, job: str) -> str:
         return self.request(f"CANCEL {job}").text.split(" ", 1)[-1]
 
-    def jobs(self) -> list[dict[str, Any]]:
-        return self._json("JOBS")
+    def jobs(self, limit: int | None = None, before: str | None = None) -> list[dict[str, Any]]:
+        """One page of jobs, newest first (the server's default page is 100); pass the last
+        id of a page as ``before`` for the next one."""
+        return self._json(jobs_line(limit, before))
 
     def workers(self) -> list[dict[str, Any]]:
         return self._json("WORKERS")

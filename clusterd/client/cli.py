@@ -101,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("cancel", "cancel a job"),
     ):
         sub.add_parser(name, help=helptext).add_argument("job", help="job id, e.g. j1")
+    jobs = sub.add_parser("jobs", help="list jobs the server holds, newest first")
+    jobs.add_argument("--limit", type=int, default=None, help="how many (server default 100)")
+    jobs.add_argument("--before", default=None, help="only jobs older than this id (next page)")
     for name, helptext in (
-        ("jobs", "list jobs the server holds"),
         ("workers", "list connected workers"),
         ("tasks", "list tasks and how many worker slots can run each"),
         ("stats", "show server counters"),
@@ -387,6 +389,8 @@ async def _command(client: Any, args: argparse.Namespace, reactor: Any = None) -
             raise ServerTimeout(
                 f"no answer to PING from {args.server} within {args.connect_timeout:g} s"
             ) from None
+    elif cmd == "jobs":
+        _print_json(await client.jobs(args.limit, args.before))
     else:
         _print_json(await getattr(client, cmd)())
     return EXIT_OK

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import socket
@@ -133,6 +134,11 @@ def test_cli_run_file_progress_and_exit_codes(cluster, tmp_path):
     job = cli("submit", "sum", "[1,2]").stdout.strip()
     assert cli("wait", job).stdout.strip() == "3"
     assert '"state": "done"' in cli("status", job).stdout
+    second = cli("submit", "sum", "[3]").stdout.strip()
+    newest = json.loads(cli("jobs", "--limit", "1").stdout)
+    assert [j["id"] for j in newest] == [second]  # newest first, one page of one
+    older = json.loads(cli("jobs", "--limit", "1", "--before", second).stdout)
+    assert [j["id"] for j in older] == [job]
 
 
 def test_unknown_task_and_waiting_for_worker(cluster):
