@@ -776,3 +776,30 @@ def test_a_journal_made_without_auto_vacuum_is_converted_once_on_open(tmp_path):
     assert reopened._conn.execute("PRAGMA auto_vacuum").fetchone() == (2,)
     assert [r.accepted.job for r in reopened.load().jobs] == ["j1"]
     result_of(reopened.close())
+
+
+def test_a_big_commit_answers_its_waiters_a_few_hundred_per_reactor_turn(tmp_path):
+    """A commit of 600 records fires its waiters in commit order, at most FIRE_PER_TURN per
+    reactor turn, so answering a flood of SUBMITs never stalls other connections."""
+    from clusterd.server.sqlite_journal import FIRE_PER_TURN
+
+    class TurnReactor(QueueReactor, Clock):
+        def __init__(self) -> None:
+            QueueReactor.__init__(self)
+            Clock.__init__(self)
+
+    reactor = TurnReactor()
+    j = SqliteJournal(str(tmp_path / "journal.db"), reactor=reactor)
+    fired: list[int] = []
+    ds = [j.append(accepted(f"j{n}", n)) for n in range(1, 601)]
+    for n, d in enumerate(ds, 1):
+        d.addCallback(lambda _, n=n: fired.append(n))
+    j.start()
+    closed = j.close()
+    j._thread.join(10)
+    reactor.run_calls()
+    assert fired == list(range(1, FIRE_PER_TURN + 1))  # this turn's share
+    assert len(reactor.getDelayedCalls()) == 1 and not closed.called  # the rest: next turns
+    reactor.advance(0)
+    assert fired == list(range(1, 601))
+    assert result_of(closed) is None  # fired after every waiter, in order
