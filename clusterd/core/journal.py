@@ -15,6 +15,8 @@ from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, fail, succeed
 
+from clusterd.core.errors import JournalError
+
 __all__ = [
     "JobAccepted",
     "ResultRecorded",
@@ -28,13 +30,6 @@ __all__ = [
     "MemoryJournal",
     "JournalError",
 ]
-
-
-class JournalError(Exception):
-    """The journal cannot be opened, read or written. At open, the server refuses to start on
-    it; once a write has failed, the journal is *broken*: its ``failure`` is set, and every
-    later append fails with it too (a later commit must never succeed while an earlier batch of
-    records was lost), so the server takes no new work until it is restarted."""
 
 
 @dataclass(frozen=True)

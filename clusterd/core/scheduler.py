@@ -29,6 +29,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from clusterd.core.errors import ResultTooLarge, TaskFailed, WorkerLost
 from clusterd.core.jobs import Job, JobOptions, JobState, Tally
 from clusterd.core.journal import (
     ChunksAdded,
@@ -81,20 +82,6 @@ class SubTask:
     task: str
     input: Any
     attempt: int = 1
-
-
-class TaskFailed(Exception):
-    """The task function raised on the worker (``type``/``message`` are the exception's), or
-    the pool process running it died (``type`` is ``ChildDied``)."""
-
-    def __init__(self, type: str, message: str) -> None:
-        super().__init__(type, message)
-        self.type = type
-        self.message = message
-
-
-class WorkerLost(Exception):
-    """A dispatched sub-task will get no answer from this worker; it runs again elsewhere."""
 
 
 class TimedResult:
@@ -764,6 +751,12 @@ class Scheduler:
         self._pump()
         return handle
 
+    def attach(self, link: Any) -> WorkerHandle:
+        """Register an :class:`~clusterd.core.workers.IWorkerLink` (see :meth:`add_worker`)."""
+        return self.add_worker(
+            link.name, link.tasks, link.slots, link.send, link.close, link.address
+        )
+
     def drain_worker(self, handle: WorkerHandle) -> None:
         """The worker is stopping: send it nothing new; what it holds may still finish."""
         if not handle.draining:
@@ -1060,7 +1053,7 @@ class Scheduler:
                     "message": f"sub-task ran longer than {job.options.timeout}s",
                 },
             )
-        elif failure.check(TaskFailed) and failure.value.type == "ResultTooLarge":
+        elif failure.check(ResultTooLarge):
             err = failure.value  # retrying cannot make it fit
             self._end(
                 job,
@@ -1075,7 +1068,7 @@ class Scheduler:
             )
         elif failure.check(TaskFailed):
             err = failure.value
-            code = ErrorCode.CHILD_DIED if err.type == "ChildDied" else ErrorCode.TASK_ERROR
+            code = err.code
             self._attempt_failed(
                 job, index, worker, {"code": code, "type": err.type, "message": err.message}
             )

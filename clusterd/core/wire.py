@@ -14,6 +14,7 @@ from typing import Any
 
 from clusterd import PROTOCOL_VERSION, __version__
 from clusterd.core import jsoncodec
+from clusterd.core.errors import ErrorCode, WireError
 from clusterd.core.streaming import END, PIECE, STREAM_MARK, Joiner
 
 __all__ = [
@@ -38,50 +39,6 @@ __all__ = [
     "parse_reply",
     "ReplyReader",
 ]
-
-
-class ErrorCode:
-    """Stable error codes: clients may match on these, so never rename one."""
-
-    UNKNOWN_VERB = "UNKNOWN_VERB"
-    BAD_REQUEST = "BAD_REQUEST"
-    BAD_JSON = "BAD_JSON"
-    BAD_ENCODING = "BAD_ENCODING"
-    LINE_TOO_LONG = "LINE_TOO_LONG"
-    UNKNOWN_TASK = "UNKNOWN_TASK"
-    UNKNOWN_JOB = "UNKNOWN_JOB"
-    BAD_INPUT = "BAD_INPUT"
-    TOO_MANY_SUBTASKS = "TOO_MANY_SUBTASKS"
-    WRONG_ROLE = "WRONG_ROLE"
-    BUSY = "BUSY"
-    NOAUTH = "NOAUTH"
-    AUTH_FAILED = "AUTH_FAILED"
-    AUTH_TIMEOUT = "AUTH_TIMEOUT"
-    JSON_TOO_DEEP = "JSON_TOO_DEEP"
-    TOO_MANY_CONNECTIONS = "TOO_MANY_CONNECTIONS"
-    INPUT_TOO_LARGE = "INPUT_TOO_LARGE"
-    # Codes a FAILED reply carries (why a job failed):
-    TASK_ERROR = "TASK_ERROR"
-    TIMEOUT = "TIMEOUT"
-    CHILD_DIED = "CHILD_DIED"
-    WORKER_LOST = "WORKER_LOST"
-    COMBINE_ERROR = "COMBINE_ERROR"
-    RESULT_TOO_LARGE = "RESULT_TOO_LARGE"
-    JOURNAL_ERROR = "JOURNAL_ERROR"
-    TASK_MISSING = "TASK_MISSING"
-    UPLOAD_INCOMPLETE = "UPLOAD_INCOMPLETE"
-
-
-class WireError(Exception):
-    """A request the server refuses: becomes ``ERR <code> <sentence>`` on the wire."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(code, message)
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"{self.code}: {self.message}"
 
 
 CLIENT_VERBS: dict[str, str] = {

@@ -30,12 +30,12 @@ from zope.interface import implementer
 
 from clusterd import PROTOCOL_VERSION
 from clusterd.core.auth import ROLES, new_nonce, verify
+from clusterd.core.errors import BadResult, task_failed
 from clusterd.core.framing import DEFAULT_MAX_LINE, LineFramer, LineTooLong
 from clusterd.core.jobs import Job, JobState
 from clusterd.core.scheduler import (
     Scheduler,
     SubTask,
-    TaskFailed,
     TimedResult,
     WorkerHandle,
     WorkerLost,
@@ -1132,7 +1132,7 @@ class ServerProtocol(Protocol):
                 ticket=ticket,
                 code=e.code,
             )
-            d.errback(TaskFailed("BadResult", f"the worker's answer could not be read: {e}"))
+            d.errback(BadResult("BadResult", f"the worker's answer could not be read: {e}"))
         self._reply(format_error(e.code, e.message))  # the worker logs it
 
     def _worker_broken(self, why: str) -> None:
@@ -1181,7 +1181,7 @@ class ServerProtocol(Protocol):
                     self.core.late_result()
                 stream = ResultStream(d, msg.get("t"), self.core.config.max_result_bytes)
                 if n < len(msgs):  # pieces can only follow the line's last answer
-                    stream.failure = TaskFailed("BadResult", "a streamed DONE must come last")
+                    stream.failure = BadResult("BadResult", "a streamed DONE must come last")
                     stream.finish()
                 else:
                     self.result_stream = stream
@@ -1195,7 +1195,7 @@ class ServerProtocol(Protocol):
                 else:
                     d.callback(msg.get("result"))
             else:
-                d.errback(TaskFailed(str(msg.get("type", "Error")), str(msg.get("message", ""))))
+                d.errback(task_failed(str(msg.get("type", "Error")), str(msg.get("message", ""))))
 
 
 class ServerFactory(Factory):

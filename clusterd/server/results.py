@@ -19,8 +19,9 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
+from clusterd.core.errors import TaskFailed, task_failed
 from clusterd.core.framing import LineTooLong
-from clusterd.core.scheduler import TaskFailed, TimedResult
+from clusterd.core.scheduler import TimedResult
 from clusterd.core.streaming import END, PIECE, Joiner
 from clusterd.core.wire import WireError, parse_json
 
@@ -86,4 +87,4 @@ class ResultStream:
 
     def _fail(self, kind: str, message: str) -> None:
         if self.failure is None:
-            self.failure = TaskFailed(kind, message)
+            self.failure = task_failed(kind, message)

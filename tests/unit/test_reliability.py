@@ -10,6 +10,7 @@ from helpers import add_worker as add
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
+from clusterd.core.errors import task_failed
 from clusterd.core.jobs import JobState
 from clusterd.core.scheduler import Scheduler, SchedulerConfig, SubTask, TaskFailed
 from clusterd.core.wire import ErrorCode, WireError, parse_job_request
@@ -150,7 +151,7 @@ def test_child_died_on_the_last_attempt_is_code_child_died(core, clock):
     """A sub-task whose pool process died on its last attempt fails the job with CHILD_DIED."""
     w = add(core, "w1")
     job = core.submit("sum", [1], chunks=1, options={"attempts": 1})
-    w.calls[0][1].errback(TaskFailed("ChildDied", "pool process died (signal 9)"))
+    w.calls[0][1].errback(task_failed("ChildDied", "pool process died (signal 9)"))
     assert job.error == {
         "code": ErrorCode.CHILD_DIED,
         "type": "ChildDied",

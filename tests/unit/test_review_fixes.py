@@ -9,9 +9,10 @@ from helpers import add_worker as add
 from twisted.internet.defer import fail
 from twisted.internet.task import Clock
 
+from clusterd.core.errors import task_failed
 from clusterd.core.jobs import JobState
 from clusterd.core.journal import JobAccepted, MemoryJournal
-from clusterd.core.scheduler import Scheduler, TaskFailed
+from clusterd.core.scheduler import Scheduler
 from clusterd.core.wire import ErrorCode, WireError, parse_job_request
 from clusterd.tasks import Registry
 from clusterd.tasks.builtins import TASKS
@@ -53,7 +54,7 @@ def test_result_too_large_fails_at_once_without_retries(clock):
     w = add(core, "w1", slots=1)
     job = core.submit("sum", [1], chunks=1, options={"attempts": 5})
     [(_, d)] = w.calls
-    d.errback(TaskFailed("ResultTooLarge", "the result needs a 99-byte line"))
+    d.errback(task_failed("ResultTooLarge", "the result needs a 99-byte line"))
     assert job.state == JobState.FAILED
     assert job.error["code"] == ErrorCode.RESULT_TOO_LARGE
     assert len(w.calls) == 1
