@@ -73,7 +73,7 @@ def info(conn: LineConn) -> dict:
 
 def auth(conn: LineConn, role: str, secret: bytes) -> str:
     """The right AUTH line for this connection's nonce."""
-    return f"AUTH {role} {proof(secret, conn.proto.nonce, role)}"
+    return f"AUTH {role} {proof(secret, conn.proto.auth.nonce, role)}"
 
 
 def err_code(line: str) -> str:
@@ -237,11 +237,11 @@ def test_wrong_proofs_fail(factory, clock, make_line):
     """A worker proof made with the client secret, a proof for the other role, one replayed from
     another nonce, or garbage: ERR AUTH_FAILED, and the role stays closed."""
     conn = connect_to(factory)
-    conn.send(make_line(conn.proto.nonce) + "\n")
+    conn.send(make_line(conn.proto.auth.nonce) + "\n")
     clock.advance(0.25)
     [reply] = conn.lines()
     assert err_code(reply) == "AUTH_FAILED"
-    assert conn.proto.roles == set()
+    assert conn.proto.auth.roles == set()
     assert err_code(conn.ask("STATS")[0]) == "NOAUTH"
     assert err_code(conn.ask(REGISTER)[0]) == "NOAUTH"
 
@@ -254,7 +254,7 @@ def test_malformed_auth_is_bad_request_at_once(factory, line):
     not counted as a failed proof."""
     conn = connect_to(factory)
     assert err_code(conn.ask(line)[0]) == "BAD_REQUEST"
-    assert conn.proto.auth_failures == 0
+    assert conn.proto.auth.failures == 0
     assert factory.failures == {}
 
 
@@ -270,7 +270,7 @@ def test_repeating_a_granted_auth_is_ok(factory):
     conn = connect_to(factory)
     conn.ask(auth(conn, "client", CLIENT_SECRET))
     assert conn.ask("AUTH client 00") == ["OK AUTHENTICATED client"]
-    assert conn.proto.auth_failures == 0
+    assert conn.proto.auth.failures == 0
 
 
 # -- failed AUTH is slow -------------------------------------------------------------------------
@@ -359,7 +359,7 @@ def test_auth_guesses_pipelined_after_the_last_allowed_failure_are_not_evaluated
     assert [line.split(" ")[:2] for line in lines] == [["ERR", "AUTH_FAILED"]] * 3, lines
     assert lines[-1].endswith("closing.")
     assert conn.tr.disconnecting
-    assert "client" not in conn.proto.roles
+    assert "client" not in conn.proto.auth.roles
     assert factory.core.jobs() == []
 
 
@@ -369,7 +369,7 @@ def test_a_burst_of_failed_auths_holds_a_bounded_number_of_timers(factory, clock
     conn = connect_to(factory)
     conn.send("AUTH client 00\n" * 1000)
     assert len(clock.getDelayedCalls()) <= 3 + 1  # the answers, and the auth timer
-    assert len(conn.proto.slots) <= 3
+    assert len(conn.proto.replies) <= 3
     assert factory.failures["10.0.0.1"][0] <= 3
     clock.advance(10)
     assert len(conn.lines()) <= 3
@@ -767,7 +767,7 @@ def test_worker_with_the_right_secret_registers_over_iosim(clock):
     )
     pump.flush()
     assert worker.registered
-    assert server.roles == {"worker"}
+    assert server.auth.roles == {"worker"}
     assert [w.name for w in server_factory.core.workers()] == ["w1"]
     worker.transport.loseConnection()
     pump.flush()
@@ -853,7 +853,7 @@ def test_connect_proves_the_client_secret(factory):
     h = ConnectHarness(factory, CLIENT_SECRET)
     h.start()
     client = result_of(h.d)
-    assert "client" in h.server.proto.roles
+    assert "client" in h.server.proto.auth.roles
     d = client.stats()
     h.pump()
     assert "jobs_submitted" in result_of(d)

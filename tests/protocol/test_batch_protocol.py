@@ -432,14 +432,15 @@ def test_flushed_do_lines_keep_order_and_fit(sizes, max_line):
     )
     c.lines()
     p = c.proto
-    p.worker_max_line = max_line
+    p = p.session  # the worker session (worker_session.py)
+    p.max_line = max_line
     bodies = {
         i: json.dumps({"id": i, "pad": "x" * n}, separators=(",", ":")) for i, n in enumerate(sizes)
     }
-    # _run_subtask refuses a DO that does not fit alone; every other one must be sent.
+    # send() refuses a DO that does not fit alone; every other one must be sent.
     bodies = {i: b for i, b in bodies.items() if len(b) + 5 <= max_line}
-    p._outbox = {i: (b, len(b)) for i, b in bodies.items()}
-    p._flush_outbox()
+    p.outbox = {i: (b, len(b)) for i, b in bodies.items()}
+    p.flush()
     lines = c.lines()
     assert all(len(x) <= max_line for x in lines)
     got = [m["id"] for x in lines for m in json.loads(x.removeprefix("DO "))]

@@ -58,7 +58,7 @@ def connect(factory: ServerFactory, host: str = "10.0.0.1", port: int = 1234) ->
 
 
 def auth_line(conn: LineConn, role: str = "client", secret: bytes = CLIENT_SECRET) -> str:
-    return f"AUTH {role} {proof(secret, conn.proto.nonce, role)}"
+    return f"AUTH {role} {proof(secret, conn.proto.auth.nonce, role)}"
 
 
 def err_code(line: str) -> str:
@@ -249,7 +249,7 @@ def test_the_pipelined_backlog_stops_reading_at_max_pending_replies(clock):
     conn = connect(factory)
     assert conn.ask("SUBMIT sum [1,2]") == ["OK j1"]
     conn.send("WAIT j1\n" * (MAX_PENDING_REPLIES + 50) + "PING\n")
-    assert len(conn.proto.slots) == MAX_PENDING_REPLIES
+    assert len(conn.proto.replies) == MAX_PENDING_REPLIES
     assert conn.tr.producerState == "paused"
     assert conn.lines() == []
     worker = connect(factory)
@@ -261,7 +261,7 @@ def test_the_pipelined_backlog_stops_reading_at_max_pending_replies(clock):
     clock.advance(1)  # the job's end is recorded
     lines = conn.lines()
     assert lines == ["RESULT j1 3"] * (MAX_PENDING_REPLIES + 50) + ["OK PONG"]
-    assert not conn.proto.slots
+    assert not conn.proto.replies
     assert conn.tr.producerState == "producing"
 
 
@@ -295,9 +295,9 @@ def test_a_connections_job_count_follows_job_ends_without_recounting(clock):
     assert conn.ask("SUBMIT sum [1]") == ["OK j1"]
     assert conn.ask("SUBMIT sum [2]") == ["OK j2"]
     assert err_code(conn.ask("SUBMIT sum [3]")[0]) == "BUSY"
-    assert len(conn.proto.open_jobs) == 2
+    assert len(conn.proto.session.ops.open_jobs) == 2
     conn.ask("CANCEL j1")
-    assert len(conn.proto.open_jobs) == 1  # counted down by the job's end, at once
+    assert len(conn.proto.session.ops.open_jobs) == 1  # counted down by the job's end, at once
     assert conn.ask("SUBMIT sum [3]") == ["OK j3"]
     job = factory.core.get("j3")
     conn.lose()
@@ -401,7 +401,7 @@ def test_nothing_behind_a_failed_auth_runs_before_its_answer(clock):
     assert factory.core.jobs() == []
     assert conn.tr.producerState == "paused"
     clock.advance(0.24)
-    assert factory.core.jobs() == [] and "client" not in conn.proto.roles
+    assert factory.core.jobs() == [] and "client" not in conn.proto.auth.roles
     clock.advance(0.01)
     [failed, ok, submitted] = conn.lines()
     assert err_code(failed) == "AUTH_FAILED"
@@ -423,7 +423,7 @@ def test_an_address_out_of_auth_budget_is_refused_unchecked_across_connections(c
     late = connect(factory, "10.0.0.9", 99)
     [reply] = late.ask(auth_line(late))
     assert err_code(reply) == "AUTH_FAILED" and "too many failed AUTHs" in reply
-    assert late.tr.disconnecting and "client" not in late.proto.roles
+    assert late.tr.disconnecting and "client" not in late.proto.auth.roles
     other = connect(factory, "10.0.0.8", 1)
     assert other.ask(auth_line(other)) == ["OK AUTHENTICATED client"]
     clock.advance(60)
@@ -482,7 +482,7 @@ def test_an_unparseable_done_with_a_readable_id_fails_that_attempt(clock, body):
     worker.send("DONE " + body.format(id=do["id"]) + "\n")
     assert err_code(worker.lines()[0]) in ("JSON_TOO_DEEP", "BAD_JSON")
     assert not worker.tr.disconnecting
-    assert worker.proto.inflight == {}
+    assert worker.proto.session.inflight == {}
     clock.advance(1)  # the retry's backoff
     [retry] = dos(worker)  # its slot is free again: the retry may come back here
     assert retry["attempt"] == 2
@@ -495,7 +495,7 @@ def test_an_invalid_utf8_done_with_a_readable_id_fails_that_attempt(clock):
     factory, worker, job, do = _worker_with_a_subtask(clock)
     worker.send(b'DONE {"id":%d,"result":"\xff"}\n' % do["id"])
     assert err_code(worker.lines()[0]) == "BAD_ENCODING"
-    assert worker.proto.inflight == {}
+    assert worker.proto.session.inflight == {}
     assert factory.core.stats()["subtasks_retried"] == 1
     clock.advance(1)
     [retry] = dos(worker)
@@ -541,7 +541,7 @@ def test_a_done_whose_id_is_not_an_integer_matches_no_ticket(clock):
     factory, worker, job, do = _worker_with_a_subtask(clock)
     assert do["id"] == 1
     worker.send("DONE " + json.dumps({"id": True, "result": 5}) + "\n")
-    assert do["id"] in worker.proto.inflight and not job.is_final
+    assert do["id"] in worker.proto.session.inflight and not job.is_final
     assert factory.core.stats()["results_late"] == 1
     worker.send("DONE " + json.dumps({"id": do["id"], "result": 3}) + "\n")
     assert result_of(job.wait()).result == 3
@@ -552,13 +552,13 @@ def test_a_streamed_done_for_an_unknown_id_keeps_none_of_its_pieces(clock):
     dropped as it arrives; the worker's real sub-task is unaffected."""
     factory, worker, job, do = _worker_with_a_subtask(clock)
     worker.send('DONE {"id": 999, "stream": true}\n')
-    stream = worker.proto.result_stream
+    stream = worker.proto.session.result_stream
     piece = "+" + json.dumps(["x" * 1000] * 100) + "\n"
     for _ in range(200):
         worker.send(piece)
         assert stream.joiner._parts == [] and stream.size == 0
     worker.send(".\n")
-    assert worker.proto.result_stream is None
+    assert worker.proto.session.result_stream is None
     assert factory.core.stats()["results_late"] == 1
     assert worker.lines() == []
     worker.send("DONE " + json.dumps({"id": do["id"], "result": 3}) + "\n")
@@ -569,10 +569,10 @@ def test_a_streamed_done_whose_sub_task_was_cancelled_midway_drops_the_rest(cloc
     """Pieces arriving after the sub-task was cancelled (job cancelled) are no longer kept."""
     factory, worker, job, do = _worker_with_a_subtask(clock)
     worker.send("DONE " + json.dumps({"id": do["id"], "stream": True}) + "\n+[1]\n")
-    stream = worker.proto.result_stream
+    stream = worker.proto.session.result_stream
     assert stream.joiner._parts == [[1]]
     factory.core.cancel(job.id)
     worker.send("+[2]\n+[3]\n")
     assert stream.joiner._parts == []
     worker.send(".\n")
-    assert worker.proto.result_stream is None
+    assert worker.proto.session.result_stream is None

@@ -465,7 +465,7 @@ def test_server_without_the_secret_gives_nothing_away(steps):
             clock, secrets={"client": CLIENT_SECRET, "worker": WORKER_SECRET}, auth_timeout=5.0
         )
         peer = LineConn(factory)
-        nonce = peer.proto.nonce
+        nonce = peer.proto.auth.nonce
         for step in steps:
             if step[0] == "tick":
                 clock.advance(step[1])
@@ -481,7 +481,7 @@ def test_server_without_the_secret_gives_nothing_away(steps):
                 assert kind in PRE_AUTH and line.startswith(PRE_AUTH[kind]), line
             assert factory.core.jobs() == []
             assert factory.core.workers() == []
-            assert peer.proto.roles == set()
+            assert peer.proto.auth.roles == set()
             assert len(clock.getDelayedCalls()) <= factory.settings.max_auth_failures + 1
         clock.advance(60)
         peer.lines()
@@ -796,7 +796,7 @@ def test_a_subtask_that_cannot_be_sent_leaves_nothing_in_flight():
         worker.pump()
         [reply] = client.lines()
         assert reply.split(" ")[0] in ("RESULT", "FAILED")
-        assert worker.conn.proto.inflight == {}
+        assert worker.conn.proto.session.inflight == {}
         leaves_no_timer(clock, client, worker.conn)
 
 

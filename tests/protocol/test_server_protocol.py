@@ -666,7 +666,7 @@ def test_register_validation(client, core, payload, code):
     assert err_code(reply) == code
     assert core.workers() == []
     assert client.ask("PING") == ["OK PONG"]
-    assert client.proto.worker is None
+    assert client.proto.session.__class__.__name__ == "ClientSession"
 
 
 def test_register_limits_are_inclusive(factory, core):
@@ -696,7 +696,7 @@ def test_client_lost_while_run_pending_leaks_nothing(factory, client, core):
     assert len(job._ended._ds) == 2  # the RUN's reply, and the connection's count of its jobs
     client.lose(ConnectionLost)
     assert job._ended._ds == {}
-    assert len(client.proto.slots) == 0
+    assert len(client.proto.replies) == 0
     WorkerConn(factory, slots=4).answer_all()
     assert job.result == 6
     assert client.tr.value() == b""

@@ -1,0 +1,108 @@
+"""The worker link's messages: DO, DONE and ERROR bodies, their line sizes, and batching.
+
+Shared by the server's worker session and the worker, so both sides agree byte for byte on how
+a message is measured against a peer's ``max_line`` and how a batch of them is grouped into
+``VERB [obj,obj,...]`` lines (docs/PROTOCOL.md §5). Pure: imports only ``jsontext``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from clusterd.core.jsontext import dumps
+
+__all__ = [
+    "byte_size",
+    "line_size",
+    "do_body",
+    "done_body",
+    "error_body",
+    "batch_lines",
+    "answer_ticket",
+    "is_answer",
+]
+
+# A worker's DONE/ERROR that cannot be parsed: its ticket id, if the line starts as workers write
+# it ({"id":N,...}), so that attempt can be failed instead of left hanging.
+_TICKET_PREFIX = re.compile(rb"\s*(?:DONE|ERROR)\s+\{\s*\"id\"\s*:\s*(\d{1,18})\s*[,}]", re.I)
+_ANSWER = re.compile(rb"\s*(?:DONE|ERROR)\b", re.I)
+
+
+def byte_size(text: str) -> int:
+    """The bytes ``text`` takes on the wire (UTF-8, lone surrogates escaped)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "backslashreplace"))
+
+
+def line_size(verb: str, size: int, batch: bool) -> int:
+    """The bytes of a line carrying one body of ``size`` bytes: ``VERB body``, or
+    ``VERB [body]`` to a peer that takes batches."""
+    return size + len(verb) + (3 if batch else 1)
+
+
+def do_body(ticket: int, sub: Any) -> str:
+    """The JSON object of a ``DO`` line for sub-task ``sub`` under ``ticket``."""
+    return dumps(
+        {
+            "id": ticket,
+            "job": sub.job,
+            "index": sub.index,
+            "task": sub.task,
+            "attempt": sub.attempt,
+            "input": sub.input,
+        }
+    )
+
+
+def done_body(done: dict[str, Any]) -> str:
+    """The JSON object of a ``DONE`` line (id, job, result or stream, and t)."""
+    return dumps(done)
+
+
+def error_body(ticket: Any, job: Any, kind: str, message: str, room: int) -> tuple[str, int]:
+    """An ``ERROR`` object and its size in bytes, within ``room`` bytes if it can be: a long
+    message (a task's huge exception text) is shortened to fit, with a note that it was, since
+    a line the server cannot take would leave the sub-task unanswered."""
+    kind, text = kind[:200], message
+    for _ in range(20):
+        body = dumps({"id": ticket, "job": job, "type": kind, "message": text})
+        size = byte_size(body)
+        if size <= room or not message:
+            break
+        # Keep the share of the message that fits, less room for the note and escapes.
+        message = message[: max(0, len(message) * room // size - 40)]
+        text = message + " … (shortened)" if message else ""
+    return body, size
+
+
+def batch_lines(items: Iterable[tuple[str, str, int]], max_line: int) -> list[str]:
+    """Group ``(verb, body, size)`` messages, in order, into ``VERB [body,body,...]`` lines:
+    consecutive messages of one verb share a line while it stays within ``max_line`` bytes."""
+    lines: list[str] = []
+    group: list[str] = []
+    group_verb = ""
+    used = 0
+    for verb, body, size in items:
+        if group and (verb != group_verb or used + 1 + size > max_line):
+            lines.append(group_verb + " [" + ",".join(group) + "]")
+            group = []
+        if not group:
+            group_verb, used = verb, len(verb) + 2  # "VERB [" ... "]", less the first comma
+        group.append(body)
+        used += 1 + size
+    if group:
+        lines.append(group_verb + " [" + ",".join(group) + "]")
+    return lines
+
+
+def answer_ticket(line: bytes) -> int | None:
+    """The ticket of a DONE/ERROR line that could not be parsed, if it starts as workers write
+    it (``DONE {"id":N,...``); None otherwise."""
+    match = _TICKET_PREFIX.match(line)
+    return None if match is None else int(match.group(1))
+
+
+def is_answer(line: bytes) -> bool:
+    """Whether a line (parsed or not) is a DONE or ERROR."""
+    return _ANSWER.match(line) is not None
