@@ -1,8 +1,14 @@
-"""Value checkers for twistd option parsers (server and worker share them)."""
+"""What the server's and the worker's twistd option parsers share: value checkers, and loading
+the secrets and the task registry in ``postOptions``."""
 
 from __future__ import annotations
 
-__all__ = ["positive_int", "positive_float"]
+from collections.abc import Iterable
+from typing import Any
+
+from twisted.python import usage
+
+__all__ = ["positive_int", "positive_float", "load_secrets", "load_tasks"]
 
 
 def positive_int(value: str) -> int:
@@ -17,3 +23,27 @@ def positive_float(value: str) -> float:
     if not n > 0:
         raise ValueError("must be positive")
     return n
+
+
+def load_secrets(options: Any, sources: Iterable[tuple[str, str, str]]) -> dict[str, bytes]:
+    """role -> secret, for each ``(role, file option, environment variable)`` that gives one
+    (file first, then the variable; SECURITY.md). A secret that cannot be read is a usage
+    error: twistd prints it as one line and exits, before anything starts."""
+    from clusterd.core.auth import SecretError, load_secret
+
+    try:
+        found = {role: load_secret(options[opt], env) for role, opt, env in sources}
+    except SecretError as e:
+        raise usage.UsageError(str(e)) from e
+    return {role: secret for role, secret in found.items() if secret is not None}
+
+
+def load_tasks(modules: list[str]) -> Any:
+    """The task registry: the built-in tasks plus each ``--tasks`` module's; a module that
+    cannot be loaded is a usage error."""
+    from clusterd.tasks import load_registry
+
+    try:
+        return load_registry(modules)
+    except Exception as e:
+        raise usage.UsageError(f"cannot load tasks: {e}") from e

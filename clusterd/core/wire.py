@@ -152,6 +152,12 @@ def parse_job_request(
     options: dict[str, Any] = {}
     if options_text:
         options = parse_json_object(options_text, "the job options", max_depth)
+    _check_options(options, streamed, verb, task)
+    return JobRequest(task, value, options, None if streamed else payload[:end], streamed)
+
+
+def _check_options(options: dict[str, Any], streamed: bool, verb: str, task: str) -> None:
+    """Refuse unknown job options and values out of range (docs/PROTOCOL.md, "Job options")."""
     unknown = sorted(set(options) - JOB_OPTIONS)
     if unknown:
         raise WireError(
@@ -190,7 +196,6 @@ def parse_job_request(
             ErrorCode.BAD_REQUEST,
             f"option 'size' is only for a streamed input ({verb} {task} @ ...).",
         )
-    return JobRequest(task, value, options, None if streamed else payload[:end], streamed)
 
 
 def _is_utf8(text: str) -> bool:

@@ -17,7 +17,7 @@ from clusterd.core.auth import ROLES, new_nonce, verify
 from clusterd.core.errors import ErrorCode, WireError
 from clusterd.core.replies import format_error
 from clusterd.core.wire import WORKER_VERBS
-from clusterd.server.limits import PRE_AUTH_MAX_LINE
+from clusterd.server.limits import LOG_NAMESPACE, PRE_AUTH_MAX_LINE
 
 __all__ = ["AuthGate"]
 
@@ -25,7 +25,7 @@ _OPEN_VERBS = ("AUTH", "PING", "HELP", "QUIT")
 
 
 class AuthGate:
-    log = Logger()
+    log = Logger(namespace=LOG_NAMESPACE)  # the namespace logs had before the split
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn  # a ServerProtocol (connection.py)

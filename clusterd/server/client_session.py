@@ -30,7 +30,7 @@ from clusterd.core.wire import (
     parse_request,
 )
 from clusterd.server.client_ops import ClientOps
-from clusterd.server.limits import JOBS_DEFAULT_LIMIT, OFFLOAD_LINE
+from clusterd.server.limits import JOBS_DEFAULT_LIMIT, LOG_NAMESPACE, OFFLOAD_LINE
 from clusterd.server.replies import PendingReply
 from clusterd.server.streams import InputStream
 
@@ -54,7 +54,7 @@ def _job_id(rest: str, verb: str) -> str:
 
 
 class ClientSession:
-    log = Logger()
+    log = Logger(namespace=LOG_NAMESPACE)  # the namespace logs had before the split
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn  # a ServerProtocol (connection.py)

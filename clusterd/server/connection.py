@@ -43,7 +43,7 @@ from clusterd.core.scheduler import Scheduler
 from clusterd.core.wire import format_greeting
 from clusterd.endpoints import no_delay
 from clusterd.server.auth_gate import AuthGate
-from clusterd.server.limits import ConnectionSettings
+from clusterd.server.limits import LOG_NAMESPACE, ConnectionSettings
 from clusterd.server.replies import ReplyQueue
 
 __all__ = ["ServerProtocol", "Phase", "Session"]
@@ -76,7 +76,7 @@ class Session(TypingProtocol):
 
 @implementer(IHalfCloseableProtocol, IPushProducer, IHandshakeListener)
 class ServerProtocol(Protocol):
-    log = Logger()
+    log = Logger(namespace=LOG_NAMESPACE)  # the namespace logs had before the split
 
     def __init__(
         self,

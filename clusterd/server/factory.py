@@ -19,7 +19,7 @@ __all__ = ["ServerFactory"]
 
 
 class ServerFactory(Factory):
-    log = Logger()
+    log = Logger(namespace="clusterd.server.protocol.ServerFactory")
 
     def __init__(
         self,

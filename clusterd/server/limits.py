@@ -55,3 +55,7 @@ class ConnectionSettings:
     # from it are refused unchecked until the window has passed (across connections).
     max_address_auth_failures: int = 10
     auth_failure_window: float = 60.0
+
+
+# Connection and session logs keep the namespace they had when one class did it all.
+LOG_NAMESPACE = "clusterd.server.protocol.ServerProtocol"

@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from clusterd.core.jobs import Job
 from clusterd.core.replies import final_lines, refusal_line
 from clusterd.core.streaming import END
-from clusterd.server.limits import MAX_PENDING_REPLIES, PIECES_PER_TURN
+from clusterd.server.limits import LOG_NAMESPACE, MAX_PENDING_REPLIES, PIECES_PER_TURN
 
 __all__ = ["PendingReply", "ReplyOwner", "ReplyQueue"]
 
@@ -62,7 +62,7 @@ class PendingReply:
 
 
 class ReplyQueue:
-    log = Logger()
+    log = Logger(namespace=LOG_NAMESPACE)  # the namespace logs had before the split
 
     def __init__(self, owner: ReplyOwner, max_line: int) -> None:
         self.owner = owner

@@ -12,6 +12,7 @@ from twisted.python import usage
 
 from clusterd import DEFAULT_PORT
 from clusterd.core.framing import DEFAULT_MAX_LINE
+from clusterd.options import load_secrets, load_tasks
 from clusterd.options import positive_float as _positive_float
 from clusterd.options import positive_int as _positive_int
 
@@ -247,26 +248,15 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
-        from clusterd.core.auth import SecretError, load_secret
-
-        try:
-            self.secrets = {
-                role: secret
-                for role, secret in (
-                    ("client", load_secret(self["client-secret-file"], "CLUSTERD_CLIENT_SECRET")),
-                    ("worker", load_secret(self["worker-secret-file"], "CLUSTERD_WORKER_SECRET")),
-                )
-                if secret is not None
-            }
-        except SecretError as e:
-            raise usage.UsageError(str(e)) from e
+        self.secrets = load_secrets(
+            self,
+            [
+                ("client", "client-secret-file", "CLUSTERD_CLIENT_SECRET"),
+                ("worker", "worker-secret-file", "CLUSTERD_WORKER_SECRET"),
+            ],
+        )
         self._check_listen()
-        from clusterd.tasks import load_registry
-
-        try:
-            self.registry = load_registry(self["tasks"])
-        except Exception as e:
-            raise usage.UsageError(f"cannot load tasks: {e}") from e
+        self.registry = load_tasks(self["tasks"])
 
     def _check_listen(self) -> None:
         """Bind loopback unless an interface is named, and refuse to expose an open server:

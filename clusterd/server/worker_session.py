@@ -34,7 +34,7 @@ from clusterd.core.scheduler import SubTask, TimedResult
 from clusterd.core.wire import dumps, parse_json_object, parse_json_objects, parse_request
 from clusterd.core.workers import IWorkerLink
 from clusterd.heartbeat import Heartbeat
-from clusterd.server.limits import MAX_WORKER_SLOTS
+from clusterd.server.limits import LOG_NAMESPACE, MAX_WORKER_SLOTS
 from clusterd.server.results import ResultStream
 
 __all__ = ["WorkerSession", "parse_registration"]
@@ -66,7 +66,7 @@ def parse_registration(rest: str, max_depth: int) -> dict[str, Any]:
 
 @implementer(IWorkerLink)
 class WorkerSession:
-    log = Logger()
+    log = Logger(namespace=LOG_NAMESPACE)  # the namespace logs had before the split
 
     def __init__(self, conn: Any, info: dict[str, Any]) -> None:
         self.conn = conn  # a ServerProtocol (connection.py)

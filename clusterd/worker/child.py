@@ -18,12 +18,6 @@ from typing import Any, BinaryIO
 from clusterd.core import jsoncodec
 
 
-def run_one(registry: Any, msg: Any) -> dict[str, Any] | None:
-    """Run one request; the reply carries the seconds the task function took (``t``)."""
-    done = _run(registry, msg)
-    return None if done is None else done[0]
-
-
 def _run(registry: Any, msg: Any) -> tuple[dict[str, Any], bytes] | None:
     """Run one request; the reply and its JSON line, encoded once."""
     if not isinstance(msg, dict) or "id" not in msg:

@@ -8,6 +8,7 @@ and ClientService reconnects), which catches half-open connections TCP never rep
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -15,20 +16,13 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from clusterd import PROTOCOL_VERSION
-from clusterd.core.auth import proof
 from clusterd.core.framing import DEFAULT_MAX_LINE, LineFramer, LineTooLong
+from clusterd.core.messages import batch_lines, byte_size, done_body, error_body, line_size
 from clusterd.core.streaming import END, piece_lines
-from clusterd.core.wire import (
-    WireError,
-    dumps,
-    parse_greeting,
-    parse_json,
-    parse_json_object,
-    parse_json_objects,
-)
-from clusterd.endpoints import describe_address, no_delay
+from clusterd.core.wire import WireError, dumps, parse_json_object, parse_json_objects
+from clusterd.endpoints import no_delay
 from clusterd.heartbeat import Heartbeat
+from clusterd.worker import registration
 from clusterd.worker.pool import ChildDied, PoolService, RunResult
 
 __all__ = ["WorkerProtocol", "WorkerFactory"]
@@ -51,12 +45,18 @@ class WorkerProtocol(Protocol):
         self._answers: list[tuple[str, str, int]] = []  # batch: (verb, object, bytes) to send
         self._answer_call: Any = None  # the callLater(0) that sends them
         self.running: dict[Any, Deferred[Any]] = {}
+        self.verbs: dict[str, Callable[[str], None]] = {
+            "DO": self._on_do,
+            "CANCEL": self._on_cancel,
+            "PING": lambda rest: self.send_line("OK PONG"),
+            "OK": self._on_ok,
+        }
         self.idle: Deferred[None] | None = None
         self.heartbeat = Heartbeat(
             factory.clock,
             factory.heartbeat_interval,
             factory.heartbeat_timeout,
-            lambda: self._send("PING"),
+            lambda: self.send_line("PING"),
             self._server_silent,
         )
 
@@ -77,92 +77,41 @@ class WorkerProtocol(Protocol):
                 self.log.error("bad line from server: {error}", error=str(e))
 
     def _line(self, text: str) -> None:
-        verb, _, rest = text.partition(" ")
         if not self.greeted:
-            version, info = parse_greeting(text)
-            if version != PROTOCOL_VERSION:
-                self.log.error(
-                    "server speaks protocol {v}, this worker {mine}; disconnecting",
-                    v=version,
-                    mine=PROTOCOL_VERSION,
-                )
-                self.transport.loseConnection()
-                return
-            self.greeted = True
-            if isinstance(info.get("max_line"), int):
-                self.server_max_line = info["max_line"]
-            f = self.factory
-            auth = info.get("auth")
-            if isinstance(auth, list) and "worker" in auth:
-                if f.secret is None:
-                    self.log.error(
-                        "the server requires a worker secret; give --secret-file or "
-                        "$CLUSTERD_SECRET"
-                    )
-                else:
-                    self._send("AUTH worker " + proof(f.secret, str(info.get("nonce")), "worker"))
-            self._send(
-                "REGISTER "
-                + dumps(
-                    {
-                        "name": f.name,
-                        "tasks": f.tasks,
-                        "slots": f.slots,
-                        "protocol": PROTOCOL_VERSION,
-                        "max_line": f.max_line,
-                        "batch": True,
-                    }
-                )
-            )
-        elif verb == "DO":
-            msgs = parse_json_objects(rest, "DO")
-            bad = 0
-            for msg in msgs:
-                if isinstance(msg.get("id"), (int, str)):
-                    self._do(msg)
-                else:
-                    bad += 1
-            if bad:
-                raise WireError("BAD_REQUEST", "DO without an id")
-        elif verb == "CANCEL":
-            ticket = parse_json_object(rest, "CANCEL").get("id")
-            d = self.running.pop(ticket, None) if isinstance(ticket, (int, str)) else None
-            if d is not None:
-                d.cancel()
-        elif verb == "PING":
-            self._send("OK PONG")
-        elif verb == "OK" and rest.startswith("DRAINING"):
+            registration.greeted(self, text)
+            return
+        verb, _, rest = text.partition(" ")
+        if verb == "ERR":
+            registration.refused(self, text)
+            return
+        handler = self.verbs.get(verb)
+        if handler is not None:
+            handler(rest)
+
+    def _on_do(self, rest: str) -> None:
+        bad = 0
+        for msg in parse_json_objects(rest, "DO"):
+            if isinstance(msg.get("id"), (int, str)):
+                self._do(msg)
+            else:
+                bad += 1
+        if bad:
+            raise WireError("BAD_REQUEST", "DO without an id")
+
+    def _on_cancel(self, rest: str) -> None:
+        ticket = parse_json_object(rest, "CANCEL").get("id")
+        d = self.running.pop(ticket, None) if isinstance(ticket, (int, str)) else None
+        if d is not None:
+            d.cancel()
+
+    def _on_ok(self, rest: str) -> None:
+        if rest.startswith("DRAINING"):
             # Every DO the server sent before it saw our DRAIN has arrived by now (one stream,
             # in order), so once those are answered we hold nothing.
             self.drain_acked = True
             self._maybe_idle()
-        elif verb == "OK" and rest.startswith("REGISTERED"):
-            self.registered = True
-            try:
-                info = parse_json(rest[len("REGISTERED") :], "OK REGISTERED")
-            except WireError:
-                info = None
-            self.batch = isinstance(info, dict) and info.get("batch") is True
-            self.factory.registrations += 1
-            self.factory.rejections = 0
-            self.factory.last_loss, self.factory.losses = None, 0
-            self.log.info(
-                "registered with server {peer} as {name} ({slots} slots)",
-                peer=str(self.transport.getPeer()),
-                name=self.factory.name,
-                slots=self.factory.slots,
-            )
-            if self.factory.stopping:
-                self.drain()
-        elif verb == "ERR":
-            self.log.error("server refused: {text}", text=text)
-            if not self.registered and not self.closing:
-                # ClientService resets its backoff on every TCP connect, so a server that
-                # accepts then refuses would be hammered: back off here before closing.
-                self.closing = True
-                self.factory.rejections += 1
-                delay = min(self.factory.max_delay, 0.5 * 2 ** min(self.factory.rejections, 10))
-                self.backoff = self.factory.clock.callLater(delay, self.transport.loseConnection)
+        elif rest.startswith("REGISTERED"):
+            registration.registered(self, rest)
 
     def _do(self, msg: dict[str, Any]) -> None:
         ticket = msg.get("id")
@@ -182,17 +131,17 @@ class WorkerProtocol(Protocol):
                 done.update(result=run.value, t=run.seconds)
             else:
                 done["result"] = run
-            body = dumps(done)
-            size = len(body) if body.isascii() else len(body.encode("utf-8", "backslashreplace"))
-            line_size = size + (7 if self.batch else 5)  # "DONE [" + body + "]" or "DONE " + body
-            if line_size > self.server_max_line and self._stream_result(done):
+            body = done_body(done)
+            size = byte_size(body)
+            length = line_size("DONE", size, self.batch)
+            if length > self.server_max_line and self._stream_result(done):
                 return
-            if line_size > self.server_max_line:
+            if length > self.server_max_line:
                 self._error(
                     ticket,
                     msg,
                     "ResultTooLarge",
-                    f"the result needs a {line_size}-byte line; the server accepts "
+                    f"the result needs a {length}-byte line; the server accepts "
                     f"{self.server_max_line}",
                 )
             else:
@@ -220,15 +169,7 @@ class WorkerProtocol(Protocol):
         until a timeout, if it has one, so a long message (a task's huge exception text) is
         shortened to fit the server's line, with a note that it was."""
         room = self.server_max_line - 7  # "ERROR [" + body + "]"
-        kind, text = kind[:200], message
-        for _ in range(20):
-            body = dumps({"id": ticket, "job": msg.get("job"), "type": kind, "message": text})
-            size = len(body) if body.isascii() else len(body.encode("utf-8", "backslashreplace"))
-            if size <= room or not message:
-                break
-            # Keep the share of the message that fits, less room for the note and escapes.
-            message = message[: max(0, len(message) * room // size - 40)]
-            text = message + " … (shortened)" if message else ""
+        body, size = error_body(ticket, msg.get("job"), kind, message, room)
         self._answer("ERROR", body, size)
 
     def _stream_result(self, done: dict[str, Any]) -> bool:
@@ -246,17 +187,17 @@ class WorkerProtocol(Protocol):
             done["result"] = value
             return False
         done["stream"] = True
-        self._send("DONE " + dumps(done))  # a line of its own, after any batched answers
+        self.send_line("DONE " + dumps(done))  # a line of its own, after any batched answers
         for line in lines:
-            self._send(line)
-        self._send(END)
+            self.send_line(line)
+        self.send_line(END)
         return True
 
     def _answer(self, verb: str, body: str, size: int) -> None:
         """Send a DONE or ERROR. To a batch server, the answers of one reactor turn go out
         together at its end, as one array line per verb (or a few, within its max_line)."""
         if not self.batch:
-            self._send(verb + " " + body)
+            self.send_line(verb + " " + body)
             return
         self._answers.append((verb, body, size))
         if self._answer_call is None:
@@ -271,22 +212,10 @@ class WorkerProtocol(Protocol):
         answers, self._answers = self._answers, []
         if self.lost or self.transport.disconnecting:
             return
-        lines: list[str] = []
-        group: list[str] = []
-        group_verb = ""
-        used = 0
-        for verb, body, size in answers:
-            if group and (verb != group_verb or used + 1 + size > self.server_max_line):
-                lines.append(group_verb + " [" + ",".join(group) + "]")
-                group = []
-            if not group:
-                group_verb, used = verb, len(verb) + 2  # "DONE [" ... "]", less the first comma
-            group.append(body)
-            used += 1 + size
-        lines.append(group_verb + " [" + ",".join(group) + "]")
+        lines = batch_lines(answers, self.server_max_line)
         self.transport.write("\n".join(lines).encode("utf-8", "backslashreplace") + b"\n")
 
-    def _send(self, line: str) -> None:
+    def send_line(self, line: str) -> None:
         if self._answers:
             self._flush_answers()  # answers first, in the order they were made
         if not self.lost and not self.transport.disconnecting:
@@ -298,7 +227,7 @@ class WorkerProtocol(Protocol):
         """Ask for no new sub-tasks; fires once those held have been answered."""
         if not self.draining:
             self.draining = True
-            self._send("DRAIN")
+            self.send_line("DRAIN")
         if self.idle is None:
             self.idle = Deferred()
         self._maybe_idle()
@@ -338,42 +267,7 @@ class WorkerProtocol(Protocol):
         if self.registered:
             self.log.info("lost the server: {reason}", reason=reason.getErrorMessage())
         elif not self.closing and not self.factory.stopping:
-            self._log_unregistered_loss(reason)
-
-    def _log_unregistered_loss(self, reason: Failure | None) -> None:
-        """Say why a connection ended before registering: a TLS handshake that failed (the
-        server's certificate could not be verified, or the server refused ours) used to leave
-        the worker retrying forever in silence. Repeats of one cause are logged at the 1st,
-        2nd, 4th, 8th... time, so a worker that keeps failing does not flood its log."""
-        from clusterd.tls import tls_failure_reason
-
-        try:
-            peer = describe_address(self.transport.getPeer())
-        except Exception:  # pragma: no cover - a transport without a peer
-            peer = "the server"
-        tls = tls_failure_reason(reason)
-        text = tls if tls is not None else (reason.getErrorMessage() if reason else "closed")
-        factory = self.factory
-        if text != factory.last_loss:
-            factory.last_loss, factory.losses = text, 0
-        factory.losses += 1
-        if factory.losses & (factory.losses - 1):
-            return  # not a power of two
-        if tls is not None:
-            self.log.error(
-                "TLS handshake with {peer} failed: {reason} (attempt {n}); check trustRoots, "
-                "the server's certificate and the name it is valid for, and our certificate",
-                peer=peer,
-                reason=tls,
-                n=factory.losses,
-            )
-        else:
-            self.log.warn(
-                "connection to {peer} ended before registering: {reason} (attempt {n})",
-                peer=peer,
-                reason=text,
-                n=factory.losses,
-            )
+            registration.log_unregistered_loss(self, reason)
 
 
 class WorkerFactory(Factory):

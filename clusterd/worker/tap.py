@@ -7,16 +7,16 @@ import socket
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, TimeoutError, succeed
-from twisted.logger import Logger
 from twisted.python import usage
 
 from clusterd import DEFAULT_PORT
 from clusterd.core.framing import DEFAULT_MAX_LINE
+from clusterd.options import load_secrets, load_tasks
 from clusterd.options import positive_float as _positive_float
 from clusterd.options import positive_int as _positive_int
+from clusterd.worker.service import WorkerService
 
-__all__ = ["Options", "makeService"]
+__all__ = ["Options", "makeService", "WorkerService"]
 
 
 class Options(usage.Options):
@@ -99,18 +99,9 @@ class Options(usage.Options):
             self["name"] = f"{socket.gethostname()}-{os.getpid()}"
         if any(c.isspace() for c in self["name"]):
             raise usage.UsageError("--name must not contain spaces")
-        from clusterd.core.auth import SecretError, load_secret
-
-        try:
-            self.secret = load_secret(self["secret-file"], "CLUSTERD_SECRET")
-        except SecretError as e:
-            raise usage.UsageError(str(e)) from e
-        from clusterd.tasks import load_registry
-
-        try:
-            self.registry = load_registry(self["tasks"])
-        except Exception as e:
-            raise usage.UsageError(f"cannot load tasks: {e}") from e
+        secrets = load_secrets(self, [("worker", "secret-file", "CLUSTERD_SECRET")])
+        self.secret = secrets.get("worker")
+        self.registry = load_tasks(self["tasks"])
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
@@ -152,41 +143,3 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     client.setServiceParent(top)
     top.factory = factory
     return top
-
-
-class WorkerService(MultiService):
-    """The worker's service tree. On stop (SIGTERM) it first drains: takes no new sub-tasks and
-    finishes those held; only then do the connection and the pool stop (MultiService would
-    stop all children at once). What still runs after the timeout is handed back."""
-
-    log = Logger()
-
-    def __init__(self, timeout: float, clock: Any) -> None:
-        super().__init__()
-        self.timeout = timeout
-        self.clock = clock
-        self.factory: Any = None
-
-    def stopService(self) -> Deferred[None]:
-        d = self._drain()
-        return d.addCallback(lambda _: super(WorkerService, self).stopService())
-
-    def _drain(self) -> Deferred[None]:
-        self.factory.stopping = True
-        proto = self.factory.current
-        if proto is None or not proto.registered:
-            return succeed(None)
-        held = len(proto.running)
-        self.log.info(
-            "stopping: finishing {n} sub-tasks held (at most {t}s)", n=held, t=self.timeout
-        )
-        d = proto.drain()
-        d.addTimeout(self.timeout, self.clock)
-
-        def gave_up(f: Any) -> None:
-            f.trap(TimeoutError)
-            self.log.warn(
-                "drain timed out; handing {n} sub-tasks back to the server", n=len(proto.running)
-            )
-
-        return d.addErrback(gave_up)
