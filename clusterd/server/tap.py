@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from functools import partial
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -286,69 +284,16 @@ class Options(usage.Options):
             )
 
 
-def open_journal(path: str, reactor: Any, sync: str = "full") -> Any:
-    """The journal for ``--journal``: SQLite at ``path``, or none for ``none``."""
-    from twisted.logger import Logger
-
-    from clusterd.core.journal import NullJournal
-
-    log = Logger(namespace="clusterd.server")
-    if path.lower() in ("none", "off", ""):
-        log.warn("running WITHOUT a journal (--journal none): jobs do not survive a restart")
-        return NullJournal()
-    from clusterd.server.sqlite_journal import SqliteJournal
-
-    journal = SqliteJournal(path, reactor, sync=sync)
-    log.info("journal: {path}", path=os.path.abspath(path))
-    return journal
-
-
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor  # noqa: PLC0415 - only when twistd runs us
 
-    from twisted.internet.threads import deferToThreadPool
-
-    from clusterd.core.journal import JournalError
-    from clusterd.core.scheduler import Scheduler, SchedulerConfig
     from clusterd.endpoints import listening_service
     from clusterd.server.protocol import ConnectionSettings, ServerFactory
-    from clusterd.server.service import ServerService
+    from clusterd.server.service import ServerService, build_core
 
     top = MultiService()
-    config = SchedulerConfig(
-        max_subtasks=options["max-subtasks"],
-        max_queued=options["max-queued"],
-        retention=options["retention"],
-        default_timeout=options["default-timeout"] or None,
-        default_attempts=options["default-attempts"],
-        stall_factor=options["stall-factor"],
-        stall_min=options["stall-min"],
-        max_lost=options["max-lost"],
-        speculate=bool(options["speculate"]),
-        speculate_factor=options["speculate-factor"],
-        max_result_bytes=options["max-result-bytes"],
-        max_input_bytes=options["max-input-bytes"],
-        prefetch=options["prefetch"],
-        dispatch_per_turn=options["dispatch-per-turn"],
-    )
-    journal = None
-    try:
-        journal = open_journal(options["journal"], reactor, options["journal-sync"])
-        core = Scheduler(
-            options.registry,
-            reactor,
-            journal,
-            config,
-            offload=partial(deferToThreadPool, reactor, reactor.getThreadPool()),
-        )
-        core.recover()
-    except JournalError as e:
-        # Exit 1 with one clear line: never start empty on a journal we cannot read, and never
-        # start on one that cannot be written or that another server holds.
-        if journal is not None:
-            journal.close()  # lets go of its lock
-        raise SystemExit(f"clusterd-server: {e}. Refusing to start.") from None
+    core = build_core(options, reactor)
     ServerService(core).setServiceParent(top)
     settings = ConnectionSettings(
         max_line=options["max-line"],
@@ -361,6 +306,15 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         max_connections=options["max-connections"],
         max_connections_per_ip=options["max-connections-per-ip"],
     )
+    _warn_open_roles(options)
+    factory = ServerFactory(core, settings=settings, clock=reactor)
+    for description in options["listen"]:
+        listening_service(reactor, description, factory).setServiceParent(top)
+    return top
+
+
+def _warn_open_roles(options: Options) -> None:
+    """Say loudly which roles anyone who can connect may take (no secret for them)."""
     log = Logger(namespace="clusterd.server")
     open_roles = [r for r in ("client", "worker") if r not in options.secrets]
     if open_roles and getattr(options, "exposed", None):
@@ -377,7 +331,3 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             roles=" and ".join(open_roles),
             listen=", ".join(options["listen"]),
         )
-    factory = ServerFactory(core, settings=settings, clock=reactor)
-    for description in options["listen"]:
-        listening_service(reactor, description, factory).setServiceParent(top)
-    return top
