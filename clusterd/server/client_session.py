@@ -33,6 +33,7 @@ from clusterd.server.client_ops import ClientOps
 from clusterd.server.limits import JOBS_DEFAULT_LIMIT, LOG_NAMESPACE, OFFLOAD_LINE
 from clusterd.server.replies import PendingReply
 from clusterd.server.streams import InputStream
+from clusterd.server.worker_session import WorkerSession, parse_registration
 
 __all__ = ["ClientSession"]
 
@@ -302,8 +303,6 @@ class ClientSession:
 
     def do_REGISTER(self, rest: str) -> None:
         """Become a worker: the connection swaps this session for a worker session."""
-        from clusterd.server.worker_session import WorkerSession, parse_registration
-
         info = parse_registration(rest, self.conn.settings.max_json_depth)
         if self.replies.unfinished():
             raise WireError(

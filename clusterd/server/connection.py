@@ -43,6 +43,7 @@ from clusterd.core.scheduler import Scheduler
 from clusterd.core.wire import format_greeting
 from clusterd.endpoints import no_delay
 from clusterd.server.auth_gate import AuthGate
+from clusterd.server.client_session import ClientSession
 from clusterd.server.limits import LOG_NAMESPACE, ConnectionSettings
 from clusterd.server.replies import ReplyQueue
 
@@ -85,8 +86,6 @@ class ServerProtocol(Protocol):
         settings: ConnectionSettings | None = None,
         clock: IReactorTime | None = None,
     ) -> None:
-        from clusterd.server.client_session import ClientSession
-
         self.core = core
         self.settings = settings or ConnectionSettings(max_line=max_line)
         self.max_line = self.settings.max_line
