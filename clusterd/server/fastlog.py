@@ -16,7 +16,14 @@ import string
 from collections.abc import Callable
 from typing import Any
 
-from twisted.logger import FileLogObserver, LogPublisher, formatTime, globalLogPublisher
+from twisted.logger import (
+    FileLogObserver,
+    LogLevel,
+    LogPublisher,
+    formatTime,
+    globalLogPublisher,
+    timeFormatRFC3339,
+)
 
 __all__ = ["FastClassicFormat", "speed_up_text_logs"]
 
@@ -81,17 +88,35 @@ class FastClassicFormat:
         return line.replace("\n", "\n\t") + "\n"
 
 
+# The time formats twistd's text observers use (Twisted's default, and none at all).
+_CANDIDATE_TIME_FORMATS = (timeFormatRFC3339, None)
+_PROBES = [
+    {
+        "log_format": "probe {n}",
+        "log_level": LogLevel.info,
+        "log_namespace": "clusterd.fastlog",
+        "log_time": when,
+        "n": n,
+    }
+    for n, when in enumerate((1_795_433_685.25, 1_700_000_000.75, 86_400.5))
+]
+
+
 def _time_format(observer: FileLogObserver) -> tuple[bool, str | None]:
-    """The ``timeFormat`` of an observer made by ``textFileLogObserver``; (False, None) if it
-    was made some other way."""
-    fn = getattr(observer, "formatEvent", None)
-    if getattr(fn, "__qualname__", "") != "textFileLogObserver.<locals>.formatEvent":
+    """The time format with which the fast formatter writes exactly what ``observer`` writes,
+    found by formatting a few probe events both ways (no peeking into Twisted's closures);
+    (False, None) if no candidate matches, and the observer is then left alone."""
+    original = getattr(observer, "formatEvent", None)
+    if original is None:
         return False, None
-    cells = dict(zip(fn.__code__.co_freevars, fn.__closure__ or (), strict=False))
-    cell = cells.get("timeFormat")
-    if cell is None:
-        return False, None
-    return True, cell.cell_contents
+    for time_format in _CANDIDATE_TIME_FORMATS:
+        fast = FastClassicFormat(time_format, original)
+        try:
+            if all(fast(dict(p)) == original(dict(p)) for p in _PROBES):
+                return True, time_format
+        except Exception:
+            return False, None
+    return False, None
 
 
 def speed_up_text_logs(publisher: LogPublisher = globalLogPublisher) -> int:

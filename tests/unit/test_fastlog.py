@@ -90,3 +90,14 @@ def test_speed_up_swaps_only_text_file_observers():
     assert out.getvalue().endswith("[clusterd.core.scheduler.Scheduler#info] job j1 submitted\n")
     assert other_out.getvalue() == "job j1 submitted\n"
     assert len(seen) == 1
+
+
+def test_speed_up_finds_the_time_format_by_probing_not_by_closures():
+    """A text observer made with no time format (twistd's "-" stamps) is recognised by the
+    output of probe events and sped up with the same output; nothing reads Twisted's closures."""
+    out = io.StringIO()
+    text = textFileLogObserver(out, timeFormat=None)
+    publisher = LogPublisher(text)
+    assert speed_up_text_logs(publisher) == 1
+    publisher(event("job {job_id} done", job_id="j2"))
+    assert out.getvalue() == "- [clusterd.core.scheduler.Scheduler#info] job j2 done\n"
