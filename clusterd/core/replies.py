@@ -16,7 +16,16 @@ from typing import Any
 from clusterd.core.errors import ErrorCode, WireError
 from clusterd.core.jobs import Job, JobState
 from clusterd.core.jsontext import dumps, parse_json
-from clusterd.core.streaming import END, PIECE, STREAM_MARK, Joiner, piece_lines
+from clusterd.core.streaming import (
+    END,
+    END_LINE,
+    OTHER_LINE,
+    STREAM_MARK,
+    Joiner,
+    line_kind,
+    piece_lines,
+    piece_value,
+)
 
 __all__ = [
     "format_error",
@@ -121,14 +130,15 @@ class ReplyReader:
 
     def feed(self, line: str) -> Reply | None:
         if self._joiner is not None:
-            if line == END:
+            kind = line_kind(line)
+            if kind == END_LINE:
                 value, job = self._joiner.value(), self._job
                 self._joiner = self._job = None
                 return Reply("RESULT", job=job, value=value)
-            if not line.startswith(PIECE):
+            if kind == OTHER_LINE:
                 raise WireError(ErrorCode.BAD_REQUEST, f"expected a piece line, got {line[:80]!r}")
             try:
-                self._joiner.add(parse_json(line[1:], "a RESULT piece", 100_000))
+                self._joiner.add(piece_value(line, "a RESULT piece", 100_000))
             except ValueError as e:
                 raise WireError(ErrorCode.BAD_REQUEST, str(e)) from None
             return None

@@ -31,6 +31,11 @@ __all__ = [
     "ANSWER_PIECE",
     "piece_lines",
     "KINDS",
+    "PIECE_LINE",
+    "END_LINE",
+    "OTHER_LINE",
+    "line_kind",
+    "piece_value",
 ]
 
 STREAM_MARK = "@"  # in place of a JSON value: the value follows as piece lines
@@ -38,6 +43,40 @@ PIECE = "+"  # a piece line is "+" followed by one JSON array or string
 END = "."  # the line that ends a stream
 
 KINDS = {"list": list, "text": str}  # Task.stream -> the JSON type of its pieces
+
+# The one reader of piece lines, for every stream (an input arriving at the server, a worker's
+# streamed result, a streamed answer reaching a client): what a line is, and a piece's value.
+PIECE_LINE, END_LINE, OTHER_LINE = "piece", "end", "other"
+
+
+def line_kind(line: bytes | str) -> str:
+    """``PIECE_LINE`` (``+<json>``), ``END_LINE`` (a line holding only ``.``) or
+    ``OTHER_LINE`` (the stream was left without its end)."""
+    stripped = line.strip()
+    if stripped in (b".", "."):
+        return END_LINE
+    if stripped[:1] in (b"+", "+"):
+        return PIECE_LINE
+    return OTHER_LINE
+
+
+def piece_value(line: bytes | str, what: str, max_depth: int) -> Any:
+    """The JSON value of a piece line. Raises ``WireError``: ``BAD_ENCODING`` (not UTF-8),
+    ``BAD_JSON`` or ``JSON_TOO_DEEP``; ``what`` names the piece in the message."""
+    from clusterd.core.errors import ErrorCode, WireError
+    from clusterd.core.jsontext import parse_json
+
+    text = line.strip()[1:]
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise WireError(
+                ErrorCode.BAD_ENCODING, f"{what} is not valid UTF-8 (byte {e.start + 1})."
+            ) from None
+    return parse_json(text, what, max_depth)
+
+
 DEFAULT_TEXT_CHUNK = 1 << 20  # characters per sub-task when the client gives no size
 DEFAULT_LIST_CHUNK = 10_000  # items per sub-task when the client gives no size
 # Never more per sub-task than this, whatever size/chunks say: a sub-task's DO line must stay

@@ -22,8 +22,8 @@ from twisted.internet.defer import Deferred
 from clusterd.core.errors import TaskFailed, task_failed
 from clusterd.core.framing import LineTooLong
 from clusterd.core.scheduler import TimedResult
-from clusterd.core.streaming import END, PIECE, Joiner
-from clusterd.core.wire import WireError, parse_json
+from clusterd.core.streaming import END_LINE, OTHER_LINE, Joiner, line_kind, piece_value
+from clusterd.core.wire import WireError
 
 __all__ = ["ResultStream"]
 
@@ -44,18 +44,18 @@ class ResultStream:
         if isinstance(event, LineTooLong):
             self._fail("BadResult", f"a result piece is longer than {event.limit} bytes")
             return True
-        stripped = event.strip()
-        if stripped == END.encode():
+        kind = line_kind(event)
+        if kind == END_LINE:
             self.finish()
             return True
-        if stripped[:1] != PIECE.encode():
+        if kind == OTHER_LINE:
             self._fail("BadResult", "the result's pieces ended without a '.' line")
             self.finish()
             return False
         if self.failure is not None or self.d is None or self.d.called:
             self.joiner = Joiner()  # nobody waits for it (any more): keep nothing
             return True
-        self.size += len(stripped)
+        self.size += len(event)
         if self.size > self.limit:
             self._fail(
                 "ResultTooLarge",
@@ -64,8 +64,8 @@ class ResultStream:
             self.joiner = Joiner()  # what was held is of no use now
             return True
         try:
-            self.joiner.add(parse_json(stripped[1:].decode("utf-8"), "a result piece", 100_000))
-        except (WireError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+            self.joiner.add(piece_value(event, "a result piece", 100_000))
+        except (WireError, ValueError) as e:
             self._fail("BadResult", f"a result piece is not valid: {e}")
         return True
 

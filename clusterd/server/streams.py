@@ -17,8 +17,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from clusterd.core.framing import LineTooLong
-from clusterd.core.streaming import END, PIECE
-from clusterd.core.wire import ErrorCode, WireError, format_error, parse_json, refusal_line
+from clusterd.core.streaming import END_LINE, OTHER_LINE, line_kind, piece_value
+from clusterd.core.wire import ErrorCode, WireError, format_error, refusal_line
 
 if TYPE_CHECKING:
     from clusterd.core.jobs import Job
@@ -74,11 +74,11 @@ class InputStream:
                 f"a piece is longer than {event.limit} bytes; send smaller pieces.",
             )
             return True
-        stripped = event.strip()
-        if stripped == END.encode():
+        kind = line_kind(event)
+        if kind == END_LINE:
             self.finish()
             return True
-        if stripped[:1] != PIECE.encode():
+        if kind == OTHER_LINE:
             self.fail(
                 ErrorCode.BAD_REQUEST,
                 "a streamed input is piece lines (+<json>) ended by a line holding only '.'; "
@@ -89,13 +89,8 @@ class InputStream:
         if self.failed or self.upload is None:
             return True
         try:
-            text = stripped[1:].decode("utf-8")
-        except UnicodeDecodeError as e:
-            self.fail(ErrorCode.BAD_ENCODING, f"a piece is not valid UTF-8 (byte {e.start + 1}).")
-            return True
-        try:
-            piece = parse_json(text, f"piece {self.upload.pieces + 1}", self.max_depth)
-            self.upload.feed(piece, len(stripped))
+            piece = piece_value(event, f"piece {self.upload.pieces + 1}", self.max_depth)
+            self.upload.feed(piece, len(event.strip()))
         except WireError as e:
             self.fail(e.code, e.message)
             return True

@@ -284,3 +284,33 @@ def test_upload_bar_shows_what_was_sent_and_passes_pieces_through():
     assert list(quiet.count([[1], [2]])) == [[1], [2]]
     quiet.close()
     assert silent.getvalue() == ""
+
+
+def test_one_reader_tells_piece_end_and_other_lines_apart_in_bytes_and_text():
+    """The shared piece-line reader classifies server-side bytes and client-side text alike."""
+    from clusterd.core.streaming import END_LINE, OTHER_LINE, PIECE_LINE, line_kind
+
+    assert [line_kind(x) for x in (b"+[1]", b" . ", b"PING", '+"a"', ".", "RESULT j1 3")] == [
+        PIECE_LINE,
+        END_LINE,
+        OTHER_LINE,
+        PIECE_LINE,
+        END_LINE,
+        OTHER_LINE,
+    ]
+
+
+def test_a_piece_value_names_the_piece_in_every_refusal():
+    """A piece that is not UTF-8, not JSON or too deep is refused with its own code and name."""
+    from clusterd.core.streaming import piece_value
+    from clusterd.core.wire import WireError
+
+    assert piece_value(b"+[1,2]", "piece 1", 64) == [1, 2]
+    for line, code in (
+        (b"+\xff", "BAD_ENCODING"),
+        (b"+[1,", "BAD_JSON"),
+        (b"+" + b"[" * 9 + b"]" * 9, "JSON_TOO_DEEP"),
+    ):
+        with pytest.raises(WireError) as e:
+            piece_value(line, "piece 7", 4)
+        assert e.value.code == code and "piece 7" in e.value.message
