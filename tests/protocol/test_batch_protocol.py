@@ -8,13 +8,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import result_of
+from helpers import FakePool, LineConn, result_of
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from clusterd.core.scheduler import Scheduler
@@ -28,22 +26,11 @@ from clusterd.worker.protocol import WorkerFactory
 REGISTRY = Registry(TASKS)
 
 
-class Line:
-    """A raw protocol connection on a StringTransport."""
+class Line(LineConn):
+    """A raw protocol connection on a StringTransport (clusterd.testing.LineConn)."""
 
     def __init__(self, proto) -> None:
-        self.proto = proto
-        self.tr = StringTransport()
-        proto.makeConnection(self.tr)
-
-    def send(self, text: str) -> None:
-        self.proto.dataReceived(text.encode())
-
-    def lines(self) -> list[str]:
-        out = self.tr.value().decode()
-        self.tr.clear()
-        assert out == "" or out.endswith("\n")
-        return out.splitlines()
+        super().__init__(proto)
 
     def lose(self) -> None:
         self.proto.connectionLost(Failure(ConnectionDone()))
@@ -239,18 +226,6 @@ def test_a_lost_batch_worker_leaves_no_timer_and_requeues(server):
 
 
 # -- the bundled worker --------------------------------------------------------------------
-
-
-class FakePool:
-    TaskError = PoolService.TaskError
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, object, Deferred]] = []
-
-    def run(self, task: str, value) -> Deferred:
-        d: Deferred = Deferred()
-        self.calls.append((task, value, d))
-        return d
 
 
 @pytest.fixture
