@@ -76,6 +76,8 @@ def do_objects(lines: list[str]) -> list[dict]:
 
 
 def test_a_batch_workers_dos_of_one_turn_go_out_as_one_array_line(server):
+    """A batch worker gets the DOs of one reactor turn as one DO array line at the end of the turn,
+    and may answer them in arrays or single objects."""
     clock, core, connect = server
     w = connect(slots=4)
     job = core.submit("sum", [1, 2, 3, 4, 5, 6, 7, 8], 4)
@@ -95,6 +97,8 @@ def test_a_batch_workers_dos_of_one_turn_go_out_as_one_array_line(server):
 
 
 def test_a_plain_worker_still_gets_one_object_per_line_at_once(server):
+    """A worker without batch still gets one DO object per line at once, beside a batch worker that
+    gets an array at the end of the turn."""
     clock, core, connect = server
     plain = connect("plain", slots=2, batch=False)
     batch = connect("batch", slots=2)
@@ -130,6 +134,8 @@ def test_a_plain_worker_may_not_answer_with_an_array(server):
 
 
 def test_dos_are_split_into_lines_within_the_workers_max_line(server):
+    """DO arrays are split into several lines, each within the worker's max_line, keeping the ids
+    in order."""
     clock, core, connect = server
     w = connect(slots=10, max_line=300)
     core.submit("sum", list(range(20)), 10)
@@ -142,6 +148,7 @@ def test_dos_are_split_into_lines_within_the_workers_max_line(server):
 
 
 def test_a_do_too_long_even_alone_fails_the_job(server):
+    """A DO longer than the worker's max_line even on its own fails the job with BAD_INPUT."""
     clock, core, connect = server
     connect(slots=1, max_line=60)
     job = core.submit("sum", list(range(50)), 1)
@@ -150,6 +157,8 @@ def test_a_do_too_long_even_alone_fails_the_job(server):
 
 
 def test_errors_answers_and_unknown_ids_in_one_array(server):
+    """One DONE array may mix answers with an unknown id (counted late) and an ERROR array fails
+    its sub-task's attempt."""
     clock, core, connect = server
     w = connect(slots=3)
     job = core.submit("sum", [1, 2, 3], 3, {"attempts": 2})
@@ -172,6 +181,8 @@ def test_errors_answers_and_unknown_ids_in_one_array(server):
 
 
 def test_an_array_with_a_non_object_is_refused_whole(server):
+    """A DONE array holding a non-object is refused whole: nothing in it is recorded, the worker is
+    dropped and its sub-task moves to another worker."""
     clock, core, connect = server
     w = connect(slots=1)
     job = core.submit("sum", [1], 1)
@@ -190,6 +201,8 @@ def test_an_array_with_a_non_object_is_refused_whole(server):
 
 
 def test_a_cancel_before_the_flush_sends_nothing_after_it_a_cancel(server):
+    """A job cancelled while its DO is still in the outbox sends nothing; one cancelled after the
+    flush sends a CANCEL line."""
     clock, core, connect = server
     w = connect(slots=2)
     j1 = core.submit("sum", [1], 1)
@@ -217,6 +230,8 @@ def test_lines_written_in_the_same_turn_follow_the_dos(server):
 
 
 def test_a_lost_batch_worker_leaves_no_timer_and_requeues(server):
+    """A batch worker lost before its flush leaves no timer behind and its sub-tasks wait to be
+    dispatched again."""
     clock, core, connect = server
     w = connect(slots=2)
     job = core.submit("sum", [1, 2], 2)
@@ -260,6 +275,8 @@ def dos(*ids: int) -> str:
 
 
 def test_the_worker_runs_an_array_and_answers_one_line_per_turn(worker):
+    """The worker runs every DO of an array and answers the results of one turn in one DONE array
+    line."""
     clock, make = worker
     c, pool = make()
     c.send(dos(1, 2, 3))
@@ -279,6 +296,7 @@ def test_the_worker_runs_an_array_and_answers_one_line_per_turn(worker):
 
 
 def test_done_and_error_of_one_turn_make_one_line_per_run_of_a_verb(worker):
+    """Answers of one turn keep their order, one line per run of DONE or ERROR."""
     clock, make = worker
     c, pool = make()
     c.send(dos(1, 2, 3))
@@ -290,6 +308,8 @@ def test_done_and_error_of_one_turn_make_one_line_per_run_of_a_verb(worker):
 
 
 def test_a_server_without_batch_gets_single_objects_at_once(worker):
+    """A worker whose server did not accept batch answers each result as a single object at
+    once."""
     clock, make = worker
     c, pool = make(batch=False)
     c.send(dos(1, 2))  # a server may still send arrays; answers follow what it accepts
@@ -299,6 +319,7 @@ def test_a_server_without_batch_gets_single_objects_at_once(worker):
 
 
 def test_a_repeated_id_in_an_array_is_not_run_twice(worker):
+    """A DO id repeated in an array, or sent again, is run only once."""
     clock, make = worker
     c, pool = make()
     c.send(dos(1, 1))
@@ -308,6 +329,8 @@ def test_a_repeated_id_in_an_array_is_not_run_twice(worker):
 
 
 def test_answers_are_split_within_the_servers_max_line(worker):
+    """The worker splits its answer arrays into lines within the server's max_line, keeping the ids
+    in order."""
     clock, make = worker
     c, pool = make(server_max_line=120)
     c.send(dos(*range(1, 11)))
@@ -349,6 +372,8 @@ def test_a_long_result_that_can_be_cut_is_streamed(worker):
 
 
 def test_drain_sends_the_last_answers_before_it_fires(worker):
+    """The worker's drain flushes its last answers at once, before its Deferred fires, without
+    waiting for the turn."""
     clock, make = worker
     c, pool = make()
     c.send(dos(1))
@@ -364,6 +389,7 @@ def test_drain_sends_the_last_answers_before_it_fires(worker):
 
 
 def test_cancel_of_one_in_an_array(worker):
+    """A CANCEL of one DO of an array cancels that run only; the other's answer still goes out."""
     clock, make = worker
     c, pool = make()
     c.send(dos(1, 2))
@@ -379,6 +405,8 @@ def test_cancel_of_one_in_an_array(worker):
 
 
 def test_parse_json_objects_forms():
+    """parse_json_objects takes one object or an array of objects, refuses anything else with
+    BAD_REQUEST, and does not count the array's level against the depth limit."""
     assert parse_json_objects('{"id":1}', "DONE") == [{"id": 1}]
     assert parse_json_objects(' [{"id":1},{"id":2}]', "DONE") == [{"id": 1}, {"id": 2}]
     assert parse_json_objects("[]", "DONE") == []
@@ -398,6 +426,8 @@ def test_parse_json_objects_forms():
     max_line=st.integers(160, 600),
 )
 def test_flushed_do_lines_keep_order_and_fit(sizes, max_line):
+    """Flushed DO lines keep the sub-tasks' order and each fits the worker's max_line, whatever the
+    sizes."""
     clock = Clock()
     core = Scheduler(REGISTRY, clock)
     c = Line(ServerFactory(core).buildProtocol(None))
