@@ -75,8 +75,10 @@ class OutputWatch:
         self.patterns: dict[str, re.Pattern[str]] = dict(patterns or {})
         self.matches: dict[str, list[re.Match[str]]] = {k: [] for k in self.patterns}
         self.ended = False
+        # Opened before the thread starts, so the log exists as soon as the process does.
+        self.log = open(log_path, "ab")  # noqa: SIM115 - closed by the reader thread at the end
         # Where this process's lines begin in the log (earlier runs' lines come before).
-        self.start = log_path.stat().st_size if log_path.exists() else 0
+        self.start = self.log.tell()
         self.thread = threading.Thread(target=self._read, name=f"watch-{name}", daemon=True)
         self.thread.start()
 
@@ -92,23 +94,40 @@ class OutputWatch:
             return len(self.matches.get(key, ()))
 
     def _read(self) -> None:
+        """Copy the output in blocks as it comes (cheap for a chatty server: one write and one
+        regular-expression scan per block, in C), matching whole lines only."""
         assert self.proc.stdout is not None
-        with open(self.log_path, "ab") as log:
-            for raw in self.proc.stdout:
-                text = raw.decode("utf-8", "replace")
+        fd = self.proc.stdout.fileno()
+        partial = b""
+        with self.log as log:
+            while True:
+                block = os.read(fd, 1 << 16)
+                if not block:
+                    break
+                partial += block
+                cut = partial.rfind(b"\n") + 1
+                whole, partial = partial[:cut], partial[cut:]
                 with self.cond:
-                    log.write(raw)
+                    log.write(block)
                     log.flush()
-                    hit = False
-                    for key, pattern in self.patterns.items():
-                        m = pattern.search(text)
-                        if m is not None:
-                            self.matches[key].append(m)
-                            hit = True
-                    if hit:
-                        self.cond.notify_all()
+                    if whole:
+                        self._match(whole.decode("utf-8", "replace"))
+            if partial:
+                with self.cond:
+                    self._match(partial.decode("utf-8", "replace"))
         with self.cond:
             self.ended = True
+            self.cond.notify_all()
+
+    def _match(self, text: str) -> None:
+        """Record the watched patterns' matches in ``text`` (whole lines; under ``cond``)."""
+        hit = False
+        for key, pattern in self.patterns.items():
+            found = list(pattern.finditer(text))
+            if found:
+                self.matches[key].extend(found)
+                hit = True
+        if hit:
             self.cond.notify_all()
 
     def wait(self, key: str, count: int, deadline: float, what: str) -> re.Match[str]:
@@ -155,6 +174,10 @@ class OutputWatch:
 
 
 class LocalCluster:
+    """A server and workers as ``twistd`` processes in a work directory (a temporary one by
+    default, removed by :meth:`stop`); use as a context manager. Every start waits for the
+    process's readiness line (see :class:`OutputWatch`) within ``start_timeout``."""
+
     def __init__(
         self,
         workdir: str | os.PathLike[str] | None = None,
