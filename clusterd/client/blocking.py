@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from clusterd import DEFAULT_PORT, PROTOCOL_VERSION
-from clusterd.client.api import auth_line, job_line, jobs_line
 from clusterd.client.errors import ClusterError, InputUnreadable, ServerTimeout, raise_for
-from clusterd.client.pieces import stream_lines
-from clusterd.core.wire import Reply, ReplyReader, WireError, dumps, parse_greeting, parse_json
+from clusterd.client.verbs import ClientVerbs, Decode, auth_line
+from clusterd.core.wire import Reply, ReplyReader, WireError, parse_greeting
 
 __all__ = ["BlockingClient", "parse_address", "DEFAULT_TIMEOUT"]
 
@@ -72,8 +71,44 @@ def tls_context(address: str) -> ssl.SSLContext | None:
     return ctx
 
 
-class BlockingClient:
-    """One connection to a server, used from plain (blocking) code.
+def _open_socket(address: str, timeout: float | None) -> socket.socket:
+    """A connected socket (TLS-wrapped for ``tls:``), or ServerTimeout / ClusterError."""
+    family, sockaddr = parse_address(address)
+    ctx = tls_context(address)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(sockaddr)
+        if family == socket.AF_INET:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except TimeoutError as e:
+        sock.close()
+        raise ServerTimeout(
+            f"cannot connect to {address}: no connection within {timeout:g} s"
+        ) from e
+    except OSError as e:
+        sock.close()
+        raise ClusterError(f"cannot connect to {address}: {e}") from e
+    if ctx is None:
+        return sock
+    try:
+        return ctx.wrap_socket(sock, server_hostname=sockaddr[0])
+    except (OSError, ssl.SSLError) as e:
+        sock.close()
+        if isinstance(e, TimeoutError):
+            raise ServerTimeout(
+                f"TLS handshake with {address} timed out after {timeout:g} s"
+            ) from e
+        if isinstance(e, ssl.SSLCertVerificationError):
+            why = f"certificate verify failed: {e.verify_message}"
+        else:
+            why = str(e)
+        raise ClusterError(f"TLS handshake with {address} failed: {why}") from e
+
+
+class BlockingClient(ClientVerbs):
+    """One connection to a server, used from plain (blocking) code. Every call (see
+    :class:`ClientVerbs`) returns its decoded reply.
 
     ``timeout`` bounds connecting, the TLS handshake, the greeting and AUTH (default
     :data:`DEFAULT_TIMEOUT` seconds; None waits forever); past it, :class:`ServerTimeout`.
@@ -92,36 +127,7 @@ class BlockingClient:
             request_timeout = None if timeout is _UNSET else timeout
         if timeout is _UNSET:
             timeout = DEFAULT_TIMEOUT  # read now, so tests and callers may change the default
-        family, sockaddr = parse_address(address)
-        ctx = tls_context(address)
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            self.sock.settimeout(timeout)
-            self.sock.connect(sockaddr)
-            if family == socket.AF_INET:
-                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except TimeoutError as e:
-            self.sock.close()
-            raise ServerTimeout(
-                f"cannot connect to {address}: no connection within {timeout:g} s"
-            ) from e
-        except OSError as e:
-            self.sock.close()
-            raise ClusterError(f"cannot connect to {address}: {e}") from e
-        if ctx is not None:
-            try:
-                self.sock = ctx.wrap_socket(self.sock, server_hostname=sockaddr[0])
-            except (OSError, ssl.SSLError) as e:
-                self.sock.close()
-                if isinstance(e, TimeoutError):
-                    raise ServerTimeout(
-                        f"TLS handshake with {address} timed out after {timeout:g} s"
-                    ) from e
-                if isinstance(e, ssl.SSLCertVerificationError):
-                    why = f"certificate verify failed: {e.verify_message}"
-                else:
-                    why = str(e)
-                raise ClusterError(f"TLS handshake with {address} failed: {why}") from e
+        self.sock = _open_socket(address, timeout)
         self.file = self.sock.makefile("rwb")
         self.replies = ReplyReader()
         try:
@@ -203,63 +209,10 @@ class BlockingClient:
             if on_progress is not None:
                 on_progress(reply.job or "", reply.value)
 
-    def _json(self, line: str) -> Any:
-        return parse_json(self.request(line).text, "the reply")
-
-    def ping(self) -> str:
-        return self.request("PING").text
-
-    def submit(self, task: str, value: Any, chunks: int | None = None, **options: Any) -> str:
-        """Submit a job; returns its id. Options: ``timeout``, ``attempts``, ``key``."""
-        return self.request(job_line("SUBMIT", task, value, chunks, **options)).text
-
-    def run(self, task: str, value: Any, chunks: int | None = None, **options: Any) -> Any:
-        return self.request(job_line("RUN", task, value, chunks, **options)).value
-
-    def submit_stream(
-        self, task: str, pieces: Iterable[Any], chunks: int | None = None, **options: Any
-    ) -> str:
-        """Submit a job whose input is the concatenation of ``pieces`` (JSON arrays, or strings
-        for text tasks), sent as they are produced; returns its id."""
-        opts = {"chunks": chunks, **options}
-        return self.request_lines(
-            stream_lines("SUBMIT", task, pieces, opts, dumps, self._max_line())
-        ).text
-
-    def run_stream(
-        self, task: str, pieces: Iterable[Any], chunks: int | None = None, **options: Any
+    def _send(
+        self, line: str, decode: Decode, on_progress: Callable[[str, dict], None] | None = None
     ) -> Any:
-        opts = {"chunks": chunks, **options}
-        return self.request_lines(
-            stream_lines("RUN", task, pieces, opts, dumps, self._max_line())
-        ).value
+        return decode(self.request(line, on_progress))
 
-    def _max_line(self) -> int:
-        """The server's line limit, from its greeting."""
-        return int(self.server_info.get("max_line", 16 << 20))
-
-    def wait(self, job: str) -> Any:
-        return self.request(f"WAIT {job}").value
-
-    def watch(self, job: str, on_progress: Callable[[str, dict], None]) -> Any:
-        return self.request(f"WATCH {job}", on_progress).value
-
-    def status(self, job: str) -> dict[str, Any]:
-        return self._json(f"STATUS {job}")
-
-    def cancel(self, job: str) -> str:
-        return self.request(f"CANCEL {job}").text.split(" ", 1)[-1]
-
-    def jobs(self, limit: int | None = None, before: str | None = None) -> list[dict[str, Any]]:
-        """One page of jobs, newest first (the server's default page is 100); pass the last
-        id of a page as ``before`` for the next one."""
-        return self._json(jobs_line(limit, before))
-
-    def workers(self) -> list[dict[str, Any]]:
-        return self._json("WORKERS")
-
-    def tasks(self) -> list[dict[str, Any]]:
-        return self._json("TASKS")
-
-    def stats(self) -> dict[str, Any]:
-        return self._json("STATS")
+    def _send_lines(self, lines: Iterator[bytes], decode: Decode) -> Any:
+        return decode(self.request_lines(lines))

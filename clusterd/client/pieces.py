@@ -36,70 +36,81 @@ def text_pieces(stream: IO[bytes], piece_bytes: int = PIECE_BYTES) -> Iterator[s
             return
 
 
-def json_array_pieces(stream: IO[bytes], piece_bytes: int = PIECE_BYTES) -> Iterator[list[Any]]:
-    """Successive slices of the JSON array in a byte stream, each about ``piece_bytes`` of
-    input. Raises ValueError when the stream does not hold exactly one JSON array."""
-    text_blocks = text_pieces(stream, piece_bytes)
-    buf, pos, eof = "", 0, False
+class _ArrayReader:
+    """A cursor over the text of a JSON array that keeps only the unread part of one block."""
 
-    def more() -> bool:
-        nonlocal buf, pos, eof
-        block = next(text_blocks, None)
+    def __init__(self, stream: IO[bytes], piece_bytes: int) -> None:
+        self.blocks = text_pieces(stream, piece_bytes)
+        self.buf, self.pos, self.eof = "", 0, False
+
+    def more(self) -> bool:
+        block = next(self.blocks, None)
         if block is None:
-            eof = True
+            self.eof = True
             return False
-        buf = buf[pos:] + block
-        pos = 0
+        self.buf = self.buf[self.pos :] + block
+        self.pos = 0
         return True
 
-    def skip_space() -> None:
-        nonlocal pos
+    def skip_space(self) -> None:
         while True:
-            while pos < len(buf) and buf[pos].isspace():
-                pos += 1
-            if pos < len(buf) or not more():
+            while self.pos < len(self.buf) and self.buf[self.pos].isspace():
+                self.pos += 1
+            if self.pos < len(self.buf) or not self.more():
                 return
 
-    skip_space()
-    if pos >= len(buf) or buf[pos] != "[":
-        raise ValueError("the input is not a JSON array")
-    pos += 1
-    piece: list[Any] = []
-    used = 0
-    first = True
-    while True:
-        skip_space()
-        if pos >= len(buf):
-            raise ValueError("the JSON array is not closed")
-        if buf[pos] == "]":
-            pos += 1
-            break
-        if not first:
-            if buf[pos] != ",":
-                raise ValueError(f"expected ',' or ']' in the JSON array, found {buf[pos]!r}")
-            pos += 1
-            skip_space()
-        first = False
+    def peek(self) -> str | None:
+        """The next non-space character, or None at the end of the input."""
+        self.skip_space()
+        return self.buf[self.pos] if self.pos < len(self.buf) else None
+
+    def value(self) -> tuple[Any, int]:
+        """Decode the element at the cursor; (value, characters it took)."""
         while True:
             try:
-                value, end = _decoder.raw_decode(buf, pos)
+                value, end = _decoder.raw_decode(self.buf, self.pos)
             except ValueError:
                 value, end = None, -1
             # A value that reaches the end of the buffer may continue in the next block
             # (a number such as 12|34), so it is decoded again with more text.
-            if (end == -1 or end == len(buf)) and not eof and more():
+            if (end == -1 or end == len(self.buf)) and not self.eof and self.more():
                 continue
             if end == -1:
                 raise ValueError("the JSON array holds an element that is not valid JSON")
+            used, self.pos = end - self.pos, end
+            return value, used
+
+
+def json_array_pieces(stream: IO[bytes], piece_bytes: int = PIECE_BYTES) -> Iterator[list[Any]]:
+    """Successive slices of the JSON array in a byte stream, each about ``piece_bytes`` of
+    input. Raises ValueError when the stream does not hold exactly one JSON array."""
+    r = _ArrayReader(stream, piece_bytes)
+    if r.peek() != "[":
+        raise ValueError("the input is not a JSON array")
+    r.pos += 1
+    piece: list[Any] = []
+    used = 0
+    first = True
+    while True:
+        c = r.peek()
+        if c is None:
+            raise ValueError("the JSON array is not closed")
+        if c == "]":
+            r.pos += 1
             break
-        used += end - pos
-        pos = end
+        if not first:
+            if c != ",":
+                raise ValueError(f"expected ',' or ']' in the JSON array, found {c!r}")
+            r.pos += 1
+            r.skip_space()
+        first = False
+        value, n = r.value()
+        used += n
         piece.append(value)
         if used >= piece_bytes:
             yield piece
             piece, used = [], 0
-    skip_space()
-    if pos < len(buf):
+    if r.peek() is not None:
         raise ValueError("unexpected text after the JSON array")
     if piece:
         yield piece

@@ -9,6 +9,7 @@ fixed bound.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from twisted.python.failure import Failure
 
 from clusterd.client.errors import ClusterError
 from clusterd.core.journal import JobAccepted, JournalError
-from clusterd.launch import LocalCluster, twistd_path, wait_for
+from clusterd.launch import LocalCluster, twistd_path
 from clusterd.server.sqlite_journal import SqliteJournal
 
 pytestmark = pytest.mark.integration
@@ -250,11 +251,8 @@ def test_a_journal_deleted_under_a_running_server_is_logged_once_as_a_failed_wri
             f"written: {path} was deleted while the server ran; the server takes no new work "
             "until restarted"
         )
-        log = wait_for(
-            lambda: want in cluster.log_text("server") and cluster.log_text("server"),
-            30,
-            "the journal to log the deleted file",
-        )
+        cluster.wait_log("server", re.escape(want), 30)
+        log = cluster.log_text("server")
         assert log.count("SqliteJournal#critical") == 1
         assert "cannot rollback" not in log
 

@@ -15,7 +15,7 @@ from tlsutil import CA
 
 from clusterd.client.blocking import BlockingClient
 from clusterd.client.errors import ClusterError
-from clusterd.launch import LocalCluster, wait_for
+from clusterd.launch import LocalCluster
 
 pytestmark = pytest.mark.integration
 
@@ -31,11 +31,7 @@ def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _registered(c: LocalCluster, name: str) -> None:
-    wait_for(
-        lambda: "registered with server" in c.log_text(f"worker-{name}"),
-        30,
-        f"worker {name} to register",
-    )
+    c.wait_log(f"worker-{name}", "registered with server", 30)
 
 
 def test_mtls_bundle_trusts_every_ca_in_it(tmp_path):
@@ -112,11 +108,7 @@ def test_worker_and_client_that_cannot_verify_the_server_say_why(tmp_path):
         c.start_server(listen=f"ssl:{{port}}:privateKey={server_key}:certKey={server_crt}")
         wrong = f"tls:127.0.0.1:{c.port}:trustRoots={stranger.roots}"
         c.start_worker("lost", connect=wrong)
-        wait_for(
-            lambda: "TLS handshake with 127.0.0.1:" in c.log_text("worker-lost"),
-            30,
-            "the worker to log its failed handshake",
-        )
+        c.wait_log("worker-lost", "TLS handshake with 127.0.0.1:", 30)
         log = c.log_text("worker-lost")
         assert re.search(
             r"TLS handshake with 127\.0\.0\.1:\d+ failed: certificate verify failed", log

@@ -8,13 +8,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import result_of
+from helpers import FakePool, LineConn, result_of
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from clusterd.core.scheduler import Scheduler
@@ -28,22 +26,11 @@ from clusterd.worker.protocol import WorkerFactory
 REGISTRY = Registry(TASKS)
 
 
-class Line:
-    """A raw protocol connection on a StringTransport."""
+class Line(LineConn):
+    """A raw protocol connection on a StringTransport (clusterd.testing.LineConn)."""
 
     def __init__(self, proto) -> None:
-        self.proto = proto
-        self.tr = StringTransport()
-        proto.makeConnection(self.tr)
-
-    def send(self, text: str) -> None:
-        self.proto.dataReceived(text.encode())
-
-    def lines(self) -> list[str]:
-        out = self.tr.value().decode()
-        self.tr.clear()
-        assert out == "" or out.endswith("\n")
-        return out.splitlines()
+        super().__init__(proto)
 
     def lose(self) -> None:
         self.proto.connectionLost(Failure(ConnectionDone()))
@@ -89,6 +76,8 @@ def do_objects(lines: list[str]) -> list[dict]:
 
 
 def test_a_batch_workers_dos_of_one_turn_go_out_as_one_array_line(server):
+    """A batch worker gets the DOs of one reactor turn as one DO array line at the end of the turn,
+    and may answer them in arrays or single objects."""
     clock, core, connect = server
     w = connect(slots=4)
     job = core.submit("sum", [1, 2, 3, 4, 5, 6, 7, 8], 4)
@@ -108,6 +97,8 @@ def test_a_batch_workers_dos_of_one_turn_go_out_as_one_array_line(server):
 
 
 def test_a_plain_worker_still_gets_one_object_per_line_at_once(server):
+    """A worker without batch still gets one DO object per line at once, beside a batch worker that
+    gets an array at the end of the turn."""
     clock, core, connect = server
     plain = connect("plain", slots=2, batch=False)
     batch = connect("batch", slots=2)
@@ -143,6 +134,8 @@ def test_a_plain_worker_may_not_answer_with_an_array(server):
 
 
 def test_dos_are_split_into_lines_within_the_workers_max_line(server):
+    """DO arrays are split into several lines, each within the worker's max_line, keeping the ids
+    in order."""
     clock, core, connect = server
     w = connect(slots=10, max_line=300)
     core.submit("sum", list(range(20)), 10)
@@ -155,6 +148,7 @@ def test_dos_are_split_into_lines_within_the_workers_max_line(server):
 
 
 def test_a_do_too_long_even_alone_fails_the_job(server):
+    """A DO longer than the worker's max_line even on its own fails the job with BAD_INPUT."""
     clock, core, connect = server
     connect(slots=1, max_line=60)
     job = core.submit("sum", list(range(50)), 1)
@@ -163,6 +157,8 @@ def test_a_do_too_long_even_alone_fails_the_job(server):
 
 
 def test_errors_answers_and_unknown_ids_in_one_array(server):
+    """One DONE array may mix answers with an unknown id (counted late) and an ERROR array fails
+    its sub-task's attempt."""
     clock, core, connect = server
     w = connect(slots=3)
     job = core.submit("sum", [1, 2, 3], 3, {"attempts": 2})
@@ -185,6 +181,8 @@ def test_errors_answers_and_unknown_ids_in_one_array(server):
 
 
 def test_an_array_with_a_non_object_is_refused_whole(server):
+    """A DONE array holding a non-object is refused whole: nothing in it is recorded, the worker is
+    dropped and its sub-task moves to another worker."""
     clock, core, connect = server
     w = connect(slots=1)
     job = core.submit("sum", [1], 1)
@@ -203,6 +201,8 @@ def test_an_array_with_a_non_object_is_refused_whole(server):
 
 
 def test_a_cancel_before_the_flush_sends_nothing_after_it_a_cancel(server):
+    """A job cancelled while its DO is still in the outbox sends nothing; one cancelled after the
+    flush sends a CANCEL line."""
     clock, core, connect = server
     w = connect(slots=2)
     j1 = core.submit("sum", [1], 1)
@@ -230,6 +230,8 @@ def test_lines_written_in_the_same_turn_follow_the_dos(server):
 
 
 def test_a_lost_batch_worker_leaves_no_timer_and_requeues(server):
+    """A batch worker lost before its flush leaves no timer behind and its sub-tasks wait to be
+    dispatched again."""
     clock, core, connect = server
     w = connect(slots=2)
     job = core.submit("sum", [1, 2], 2)
@@ -239,18 +241,6 @@ def test_a_lost_batch_worker_leaves_no_timer_and_requeues(server):
 
 
 # -- the bundled worker --------------------------------------------------------------------
-
-
-class FakePool:
-    TaskError = PoolService.TaskError
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, object, Deferred]] = []
-
-    def run(self, task: str, value) -> Deferred:
-        d: Deferred = Deferred()
-        self.calls.append((task, value, d))
-        return d
 
 
 @pytest.fixture
@@ -285,6 +275,8 @@ def dos(*ids: int) -> str:
 
 
 def test_the_worker_runs_an_array_and_answers_one_line_per_turn(worker):
+    """The worker runs every DO of an array and answers the results of one turn in one DONE array
+    line."""
     clock, make = worker
     c, pool = make()
     c.send(dos(1, 2, 3))
@@ -304,6 +296,7 @@ def test_the_worker_runs_an_array_and_answers_one_line_per_turn(worker):
 
 
 def test_done_and_error_of_one_turn_make_one_line_per_run_of_a_verb(worker):
+    """Answers of one turn keep their order, one line per run of DONE or ERROR."""
     clock, make = worker
     c, pool = make()
     c.send(dos(1, 2, 3))
@@ -315,6 +308,8 @@ def test_done_and_error_of_one_turn_make_one_line_per_run_of_a_verb(worker):
 
 
 def test_a_server_without_batch_gets_single_objects_at_once(worker):
+    """A worker whose server did not accept batch answers each result as a single object at
+    once."""
     clock, make = worker
     c, pool = make(batch=False)
     c.send(dos(1, 2))  # a server may still send arrays; answers follow what it accepts
@@ -324,6 +319,7 @@ def test_a_server_without_batch_gets_single_objects_at_once(worker):
 
 
 def test_a_repeated_id_in_an_array_is_not_run_twice(worker):
+    """A DO id repeated in an array, or sent again, is run only once."""
     clock, make = worker
     c, pool = make()
     c.send(dos(1, 1))
@@ -333,6 +329,8 @@ def test_a_repeated_id_in_an_array_is_not_run_twice(worker):
 
 
 def test_answers_are_split_within_the_servers_max_line(worker):
+    """The worker splits its answer arrays into lines within the server's max_line, keeping the ids
+    in order."""
     clock, make = worker
     c, pool = make(server_max_line=120)
     c.send(dos(*range(1, 11)))
@@ -374,6 +372,8 @@ def test_a_long_result_that_can_be_cut_is_streamed(worker):
 
 
 def test_drain_sends_the_last_answers_before_it_fires(worker):
+    """The worker's drain flushes its last answers at once, before its Deferred fires, without
+    waiting for the turn."""
     clock, make = worker
     c, pool = make()
     c.send(dos(1))
@@ -389,6 +389,7 @@ def test_drain_sends_the_last_answers_before_it_fires(worker):
 
 
 def test_cancel_of_one_in_an_array(worker):
+    """A CANCEL of one DO of an array cancels that run only; the other's answer still goes out."""
     clock, make = worker
     c, pool = make()
     c.send(dos(1, 2))
@@ -404,6 +405,8 @@ def test_cancel_of_one_in_an_array(worker):
 
 
 def test_parse_json_objects_forms():
+    """parse_json_objects takes one object or an array of objects, refuses anything else with
+    BAD_REQUEST, and does not count the array's level against the depth limit."""
     assert parse_json_objects('{"id":1}', "DONE") == [{"id": 1}]
     assert parse_json_objects(' [{"id":1},{"id":2}]', "DONE") == [{"id": 1}, {"id": 2}]
     assert parse_json_objects("[]", "DONE") == []
@@ -423,6 +426,8 @@ def test_parse_json_objects_forms():
     max_line=st.integers(160, 600),
 )
 def test_flushed_do_lines_keep_order_and_fit(sizes, max_line):
+    """Flushed DO lines keep the sub-tasks' order and each fits the worker's max_line, whatever the
+    sizes."""
     clock = Clock()
     core = Scheduler(REGISTRY, clock)
     c = Line(ServerFactory(core).buildProtocol(None))

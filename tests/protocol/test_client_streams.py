@@ -52,6 +52,8 @@ def sent(tr: StringTransport) -> list[bytes]:
 
 
 def test_run_stream_writes_head_pieces_end_then_reads_the_answer():
+    """run_stream writes the head line, one line per piece and the end line, unregisters its
+    producer, then fires with the answer."""
     client, proto, tr = connected()
     d = client.run_stream("sum", iter([[1, 2], [3]]), 2, size=3)
     assert sent(tr) == [b'RUN sum @ {"chunks":2,"size":3}', b"+[1,2]", b"+[3]", b"."]
@@ -61,6 +63,8 @@ def test_run_stream_writes_head_pieces_end_then_reads_the_answer():
 
 
 def test_writing_waits_while_the_transport_is_full_and_other_requests_wait_their_turn():
+    """A streamed request stops writing while the transport is full, and a later request goes out
+    only after the whole stream."""
     client, proto, tr = connected()
     tr.room = 3
     d = client.submit_stream("sum", ([i] for i in range(5)))
@@ -76,6 +80,8 @@ def test_writing_waits_while_the_transport_is_full_and_other_requests_wait_their
 
 
 def test_refusal_mid_stream_sends_the_end_line_and_nothing_more():
+    """A refusal that arrives mid-stream makes the client send the end line and nothing more, and
+    fails the request with RequestRefused."""
     client, proto, tr = connected()
     tr.room = 10
     d = client.run_stream("sum", ([i] for i in range(1000)))
@@ -88,6 +94,8 @@ def test_refusal_mid_stream_sends_the_end_line_and_nothing_more():
 
 
 def test_big_pieces_are_halved_to_fit_the_servers_line():
+    """Pieces too big for the server's line limit are halved until every line fits, keeping the
+    input."""
     client, proto, tr = connected(max_line=16)
     client.submit_stream("sum", iter([list(range(10))]))
     lines = sent(tr)
@@ -96,6 +104,7 @@ def test_big_pieces_are_halved_to_fit_the_servers_line():
 
 
 def test_streamed_result_is_joined():
+    """A result streamed in pieces is joined into one value."""
     client, proto, tr = connected()
     d = client.wait("j3")
     proto.dataReceived(b"RESULT j3 @\n+[1,2]\n+[3]\n.\n")
@@ -103,6 +112,8 @@ def test_streamed_result_is_joined():
 
 
 def test_unreadable_input_fails_the_request_and_closes():
+    """An input that cannot be read fails the request with InputUnreadable and closes the
+    connection."""
     client, proto, tr = connected()
 
     def pieces():

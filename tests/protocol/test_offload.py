@@ -62,6 +62,8 @@ def answer_all(w: LineConn) -> None:
 
 
 def test_big_jobs_combine_goes_through_offload_small_ones_inline():
+    """A job with many sub-tasks is combined through the offload, a small one inline, and pipelined
+    replies keep their order."""
     off = ManualOffload()
     core, factory = make(off)
     w = worker(factory)
@@ -80,6 +82,8 @@ def test_big_jobs_combine_goes_through_offload_small_ones_inline():
 
 
 def test_cancel_while_combining_wins_and_a_failing_combine_is_combine_error():
+    """A cancel during an offloaded combine wins, and a combine that raises fails the job with
+    COMBINE_ERROR."""
     off = ManualOffload()
     core, factory = make(off)
     w = worker(factory)
@@ -123,6 +127,8 @@ def test_big_request_line_is_parsed_off_the_reactor_in_order():
 
 
 def test_big_request_line_with_bad_json_is_refused_in_order():
+    """A big request line with bad JSON, parsed off the reactor, is refused with BAD_JSON before
+    the pipelined PING is answered."""
     off = ManualOffload()
     core, factory = make(off)
     c = LineConn(factory)

@@ -9,7 +9,6 @@ import json
 import pytest
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from clusterd import PROTOCOL_VERSION, __version__
@@ -19,64 +18,39 @@ from clusterd.core.wire import CLIENT_VERBS
 from clusterd.server.protocol import MAX_WORKER_SLOTS, ConnectionSettings, ServerFactory
 from clusterd.tasks import Registry
 from clusterd.tasks.builtins import TASKS
+from clusterd.testing import LineConn, LineWorker
 
 REGISTRY = Registry(TASKS)
 
 
-class Conn:
-    """One server-side protocol on a StringTransport, with line-level helpers."""
+class Conn(LineConn):
+    """One server-side protocol on a StringTransport (its default peer), with line helpers."""
 
     def __init__(self, factory: ServerFactory) -> None:
-        self.proto = factory.buildProtocol(None)
-        self.tr = StringTransport()
-        self.proto.makeConnection(self.tr)
-        self.greeting = self.lines()
-
-    def send(self, data: str | bytes) -> None:
-        self.proto.dataReceived(data.encode() if isinstance(data, str) else data)
-
-    def lines(self) -> list[str]:
-        """Lines written since the last call."""
-        out = self.tr.value().decode("utf-8")
-        self.tr.clear()
-        assert out == "" or out.endswith("\n"), f"partial line written: {out!r}"
-        return out.splitlines()
-
-    def ask(self, line: str) -> list[str]:
-        self.send(line + "\n")
-        return self.lines()
+        super().__init__(factory, "192.168.1.1", 54321)
 
     def lose(self, reason=ConnectionDone) -> None:
+        """connectionLost, every time it is called (not only the first)."""
+        self.closed = True
         self.proto.connectionLost(Failure(reason()))
 
 
 _OPEN_WORKERS: list[WorkerConn] = []
 
 
-class WorkerConn(Conn):
-    """A fake worker speaking the protocol: REGISTER, then answers DO lines it is sent.
-
-    Lines the server sends are sorted as they are read: DO into ``todo``, CANCEL ids into
-    ``cancels`` (and the cancelled DO dropped from ``todo``), and heartbeat PINGs counted in
-    ``pings``; anything else fails the test. A registered connection runs a heartbeat on the
-    clock, so the ``clock`` fixture closes every WorkerConn still open before its timer check.
-    """
+class WorkerConn(LineWorker):
+    """A fake worker speaking the protocol (clusterd.testing.LineWorker) whose REGISTER must be
+    answered exactly; the ``clock`` fixture closes every WorkerConn still open before its timer
+    check (a registered connection runs a heartbeat on the clock)."""
 
     def __init__(
         self, factory, name="w1", tasks=("sum", "sort", "primes"), slots=1, max_line=None
     ) -> None:
-        super().__init__(factory)
-        self.name = name
-        self.todo: list[dict] = []
-        self.cancels: list[int] = []
-        self.pings = 0
-        self.closed = False
-        info = {"name": name, "tasks": list(tasks), "slots": slots, "protocol": 1}
-        if max_line is not None:
-            info["max_line"] = max_line
-        reply = self.ask("REGISTER " + json.dumps(info))
+        super().__init__(
+            factory, name, tasks, slots, max_line, REGISTRY, host="192.168.1.1", port=54321
+        )
         settings = factory.settings
-        assert reply[0] == "OK REGISTERED " + json.dumps(
+        assert self.registered == "OK REGISTERED " + json.dumps(
             {
                 "name": name,
                 "protocol": PROTOCOL_VERSION,
@@ -86,56 +60,10 @@ class WorkerConn(Conn):
             separators=(",", ":"),
         )
         _OPEN_WORKERS.append(self)
-        self._collect(reply[1:])
-
-    def _collect(self, lines: list[str]) -> None:
-        for line in lines:
-            verb, _, rest = line.partition(" ")
-            if verb == "DO":
-                self.todo.append(json.loads(rest))
-            elif verb == "CANCEL":
-                ticket = json.loads(rest)["id"]
-                self.cancels.append(ticket)
-                self.todo = [m for m in self.todo if m["id"] != ticket]
-            elif line == "PING":
-                self.pings += 1
-            else:
-                raise AssertionError(f"unexpected line to a worker: {line!r}")
-
-    def dos(self) -> list[dict]:
-        """Every DO received and not yet answered (nor cancelled)."""
-        self._collect(self.lines())
-        return list(self.todo)
-
-    def done(self, msg: dict, result=None) -> None:
-        if msg in self.todo:
-            self.todo.remove(msg)
-        if result is None:
-            result = REGISTRY.get(msg["task"]).run(msg["input"])
-        self.send(
-            "DONE " + json.dumps({"id": msg["id"], "job": msg["job"], "result": result}) + "\n"
-        )
-
-    def error(self, msg: dict, type_: str, message: str) -> None:
-        self.todo.remove(msg)
-        payload = {"id": msg["id"], "job": msg["job"], "type": type_, "message": message}
-        self.send("ERROR " + json.dumps(payload) + "\n")
-
-    def answer_one(self) -> dict:
-        msg = self.dos()[0]
-        self.done(msg)
-        return msg
-
-    def answer_all(self) -> int:
-        n = 0
-        while self.dos():
-            self.answer_one()
-            n += 1
-        return n
 
     def lose(self, reason=ConnectionDone) -> None:
         self.closed = True
-        super().lose(reason)
+        self.proto.connectionLost(Failure(reason()))
 
 
 @pytest.fixture

@@ -151,6 +151,8 @@ def test_piece_failing_the_tasks_rules_is_bad_input(factory):
 
 
 def test_malformed_piece_json_is_bad_json(factory):
+    """A streamed piece that is not valid JSON is refused with BAD_JSON, and the end line then gets
+    no second reply."""
     c = LineConn(factory)
     c.send("SUBMIT sum @\n")
     assert c.ask("+[1,")[0].startswith("ERR BAD_JSON piece 1 is not valid JSON")
@@ -170,6 +172,8 @@ def test_stream_left_without_end_line_is_refused_and_line_read_as_request(factor
 
 
 def test_overlong_piece_is_line_too_long(factory):
+    """A streamed piece longer than the line limit is refused with LINE_TOO_LONG, and the end line
+    then gets no second reply."""
     c = LineConn(factory)
     c.send("RUN sum @\n")
     out = c.ask("+[" + "1," * 3000 + "1]")
@@ -179,6 +183,7 @@ def test_overlong_piece_is_line_too_long(factory):
 
 
 def test_input_byte_limit(clock):
+    """A streamed input growing past max_input_bytes is refused with INPUT_TOO_LARGE."""
     core = Scheduler(REGISTRY, clock, max_input_bytes=20)
     c = LineConn(ServerFactory(core))
     c.send("RUN sum @\n+[1,2,3,4]\n")
@@ -188,6 +193,8 @@ def test_input_byte_limit(clock):
 
 
 def test_too_many_subtasks_while_streaming(clock):
+    """A streamed input that would cut into more than max_subtasks sub-tasks is refused with
+    TOO_MANY_SUBTASKS."""
     core = Scheduler(REGISTRY, clock, max_subtasks=3)
     c = LineConn(ServerFactory(core))
     c.send('RUN sum @ {"size":10,"chunks":3}\n')
@@ -198,6 +205,8 @@ def test_too_many_subtasks_while_streaming(clock):
 
 
 def test_task_without_streaming_and_bad_size_are_refused(factory):
+    """A stream for a task that takes none, a size option without a stream, and a negative size are
+    refused with BAD_REQUEST."""
     c = LineConn(factory)
     assert c.ask("RUN primes @")[0].startswith(
         "ERR BAD_REQUEST task primes does not take a streamed input"
@@ -210,6 +219,7 @@ def test_task_without_streaming_and_bad_size_are_refused(factory):
 
 
 def test_empty_stream_is_one_empty_subtask(factory):
+    """An empty streamed input runs as one empty sub-task and answers its result."""
     w = Worker(factory)
     c = LineConn(factory)
     c.send("RUN sum @\n.\n")
@@ -219,6 +229,7 @@ def test_empty_stream_is_one_empty_subtask(factory):
 
 
 def test_connection_lost_mid_stream_fails_the_job(factory, core):
+    """A connection lost in the middle of a streamed input fails the job with UPLOAD_INCOMPLETE."""
     c = LineConn(factory)
     c.send("SUBMIT sum @\n+[1,2]\n")
     c.lose()
@@ -227,6 +238,8 @@ def test_connection_lost_mid_stream_fails_the_job(factory, core):
 
 
 def test_half_close_mid_stream_answers_err_and_closes(factory, core):
+    """A half-close in the middle of a streamed input answers ERR UPLOAD_INCOMPLETE and closes the
+    connection."""
     c = LineConn(factory)
     c.send("RUN sum @\n+[1,2]\n")
     c.proto.readConnectionLost()
@@ -236,6 +249,8 @@ def test_half_close_mid_stream_answers_err_and_closes(factory, core):
 
 
 def test_cancel_while_streaming_reads_rest_and_reports_cancelled(factory, core):
+    """A job cancelled while its input streams in still reads the rest of the stream, then answers
+    CANCELLED."""
     c = LineConn(factory)
     other = LineConn(factory)
     c.send("RUN sum @\n+[1,2]\n")
@@ -246,6 +261,7 @@ def test_cancel_while_streaming_reads_rest_and_reports_cancelled(factory, core):
 
 
 def test_known_key_returns_existing_job_and_drops_pieces(factory, core):
+    """A streamed SUBMIT with a known key answers the existing job's id and drops its pieces."""
     w = Worker(factory)
     c = LineConn(factory)
     c.send('SUBMIT sum @ {"key":"k1"}\n+[1,2]\n.\n')
@@ -312,6 +328,8 @@ def test_stream_refused_at_its_first_line_gets_one_reply(factory, start, code):
 
 
 def test_stream_refused_by_noauth_gets_one_reply(clock):
+    """A streamed request before authentication gets one ERR NOAUTH for the whole stream, and the
+    next request is answered."""
     core = Scheduler(REGISTRY, clock)
     settings = ConnectionSettings(secrets={"client": b"s" * 32})
     c = LineConn(ServerFactory(core, settings=settings))
@@ -352,6 +370,7 @@ def test_streamed_answer_goes_out_a_few_pieces_per_turn_and_waits_for_room(clock
 
 
 def test_connection_lost_mid_answer_stops_sending(clock):
+    """A client lost in the middle of a long streamed answer stops the sending."""
     core = Scheduler(REGISTRY, clock)
     factory = ServerFactory(core, settings=ConnectionSettings(max_line=100))
     w = LineConn(factory, port=3000)
@@ -398,6 +417,8 @@ def one_do(w: LineConn) -> dict:
 
 
 def test_worker_result_in_pieces_is_joined_and_combined(factory, core):
+    """A worker result streamed in pieces is joined, combined and answered, and both connections
+    are back to normal lines after it."""
     w = Worker(factory)
     c = LineConn(factory)
     c.send('RUN sort [3,1,2] {"chunks":1}\n')
@@ -412,6 +433,7 @@ def test_worker_result_in_pieces_is_joined_and_combined(factory, core):
 
 
 def test_worker_result_stream_past_max_result_bytes_fails_the_job(clock):
+    """A worker result streamed past max_result_bytes fails the job with RESULT_TOO_LARGE."""
     core = Scheduler(REGISTRY, clock, max_result_bytes=50)
     factory = ServerFactory(core)
     w = Worker(factory)
@@ -425,6 +447,8 @@ def test_worker_result_stream_past_max_result_bytes_fails_the_job(clock):
 
 
 def test_bad_result_piece_is_a_failed_attempt_that_is_retried(factory, core):
+    """A worker result piece that is not valid JSON counts as a failed attempt, and the sub-task is
+    retried after its backoff."""
     w = Worker(factory)
     c = LineConn(factory)
     c.send('SUBMIT sort [3,1,2] {"chunks":1,"attempts":2}\n')
@@ -440,6 +464,7 @@ def test_bad_result_piece_is_a_failed_attempt_that_is_retried(factory, core):
 
 
 def test_worker_lost_mid_result_stream_requeues_the_subtask(factory, core):
+    """A worker lost in the middle of streaming a result has its sub-task requeued."""
     w = Worker(factory)
     c = LineConn(factory)
     c.send('SUBMIT sort [3,1,2] {"chunks":1}\n')

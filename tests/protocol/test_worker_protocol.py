@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import result_of
+from helpers import FakePool, result_of
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
@@ -25,26 +25,6 @@ from clusterd.worker.protocol import WorkerFactory
 
 REGISTRY = Registry(TASKS)
 GREETING = (format_greeting("server", 1 << 20) + "\n").encode()
-
-
-class FakePool:
-    """Stands in for PoolService: records each run and returns a Deferred the test fires;
-    cancelling one (as PoolService would drop or kill it) records its position in ``cancelled``."""
-
-    TaskError = PoolService.TaskError
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, object, Deferred]] = []
-        self.cancelled: list[int] = []
-
-    def run(self, task: str, value) -> Deferred:
-        n = len(self.calls)
-        d: Deferred = Deferred(lambda _d: self.cancelled.append(n))
-        self.calls.append((task, value, d))
-        return d
-
-    def pending(self) -> list[tuple[str, object, Deferred]]:
-        return [c for c in self.calls if not c[2].called]
 
 
 class RegistryPool:

@@ -68,6 +68,8 @@ EVENTS = [
 @pytest.mark.parametrize("time_format", [None, "%Y-%m-%dT%H:%M:%S%z"])
 @pytest.mark.parametrize("e", EVENTS, ids=range(len(EVENTS)))
 def test_the_fast_format_equals_twisteds(e, time_format):
+    """The fast log format writes exactly what Twisted's text file observer writes, also within and
+    across seconds."""
     original = textFileLogObserver(io.StringIO(), timeFormat=time_format).formatEvent
     fast = FastClassicFormat(time_format, original)
     assert fast(dict(e)) == original(dict(e))

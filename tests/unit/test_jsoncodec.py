@@ -44,6 +44,7 @@ def same(a, b):
 @settings(max_examples=500, deadline=None)
 @given(json_values)
 def test_dumps_is_byte_identical_to_the_standard_library(value):
+    """dumps and dumpb write exactly the bytes the standard library's compact json.dumps writes."""
     expected = std_dumps(value)
     assert dumps(value) == expected
     assert dumpb(value) == expected.encode("utf-8")
@@ -52,6 +53,7 @@ def test_dumps_is_byte_identical_to_the_standard_library(value):
 @settings(max_examples=500, deadline=None)
 @given(json_values)
 def test_loads_equals_the_standard_library(value):
+    """loads reads any JSON text, as str or bytes, to what the standard library reads."""
     for text in (std_dumps(value), json.dumps(value), json.dumps(value, indent=1)):
         assert same(loads(text), json.loads(text))
         assert same(loads(text.encode("utf-8", "surrogatepass")), json.loads(text))
@@ -60,6 +62,7 @@ def test_loads_equals_the_standard_library(value):
 @settings(max_examples=300, deadline=None)
 @given(st.lists(floats, max_size=30))
 def test_float_lists_match(values):
+    """Lists of floats are written as the standard library writes them and read back equal."""
     assert dumps(values) == std_dumps(values)
     assert same(loads(dumps(values)), values)
 
@@ -79,10 +82,13 @@ def test_float_lists_match(values):
     ],
 )
 def test_typical_and_awkward_messages(value):
+    """Typical and awkward protocol messages are written exactly as the standard library writes
+    them."""
     assert dumps(value) == std_dumps(value)
 
 
 def test_deep_nesting_matches():
+    """Deep nesting, past orjson's own limits, is written and read as the standard library does."""
     deep = [1]
     for _ in range(300):  # past orjson's 254 levels for encoding
         deep = [deep]
@@ -93,6 +99,7 @@ def test_deep_nesting_matches():
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, [1, math.nan], {"a": [math.inf]}])
 def test_nan_and_infinity_are_never_written(bad):
+    """NaN and infinity are refused on output unless allow_nan is given."""
     with pytest.raises(ValueError):
         dumps(bad)
     with pytest.raises(ValueError):
@@ -102,6 +109,7 @@ def test_nan_and_infinity_are_never_written(bad):
 
 @pytest.mark.parametrize("text", ["NaN", "[Infinity]", '{"a":-Infinity}'])
 def test_nan_and_infinity_are_refused_on_input(text):
+    """NaN and infinity are refused on input (BAD_JSON on the wire) unless allow_nan is given."""
     with pytest.raises(ValueError, match="is not valid JSON"):
         loads(text)
     assert same(loads(text, allow_nan=True), json.loads(text))
@@ -115,6 +123,7 @@ def test_nan_and_infinity_are_refused_on_input(text):
     "text", ["123456789012345678901234567890", "-9223372036854775809", "[18446744073709551616]"]
 )
 def test_wide_integers_round_trip(text):
+    """Integers wider than 64 bits are read and written back unchanged."""
     value = loads(text)
     assert value == json.loads(text) and same(value, json.loads(text))
     assert dumps(value) == text
@@ -122,6 +131,8 @@ def test_wide_integers_round_trip(text):
 
 
 def test_stdlib_quirks_are_kept():
+    """The standard library's quirks are kept: an overflowing number reads as infinity, a lone
+    surrogate round-trips ASCII-escaped, and trailing text is refused."""
     assert loads("1e400") == math.inf  # the standard library reads an overflow as infinity
     assert loads('"\\ud800"') == "\ud800"
     assert dumps("\ud800") == '"\\ud800"'  # ASCII-escaped, so the line stays valid UTF-8
@@ -130,6 +141,8 @@ def test_stdlib_quirks_are_kept():
 
 
 def test_depth_limit_and_trailing_text_on_the_wire():
+    """parse_json refuses JSON nested deeper than its limit with JSON_TOO_DEEP, and trailing text
+    after the value."""
     with pytest.raises(WireError) as info:
         parse_json("[" * 65 + "]" * 65, "the job input")
     assert info.value.code == ErrorCode.JSON_TOO_DEEP
@@ -189,12 +202,15 @@ def test_job_requests_parse_as_with_the_standard_library_alone(value, sep, opts)
     ],
 )
 def test_job_request_examples(rest):
+    """parse_job_request gives the same outcome with the fast codec as with the standard library
+    alone."""
     assert _outcome(lambda: parse_job_request(rest)) == _stdlib_only(
         lambda: parse_job_request(rest)
     )
 
 
 def test_wire_dumps_is_the_codec():
+    """wire.dumps writes compact JSON with UTF-8 text unescaped, as the codec does."""
     assert wire.dumps({"a": [1, 2.5, "é"]}) == '{"a":[1,2.5,"é"]}'
 
 

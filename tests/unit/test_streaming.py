@@ -30,6 +30,8 @@ def cut_all(cutter: Cutter, pieces) -> list:
 
 @given(st.lists(st.lists(st.integers(), max_size=30), max_size=20), st.integers(1, 25))
 def test_list_cuts_concatenate_to_the_input_in_target_sized_slices(pieces, target):
+    """A list cutter's sub-task inputs concatenate to the streamed input, each of the target size
+    but the last."""
     chunks = cut_all(Cutter("list", target), pieces)
     assert [x for c in chunks for x in c] == [x for p in pieces for x in p]
     assert all(len(c) == target for c in chunks[:-1])
@@ -51,6 +53,8 @@ def test_text_cuts_only_at_whitespace(pieces, target):
 
 
 def test_piece_of_wrong_kind_is_refused():
+    """A cutter refuses a piece of the wrong kind: a string for a list stream, a list for a text
+    stream."""
     with pytest.raises(TypeError, match="JSON array"):
         Cutter("list", 3).feed("abc")
     with pytest.raises(TypeError, match="JSON string"):
@@ -77,6 +81,7 @@ def test_chunk_target():
     )
 )
 def test_answer_pieces_fit_the_limit_and_join_back(value):
+    """An answer cut for lines gives pieces within the limit that join back to the value."""
     encoded = dumps(value)
     pieces = split_for_lines(value, encoded, 40, dumps)
     if pieces is None:
@@ -90,6 +95,8 @@ def test_answer_pieces_fit_the_limit_and_join_back(value):
 
 
 def test_answer_with_one_element_over_the_limit_cannot_be_cut():
+    """An answer with one element longer than the line limit cannot be cut, and a scalar is never
+    cut."""
     pieces = split_for_lines(["x" * 100], dumps(["x" * 100]), 40, dumps)
     with pytest.raises(ValueError, match="longer than the line limit"):
         list(pieces)
@@ -97,6 +104,7 @@ def test_answer_with_one_element_over_the_limit_cannot_be_cut():
 
 
 def test_joiner_refuses_mixed_pieces():
+    """The joiner refuses pieces of different JSON types."""
     j = Joiner()
     j.add([1])
     with pytest.raises(ValueError, match="one JSON type"):
@@ -113,6 +121,7 @@ def streamed_records():
 
 
 def test_memory_journal_keeps_streamed_inputs():
+    """The memory journal keeps a streamed job's inputs and its sealed size."""
     j = MemoryJournal()
     for r in streamed_records():
         j.append(r)
@@ -122,6 +131,7 @@ def test_memory_journal_keeps_streamed_inputs():
 
 
 def test_sqlite_journal_keeps_streamed_inputs(tmp_path):
+    """The SQLite journal keeps a streamed job's inputs and its sealed size across reopening."""
     path = str(tmp_path / "j.sqlite")
     j = SqliteJournal(path, Clock())
     j._write(streamed_records())
@@ -170,6 +180,7 @@ def test_text_pieces_decode_utf8_across_block_edges(text, block):
 
 
 def test_text_pieces_refuse_bad_utf8():
+    """text_pieces refuses input that is not valid UTF-8."""
     with pytest.raises(UnicodeDecodeError):
         list(text_pieces(io.BytesIO(b"ok \xff"), 2))
 
@@ -203,16 +214,20 @@ def test_json_array_pieces_walk_the_array_lazily(items, block, space):
     ],
 )
 def test_json_array_pieces_refuse_what_is_not_one_array(text, message):
+    """json_array_pieces refuses any input that is not exactly one JSON array."""
     with pytest.raises(ValueError, match=message):
         list(json_array_pieces(io.BytesIO(text.encode()), 4))
 
 
 def test_stream_lines():
+    """stream_lines writes the head line with the options that are set, one line per piece, and the
+    end line."""
     lines = list(stream_lines("RUN", "sum", iter([[1], [2, 3]]), {"chunks": 2, "key": None}, dumps))
     assert lines == [b'RUN sum @ {"chunks":2}\n', b"+[1]\n", b"+[2,3]\n", b".\n"]
 
 
 def test_reply_reader_joins_a_streamed_result():
+    """The reply reader joins a streamed RESULT into one reply, then reads plain replies again."""
     r = ReplyReader()
     assert r.feed("RESULT j4 @") is None
     assert r.feed("+[1,2]") is None
@@ -262,6 +277,7 @@ def test_dumps_big_is_the_same_json_as_dumps(value):
 
 
 def test_dumps_big_with_a_lone_surrogate_stays_valid_utf8_json(monkeypatch):
+    """dumps_big writes valid UTF-8 JSON even when a lone surrogate falls in one of its parts."""
     import clusterd.core.wire as wire
 
     monkeypatch.setattr(wire, "BIG_PART", 5)
@@ -272,6 +288,8 @@ def test_dumps_big_with_a_lone_surrogate_stays_valid_utf8_json(monkeypatch):
 
 
 def test_upload_bar_shows_what_was_sent_and_passes_pieces_through():
+    """The upload bar passes pieces through unchanged and shows how much was sent when enabled,
+    nothing when not."""
     from clusterd.client.cli import UploadBar
 
     out = io.StringIO()

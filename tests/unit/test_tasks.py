@@ -410,6 +410,7 @@ def test_wordcount_ascii_fast_path_equals_the_regex(text):
     "text", ["Don't 'quote' it''s rock'n'roll o'clock ''' a'", "A_b 9'9 _'_ x' 'y", "\x00a\x7fb"]
 )
 def test_wordcount_ascii_examples(text):
+    """The ASCII fast path of wordcount counts the same words as the regular expression does."""
     from clusterd.tasks.builtins import _WORD, _wordcount_ascii
 
     assert _wordcount_ascii(text) == dict(Counter(m.lower() for m in _WORD.findall(text)))
