@@ -31,3 +31,11 @@ def test_blocking_client_does_not_load_twisted():
     code = "import sys, clusterd.client; print(any(m.startswith('twisted') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_reply_states_match_the_job_states():
+    """The final-line formatter's state names are the scheduler's own job states."""
+    from clusterd.core import replies
+    from clusterd.core.jobs import JobState
+
+    assert (replies._DONE, replies._CANCELLED) == (JobState.DONE, JobState.CANCELLED)
