@@ -173,6 +173,37 @@ class Execution:
             self.ring.add(job)
             self.pump()
 
+    def check_stalls(
+        self, workers: list[WorkerHandle], remove_worker: Callable[[WorkerHandle], None]
+    ) -> int:
+        """Take back sub-tasks that make no progress; the server calls it every second.
+
+        A sub-task whose job and task set no timeout still gets a deadline once its task's
+        run time is known (:meth:`~clusterd.core.retry.RetryPolicy.stall_limit`). A worker holding such a sub-task
+        that has answered nothing for that long (it answers PING but never a DO, say) is
+        wedged: it is dropped, and everything it held runs elsewhere. On a worker that does
+        answer, just the stalled sub-task fails its attempt (retried, like a timeout). Looks
+        at each worker's oldest sub-tasks only: O(workers). Returns how many were taken back."""
+        now, taken = self.clock.seconds(), 0
+        for worker in workers:
+            found = self.policy.stalled_on(worker, now)
+            if found is None:
+                continue
+            reason, dispatches = found
+            if reason == "worker":
+                self.log.warn(
+                    "worker {worker} answered nothing for {t:.0f}s while holding {n} sub-tasks; "
+                    "dropping it, its sub-tasks run elsewhere",
+                    worker=worker.name,
+                    t=now - max(worker.last_answer, dispatches[0].started),
+                    n=len(dispatches),
+                )
+                remove_worker(worker)  # the scheduler's: counted and logged
+            taken += self.take_back(dispatches, reason)
+            if reason == "worker":
+                worker.close()
+        return taken
+
     def take_back(self, dispatches: list[Dispatch], reason: str) -> int:
         """Cancel stalled dispatches (``reason``: "worker" or "subtask"); their Deferreds fail
         at once, and :meth:`_on_error` applies the stall decision. Returns how many."""

@@ -1,17 +1,7 @@
 """The scheduler: jobs in, sub-tasks out to workers, results combined. No sockets, no reactor.
 
-This is the coordinator and the core's public face (the server and the tests use only it). It
-wires the parts together and applies what the policy objects decide; each part is small and
-imports none of the others' users:
-
-- :mod:`~clusterd.core.admission`: limits, idempotency keys, the split (refusals, WireError);
-- :mod:`~clusterd.core.ring`: fairness (the ring of jobs) and prefetch (how much a worker holds);
-- :mod:`~clusterd.core.dispatch`: the dispatch loop, a bounded number of sends per turn;
-- :mod:`~clusterd.core.execution`: each send's Deferred, results, failures, stalls, stragglers;
-- :mod:`~clusterd.core.retry`: requeue, retry after a backoff, or fail; stall and straggler choice;
-- :mod:`~clusterd.core.endings`: combine, end, journal appends and the durability gate;
-- :mod:`~clusterd.core.recovery`: journal records back into jobs;
-- :mod:`~clusterd.core.jobs`, :mod:`~clusterd.core.table`, :mod:`~clusterd.core.workers`: state.
+This is the coordinator and the core's public face (the server and the tests use only it): it
+wires the parts (listed in :mod:`clusterd.core`) together and applies what they decide.
 
 Time comes from an injected ``IReactorTime`` (a ``task.Clock`` in tests), and the dispatch
 loop's yield from an injected ``next_turn`` (default: ``callLater(0)`` on that clock). A worker
@@ -30,21 +20,20 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from clusterd.core.admission import Admission, default_chunks
+from clusterd.core.admission import Admission
 from clusterd.core.config import OFFLOAD_BYTES, OFFLOAD_SUBTASKS, SchedulerConfig
-from clusterd.core.dispatch import REFILL_STEP, Dispatcher
-from clusterd.core.endings import Backoffs, Endings, combine_and_encode
+from clusterd.core.dispatch import Dispatcher
+from clusterd.core.endings import Backoffs, Endings
 from clusterd.core.errors import ErrorCode, TaskFailed, WireError, WorkerLost
 from clusterd.core.execution import Execution
+from clusterd.core.intake import Intake, encode_cut
 from clusterd.core.jobs import Job, JobState, Tally
-from clusterd.core.journal import ChunksAdded, JobSealed, Journal, NullJournal
+from clusterd.core.journal import Journal, NullJournal
 from clusterd.core.recovery import FAILED, RESUME, restore
 from clusterd.core.retry import RetryPolicy
 from clusterd.core.ring import Prefetch, Ring, TaskTimes
-from clusterd.core.streaming import Cutter, chunk_target
 from clusterd.core.table import JobTable
 from clusterd.core.uploads import Upload
-from clusterd.core.wire import dumps
 from clusterd.core.workers import SubTask, TimedResult, WorkerHandle, WorkerRegistry
 from clusterd.tasks.registry import Registry
 
@@ -58,8 +47,6 @@ __all__ = [
     "TimedResult",
     "OFFLOAD_SUBTASKS",
     "OFFLOAD_BYTES",
-    "REFILL_STEP",
-    "combine_and_encode",
 ]
 
 Offload = Callable[..., Deferred[Any]]
@@ -97,40 +84,34 @@ class Scheduler:
             setattr(self.config, k, v)
         self.started = clock.seconds()
         self.counters = dict.fromkeys(COUNTERS, 0)
-        self._next_id = 1
+        self._assemble(next_turn or (lambda f: clock.callLater(0, f)))
+
+    def _assemble(self, next_turn: NextTurn) -> None:
+        """Build the parts; each gets only the collaborators it calls."""
         self._tally = Tally()  # sub-tasks queued over all jobs
         self._table = JobTable()
         self._jobs = self._table.jobs
         self._workers = WorkerRegistry()
         self._times = TaskTimes()
         self._task_mean = self._times.means  # seconds, moving mean of recent sub-tasks
-        self._admission = Admission(registry, self.config)
+        self._admission = Admission(self.registry, self.config)
         self._ring = Ring()
-        self._prefetch = Prefetch(self.config, self._times)
-        backoffs = Backoffs(clock)
-        self._endings = Endings(registry, clock, self.config, self.counters, backoffs, self)
-        self._exec = Execution(
-            clock,
-            self.counters,
-            RetryPolicy(self.config, self._times),
-            self._times,
-            self._ring,
-            self._endings,
-            backoffs,
+        # How many sub-tasks a worker may hold while taking one of a job's (prefetch).
+        self._limit = Prefetch(self.config, self._times).limit
+        backoffs = Backoffs(self.clock)
+        ends = self._endings = Endings(
+            self.registry, self.clock, self.config, self.counters, backoffs, self
         )
-        if next_turn is None:
-            next_turn = partial_call_later(clock)
+        policy = RetryPolicy(self.config, self._times)
+        self._exec = Execution(
+            self.clock, self.counters, policy, self._times, self._ring, ends, backoffs
+        )
         self._dispatcher = Dispatcher(
             self._ring, self._workers, self._limit, self._exec.send, next_turn, self.config
         )
-        self._exec.pump = self._pump
-
-    def _pump(self, only: WorkerHandle | None = None) -> None:
-        self._dispatcher.pump(only)
-
-    def _limit(self, worker: WorkerHandle, job: Job) -> int:
-        """How many sub-tasks ``worker`` may hold while taking one of ``job``'s (prefetch)."""
-        return self._prefetch.limit(worker, job)
+        self._pump = self._exec.pump = self._dispatcher.pump
+        parts = (self._admission, ends, self._ring, self._table, self._tally, self._workers)
+        self._intake = Intake(self, *parts, self._pump)
 
     @property
     def _seq_index(self) -> list[int] | None:
@@ -148,126 +129,34 @@ class Scheduler:
         pieces: list[Any] | None = None,
         encoded: tuple[str, ...] | None = None,
     ) -> Job:
-        """Split and enqueue a job; raises WireError for an unknown task, a bad input, a full
-        queue or a broken journal. With a ``key`` option, a job already accepted under that key
-        is returned instead (idempotent submit). The job is dispatched at once; its id may be
-        shown to the client once ``job.when_durable()`` fires. ``pieces``: the input already
-        split by :meth:`prepare` (on another thread, for a big input), and ``encoded`` those
-        pieces as :meth:`encode_cut` gives them (also done there).
-
-        The journal records the sub-task inputs exactly as cut here, never the input to be
-        split again: a restart resumes the very split its recorded results were computed for,
-        whatever the workers connected since (the default chunk count depends on them)."""
-        options = options or {}
-        adm = self._admission
-        adm.check_journal(self.journal.failure)
-        existing = adm.keyed(options.get("key"), task_name)
-        if existing is not None:
-            return existing
-        task = adm.task(task_name)
-        if pieces is None:
-            if chunks is None:
-                chunks = self.default_chunks(task_name)
-            adm.check_chunks(chunks)
-            pieces = adm.split(task_name, value, chunks)
-        adm.check_queue(self._tally.queued, len(pieces))
-        job = self._new_job(task, pieces, options)
-        job.input_size = len(input_json) if input_json is not None else 0
-        if not self.journal.durable:
-            encoded = ()
-        elif encoded is None or len(encoded) != len(pieces):
-            encoded = self.encode_cut(pieces)
-        # One record, the cut in it. Lazy: a RUN's client sees no id before the end, and a
-        # SUBMIT's OK hurries the journal (ServerProtocol), so a short RUN's acceptance can
-        # share its end's commit.
-        self._endings.record_acceptance(job, lazy=True, cut=encoded)
-        if job.total == 0:
-            self._endings.combine(job)
-        else:
-            self._ring.add(job)
-            self._pump()
-        return job
+        """Split and enqueue a job (see :meth:`Intake.submit`); raises WireError."""
+        return self._intake.submit(task_name, value, chunks, options, input_json, pieces, encoded)
 
     def open_stream(
         self, task_name: str, options: dict[str, Any] | None = None
     ) -> tuple[Job, Upload | None]:
-        """Start a job whose input will arrive in pieces (docs/PROTOCOL.md, "Streamed values").
-        Returns the job and the :class:`Upload` to feed, or, when a ``key`` names a job already
-        accepted, that job and None (the pieces are then read and dropped). Sub-tasks are
-        dispatched as soon as they are cut, while the rest of the input is still arriving; the
-        job's id may be shown once the input is complete and durable (``job.when_durable()``)."""
-        options = options or {}
-        adm = self._admission
-        adm.check_journal(self.journal.failure)
-        existing = adm.keyed(options.get("key"), task_name)
-        if existing is not None:
-            return existing, None
-        task = adm.streamable(task_name)
-        chunks = options.get("chunks")
-        adm.check_chunks(chunks)
-        job = self._new_job(task, [], options, streamed=True)
-        self._endings.record_acceptance(job, lazy=False, cut=None)
-        if chunks is None:
-            chunks = self.default_chunks(task_name)
-        target = chunk_target(task.stream, options.get("size"), chunks)
-        return job, Upload(self, job, task, Cutter(task.stream, target))
+        """Start a job whose input arrives in pieces (see :meth:`Intake.open_stream`)."""
+        return self._intake.open_stream(task_name, options)
 
     def grow(self, job: Job, inputs: list[Any]) -> None:
-        """Add sub-task inputs cut from a streamed job's input: checked by the task's split,
-        journaled, and queued at once. Raises WireError (the caller abandons the job)."""
-        pieces = self._admission.cut(job, inputs, self._tally.queued)
-        start = job.total
-        job.add_chunks(pieces)
-        if self.journal.durable:
-            record = ChunksAdded(job.id, start, tuple(dumps(p) for p in pieces))
-            self._endings.append(record, job)
-        self._ring.add(job)
-        self._pump()
+        """Queue sub-task inputs cut from a streamed input (:class:`IUploadSink`)."""
+        self._intake.grow(job, inputs)
 
     def seal(self, job: Job) -> None:
-        """A streamed job's input is complete: record that, then the job may finish."""
-        job.seal()
-        self.log.info(
-            "job {job_id} input complete: {size} received, {n} sub-tasks",
-            job_id=job.id,
-            size=job.input_size,
-            n=job.total,
-        )
-        self._endings.append(JobSealed(job.id, job.total), job, then=job.mark_durable)
-        if job.complete():
-            self._endings.combine(job)
+        """A streamed job's input is complete (:class:`IUploadSink`)."""
+        self._intake.seal(job)
 
     def abandon(self, job: Job, code: str, message: str) -> None:
-        """A streamed input went wrong (a bad piece, a limit, the connection lost): the job
-        fails with ``code``, so whoever looks it up learns why. It was never accepted, so its
-        key is free for a retry."""
+        """A streamed input went wrong; its key is free again (:class:`IUploadSink`)."""
         self._endings.abandon(job, code, message)
 
     def wants_more(self, job: Job) -> bool:
-        """Whether a streamed job should take more input now. Enough queued sub-tasks to keep
-        every worker that can run them busy twice over is enough: the rest may wait in the
-        client, so the server holds what the job needs now, not the whole input."""
-        if job.is_final:
-            return True
-        return job.queued < max(8, 2 * self._workers.task_slots[job.task])
+        """Whether a streamed job should take more input now (see :meth:`Intake.wants_more`)."""
+        return self._intake.wants_more(job)
 
-    def _new_job(
-        self, task: Any, pieces: list[Any], options: dict[str, Any], streamed: bool = False
-    ) -> Job:
-        now = self.clock.seconds()
-        job_id = f"j{self._next_id}"
-        job = self._admission.new_job(job_id, task, pieces, options, now, self._tally, streamed)
-        self._endings.active += 1
-        self._next_id += 1
-        self._jobs[job.id] = job
-        self.counters["jobs_submitted"] += 1
-        self.log.info(
-            "job {job_id} submitted: task {task}, {n} sub-tasks",
-            job_id=job.id,
-            task=task.name,
-            n="streamed" if streamed else job.total,
-        )
-        return job
+    def default_chunks(self, task_name: str) -> int:
+        """The chunk count a job of this task gets when it names none (depends on workers)."""
+        return self._intake.default_chunks(task_name)
 
     def prepare(self, task_name: str, value: Any, chunks: int | None) -> list[Any] | None:
         """The slow, pure part of :meth:`submit`: split a (big) input into ``chunks``. Safe on
@@ -276,14 +165,7 @@ class Scheduler:
         it. The caller passes the pieces to :meth:`submit`, which journals exactly them."""
         return self._admission.prepare(task_name, value, chunks)
 
-    @staticmethod
-    def encode_cut(pieces: list[Any]) -> tuple[str, ...]:
-        """Sub-task inputs as the journal keeps them. Pure: safe on another thread."""
-        return tuple(dumps(p) for p in pieces)
-
-    def default_chunks(self, task_name: str) -> int:
-        """The chunk count a job of this task gets when it names none (depends on workers)."""
-        return default_chunks(self._workers.task_slots[task_name])
+    encode_cut = staticmethod(encode_cut)
 
     def get(self, job_id: str) -> Job:
         """A job by id, for any request naming one. A job whose acceptance is not durable yet
@@ -338,7 +220,7 @@ class Scheduler:
         """Load the journal: ended jobs come back with their answers, unfinished ones resume
         from their recorded results (only missing sub-tasks run again). Returns jobs resumed."""
         recovered = self.journal.load()
-        self._next_id = max(self._next_id, recovered.next_seq)
+        self._intake.next_id = max(self._intake.next_id, recovered.next_seq)
         horizon = self.clock.seconds() - self.config.retention
         expired, resumed = [], 0
         for rec in recovered.jobs:
@@ -463,33 +345,9 @@ class Scheduler:
         self.counters["results_late"] += 1
 
     def check_stalls(self) -> int:
-        """Take back sub-tasks that make no progress; the server calls it every second.
-
-        A sub-task whose job and task set no timeout still gets a deadline once its task's
-        run time is known (:meth:`RetryPolicy.stall_limit`). A worker holding such a sub-task
-        that has answered nothing for that long (it answers PING but never a DO, say) is
-        wedged: it is dropped, and everything it held runs elsewhere. On a worker that does
-        answer, just the stalled sub-task fails its attempt (retried, like a timeout). Looks
-        at each worker's oldest sub-tasks only: O(workers). Returns how many were taken back."""
-        now, taken = self.clock.seconds(), 0
-        for worker in list(self._workers):
-            found = self._exec.policy.stalled_on(worker, now)
-            if found is None:
-                continue
-            reason, dispatches = found
-            if reason == "worker":
-                self.log.warn(
-                    "worker {worker} answered nothing for {t:.0f}s while holding {n} sub-tasks; "
-                    "dropping it, its sub-tasks run elsewhere",
-                    worker=worker.name,
-                    t=now - max(worker.last_answer, dispatches[0].started),
-                    n=len(dispatches),
-                )
-                self.remove_worker(worker)
-            taken += self._exec.take_back(dispatches, reason)
-            if reason == "worker":
-                worker.close()
-        return taken
+        """Take back sub-tasks that make no progress; the server calls it every second (see
+        :meth:`Execution.check_stalls`). Returns how many sub-tasks were taken back."""
+        return self._exec.check_stalls(list(self._workers), self.remove_worker)
 
     def speculate(self) -> int:
         """Start backup copies of straggling sub-tasks on idle workers; first result wins.
@@ -525,8 +383,3 @@ class Scheduler:
             "journal_ok": self.journal.failure is None,
             "uptime": round(self.clock.seconds() - self.started, 3),
         }
-
-
-def partial_call_later(clock: IReactorTime) -> NextTurn:
-    """The default ``next_turn``: run ``f`` in the next reactor turn, on ``clock``."""
-    return lambda f: clock.callLater(0, f)
