@@ -10,6 +10,7 @@ Imports only the parts below it (admission, endings, jobs, ring, workers, upload
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.logger import Logger
