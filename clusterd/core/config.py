@@ -39,5 +39,5 @@ class SchedulerConfig:
     prefetch: int = 1  # short sub-tasks a worker may hold per slot (the server's default is 256)
     prefetch_below: float = 0.01  # a job whose sub-tasks run shorter than this (mean) is short
     prefetch_window: float = 0.05  # seconds of short sub-tasks a slot may hold queued
-    dispatch_per_turn: int = 0  # sends (DO lines) before dispatch yields a reactor turn (0: no
-    # cap; the server's default is 16)
+    dispatch_per_turn: int = 0  # sends per turn: dispatch yields a reactor turn after this many
+    # (0: no cap; the server's default is 16)

@@ -56,11 +56,11 @@ class Execution:
         self.pump: Callable[..., None] = lambda only=None: None  # set by the scheduler
         self.busy = 0  # sub-tasks dispatched and not answered, over all workers
 
-    def send(self, worker: WorkerHandle, job: Job, index: int, speculative: bool = False) -> None:
+    def send(self, worker: WorkerHandle, job: Job, index: int) -> None:
         """Send ``job``'s sub-task ``index`` to ``worker``; its answer comes to
         :meth:`_on_result` or :meth:`_on_error`. A sub-task that cannot even be sent (its input
         does not encode, or is larger than the worker accepts) fails its job at once."""
-        disp = Dispatch(job, index, worker, self.clock.seconds(), speculative)
+        disp = Dispatch(job, index, worker, self.clock.seconds())
         attempt = job.dispatched(disp)
         worker.busy += 1
         self.busy += 1
@@ -227,7 +227,7 @@ class Execution:
                     slow=running_on.name,
                     worker=worker.name,
                 )
-                self.send(worker, job, index, speculative=True)
+                self.send(worker, job, index)  # a backup copy
                 self.counters["subtasks_speculative"] += 1
                 started += 1
         return started

@@ -19,6 +19,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from clusterd.core.admission import Admission
 from clusterd.core.config import OFFLOAD_BYTES, OFFLOAD_SUBTASKS, SchedulerConfig
@@ -33,7 +34,7 @@ from clusterd.core.recovery import FAILED, RESUME, restore
 from clusterd.core.retry import RetryPolicy
 from clusterd.core.ring import Prefetch, Ring, TaskTimes
 from clusterd.core.table import JobTable
-from clusterd.core.uploads import Upload
+from clusterd.core.uploads import IUploadSink, Upload
 from clusterd.core.workers import SubTask, TimedResult, WorkerHandle, WorkerRegistry
 from clusterd.tasks.registry import Registry
 
@@ -58,6 +59,7 @@ COUNTERS = (
 ).split()
 
 
+@implementer(IUploadSink)
 class Scheduler:
     log = Logger()
 

@@ -176,6 +176,5 @@ class Dispatch:
     index: int
     worker: WorkerHandle
     started: float
-    speculative: bool
     d: Deferred[Any] | None = None
     stalled: str | None = None  # why check_stalls took it back: "worker" or "subtask"

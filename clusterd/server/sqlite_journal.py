@@ -54,9 +54,11 @@ from typing import Any, BinaryIO
 
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from clusterd.core.journal import (
     ChunksAdded,
+    IJournal,
     JobAccepted,
     JobEnded,
     JobRecord,
@@ -140,6 +142,7 @@ class _Forget:
         self.ids = ids
 
 
+@implementer(IJournal)
 class SqliteJournal:
     durable = True
     log = Logger()
@@ -471,6 +474,10 @@ class SqliteJournal:
                 self._queue.put((_STOP, None, None))
                 self._urgent.set()
         return self._closed
+
+    def stop(self) -> Deferred[None]:
+        """:meth:`close`, under the name :class:`~clusterd.core.journal.IJournal` gives it."""
+        return self.close()
 
     def _take(self, batch: list[Any]) -> bool:
         """Add what is queued to ``batch``; True if any of it is urgent (somebody waits)."""
