@@ -164,9 +164,8 @@ class Admission:
         for chunks), its key remembered."""
         timeout = options.get("timeout") or task.timeout or self.config.default_timeout
         attempts = options.get("attempts") or task.attempts or self.config.default_attempts
-        job = Job(job_id, task.name, pieces, now, JobOptions(timeout, attempts), tally)
-        job.key = options.get("key")
-        job.sealed = not streamed
+        opts = JobOptions(timeout, attempts)
+        job = Job(job_id, task.name, pieces, now, opts, tally, options.get("key"), not streamed)
         self.remember(job)
         return job
 

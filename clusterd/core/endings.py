@@ -206,10 +206,9 @@ class Endings:
     ) -> None:
         """End ``job`` now: its retries and running copies are dropped, and its end is
         journaled (``durable``; else the caller fails its waiters with the journal's error)."""
-        job.result_json = encoded
         if not job.is_final:
             self.active -= 1
-        job.finish(state, self.clock.seconds(), result=result, error=error)
+        job.finish(state, self.clock.seconds(), result=result, error=error, encoded=encoded)
         self.backoffs.cancel(job)
         for copies in list(job.inflight.values()):
             for disp in list(copies):
@@ -231,7 +230,7 @@ class Endings:
 def _recorded(job: Job, sealed: bool) -> None:
     """A job's acceptance is durable: its id exists for good, and if its cut came with it,
     the id may be shown to its submitter."""
-    job.recorded = True
+    job.mark_recorded()
     if sealed:
         job.mark_durable()
 

@@ -74,6 +74,8 @@ class Job:
         submitted: float,
         options: JobOptions | None = None,
         tally: Tally | None = None,
+        key: str | None = None,
+        sealed: bool = True,
     ) -> None:
         self.id = job_id
         self.tally = tally if tally is not None else Tally()
@@ -81,7 +83,7 @@ class Job:
         self.task = task
         self.chunks = chunks
         self.total = len(chunks)
-        self.sealed = True  # False while a streamed input is still arriving
+        self.sealed = sealed  # False while a streamed input is still arriving
         self.input_size = 0  # streamed jobs: items or characters received
         self.options = options or JobOptions(None, 1)
         self.results: list[Any] = [_MISSING] * self.total
@@ -97,7 +99,7 @@ class Job:
         self.shown_state = JobState.QUEUED
         self.recorded = False  # its acceptance record is durable: its id exists for good
         self.finished: float | None = None
-        self.key: str | None = None
+        self.key = key  # its idempotency key, if any
         self.duplicates = 0
         self.requeued = 0
         self.recovered = 0
@@ -254,11 +256,20 @@ class Job:
 
     # -- ending --------------------------------------------------------------------------------
 
-    def finish(self, state: str, now: float, result: Any = None, error: dict | None = None) -> None:
+    def finish(
+        self,
+        state: str,
+        now: float,
+        result: Any = None,
+        error: dict | None = None,
+        encoded: str | None = None,
+    ) -> None:
         """Move to a final state at once (nothing more is dispatched); waiters hear of it only
-        when :meth:`settle` is called, once the end is durable."""
+        when :meth:`settle` is called, once the end is durable. ``encoded``: the answer as
+        encoded once, for every reply that carries it."""
         if self.state in JobState.FINAL:
             return
+        self.result_json = encoded
         self.tally.queued -= self.queued
         self.shown_state = self.state  # what status() shows until the end is durable
         self.state = state
@@ -293,6 +304,10 @@ class Job:
     def wait(self) -> Deferred[Job]:
         """A Deferred that fires with this job once its end is recorded (at once if it is)."""
         return self._ended.add()
+
+    def mark_recorded(self) -> None:
+        """Its acceptance record is durable: its id exists for good (views and lookups)."""
+        self.recorded = True
 
     def mark_durable(self) -> None:
         """The job's acceptance (its input, as cut) is durable: its id may be shown."""

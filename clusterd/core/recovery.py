@@ -49,7 +49,7 @@ def restore(
     if rec.ended is not None:
         if rec.ended.finished < horizon:
             return None
-        job = Job(a.job, a.task, [], a.submitted, opts, tally)
+        job = Job(a.job, a.task, [], a.submitted, opts, tally, a.key)
         job.restore_end(rec.ended)
         return Restored(job, ENDED)
     try:
@@ -63,11 +63,11 @@ def restore(
         else:
             pieces = split(a.task, json.loads(a.input_json), a.chunks)
     except (WireError, ValueError) as e:
-        job = Job(a.job, a.task, [], a.submitted, opts, tally)
+        job = Job(a.job, a.task, [], a.submitted, opts, tally, a.key)
         code = e.code if isinstance(e, WireError) else ErrorCode.BAD_INPUT
         message = e.message if isinstance(e, WireError) else str(e)
         return Restored(job, FAILED, {"code": code, "message": message})
-    job = Job(a.job, a.task, pieces, a.submitted, opts, tally)
+    job = Job(a.job, a.task, pieces, a.submitted, opts, tally, a.key)
     job.prefill({i: json.loads(r) for i, r in rec.results.items()})
     return Restored(job, RESUME)
 

@@ -239,8 +239,7 @@ class Scheduler:
                 resumed += 1
                 self._resume(job, back.action, back.error)
             a = rec.accepted
-            job.key = a.key
-            job.recorded = True
+            job.mark_recorded()
             # Acknowledged jobs only: a streamed input never completed was never given an id
             # as accepted, so it holds no key (the client retries under the same one).
             if not a.streamed or rec.sealed is not None:
