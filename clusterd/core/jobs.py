@@ -5,6 +5,9 @@ its input is streamed, grows sub-task by sub-task as the input arrives until it 
 sub-tasks are numbered 0..n-1; ``next_index`` hands out fresh ones lazily and ``retry`` holds
 indices handed back, so a queued sub-task costs no object of its own. Only dispatched sub-tasks
 have state (:attr:`inflight`), and only failed ones a counter (:attr:`failures`, :attr:`lost`).
+The job owns these transitions (:meth:`dispatched`, :meth:`released`, :meth:`attempt_failed`,
+:meth:`worker_lost`, :meth:`backing_off`, :meth:`retry_due`); the scheduler owns the Deferreds
+and the timers (a retry's backoff) and only calls them.
 
 Each result is recorded exactly once: a duplicate or late result (the job already has it, or the
 job has ended) is ignored and counted. A job's waiters are told of its end only once the end is
@@ -23,7 +26,9 @@ from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
+
+from clusterd.core.waiters import Waiters
 
 __all__ = ["Job", "JobState", "JobOptions", "Tally"]
 
@@ -50,41 +55,6 @@ class JobOptions:
         self.attempts = attempts
 
 
-class _Waiters:
-    """Deferreds to fire once, with success or a failure; late subscribers are answered at once."""
-
-    def __init__(self) -> None:
-        self.fired = False
-        self.value: Any = None
-        self.error: BaseException | None = None
-        # A dict (insertion-ordered): a waiter whose connection closed leaves in O(1).
-        self._ds: dict[Deferred[Any], None] = {}
-
-    def add(self) -> Deferred[Any]:
-        if self.fired:
-            return fail(self.error) if self.error is not None else succeed(self.value)
-        d: Deferred[Any] = Deferred(lambda d: self._ds.pop(d, None))
-        self._ds[d] = None
-        return d
-
-    def fire(self, value: Any) -> None:
-        self._settle(value, None)
-
-    def fail(self, error: BaseException) -> None:
-        self._settle(None, error)
-
-    def _settle(self, value: Any, error: BaseException | None) -> None:
-        if self.fired:
-            return
-        self.fired, self.value, self.error = True, value, error
-        ds, self._ds = self._ds, {}
-        for d in ds:
-            if error is None:
-                d.callback(value)
-            else:
-                d.errback(error)
-
-
 class Tally:
     """Counts shared by every job of one scheduler, kept as jobs change so that admission
     checks and STATS never walk the job table: sub-tasks queued over all jobs."""
@@ -104,6 +74,8 @@ class Job:
         submitted: float,
         options: JobOptions | None = None,
         tally: Tally | None = None,
+        key: str | None = None,
+        sealed: bool = True,
     ) -> None:
         self.id = job_id
         self.tally = tally if tally is not None else Tally()
@@ -111,7 +83,7 @@ class Job:
         self.task = task
         self.chunks = chunks
         self.total = len(chunks)
-        self.sealed = True  # False while a streamed input is still arriving
+        self.sealed = sealed  # False while a streamed input is still arriving
         self.input_size = 0  # streamed jobs: items or characters received
         self.options = options or JobOptions(None, 1)
         self.results: list[Any] = [_MISSING] * self.total
@@ -127,7 +99,7 @@ class Job:
         self.shown_state = JobState.QUEUED
         self.recorded = False  # its acceptance record is durable: its id exists for good
         self.finished: float | None = None
-        self.key: str | None = None
+        self.key = key  # its idempotency key, if any
         self.duplicates = 0
         self.requeued = 0
         self.recovered = 0
@@ -135,11 +107,11 @@ class Job:
         self.failures: dict[int, int] = {}  # index -> failed attempts
         self.lost: dict[int, int] = {}  # index -> times its worker vanished while running it
         self.inflight: dict[int, list[Any]] = {}  # index -> dispatches (scheduler's objects)
-        self.delayed: dict[int, Any] = {}  # index -> IDelayedCall of a retry after backoff
+        self.retrying: set[int] = set()  # indices waiting out a retry backoff
         self.durations_sum = 0.0
         self.durations_n = 0
-        self._durable = _Waiters()
-        self._ended = _Waiters()
+        self._durable = Waiters()
+        self._ended = Waiters()
         self._watchers: list[Callable[[Job], None]] = []
 
     # -- queue ---------------------------------------------------------------------------------
@@ -210,6 +182,52 @@ class Job:
         if self.done:
             self.state = JobState.RUNNING
 
+    def dispatched(self, disp: Any) -> int:
+        """A copy of sub-task ``disp.index`` was sent; returns its attempt number."""
+        self.inflight.setdefault(disp.index, []).append(disp)
+        self.running += 1
+        return self.failures.get(disp.index, 0) + 1
+
+    def released(self, disp: Any) -> None:
+        """A copy sent by :meth:`dispatched` answered, failed or was cancelled."""
+        copies = self.inflight.get(disp.index)
+        if copies is not None:
+            copies.remove(disp)
+            if not copies:
+                del self.inflight[disp.index]
+        self.running -= 1
+
+    def attempt_failed(self, index: int) -> int:
+        """Count a failed attempt of sub-task ``index``; returns the attempts failed so far."""
+        n = self.failures[index] = self.failures.get(index, 0) + 1
+        return n
+
+    def worker_lost(self, index: int) -> int:
+        """Count a worker vanishing under sub-task ``index``; returns how often it did."""
+        n = self.lost[index] = self.lost.get(index, 0) + 1
+        return n
+
+    def backing_off(self, index: int) -> None:
+        """Sub-task ``index`` waits out a retry backoff (shown as ``retrying``)."""
+        self.retrying.add(index)
+
+    def retry_due(self, index: int) -> bool:
+        """Its backoff is over: queue it again; False when that is pointless."""
+        self.retrying.discard(index)
+        return self.requeue(index)
+
+    def restore_end(self, ended: Any) -> None:
+        """Recovery: become the ended job a journal's ``JobEnded`` record describes; its end is
+        in the journal, so it is settled at once."""
+        self.total = ended.total
+        self.state, self.finished, self.error = ended.state, ended.finished, ended.error
+        self.result_json = ended.result_json
+        self.chunks, self.results = [], []
+        self.next_index = self.total
+        if ended.state == JobState.DONE:
+            self.done = self.total
+        self.settle()
+
     # -- results -------------------------------------------------------------------------------
 
     def record(self, index: int, result: Any, worker: str, duration: float = 0.0) -> bool:
@@ -238,11 +256,20 @@ class Job:
 
     # -- ending --------------------------------------------------------------------------------
 
-    def finish(self, state: str, now: float, result: Any = None, error: dict | None = None) -> None:
+    def finish(
+        self,
+        state: str,
+        now: float,
+        result: Any = None,
+        error: dict | None = None,
+        encoded: str | None = None,
+    ) -> None:
         """Move to a final state at once (nothing more is dispatched); waiters hear of it only
-        when :meth:`settle` is called, once the end is durable."""
+        when :meth:`settle` is called, once the end is durable. ``encoded``: the answer as
+        encoded once, for every reply that carries it."""
         if self.state in JobState.FINAL:
             return
+        self.result_json = encoded
         self.tally.queued -= self.queued
         self.shown_state = self.state  # what status() shows until the end is durable
         self.state = state
@@ -253,6 +280,7 @@ class Job:
         self.chunks = []
         self.results = []
         self.retry.clear()
+        self.retrying.clear()
         self._notify()
         self._watchers.clear()
 
@@ -276,6 +304,10 @@ class Job:
     def wait(self) -> Deferred[Job]:
         """A Deferred that fires with this job once its end is recorded (at once if it is)."""
         return self._ended.add()
+
+    def mark_recorded(self) -> None:
+        """Its acceptance record is durable: its id exists for good (views and lookups)."""
+        self.recorded = True
 
     def mark_durable(self) -> None:
         """The job's acceptance (its input, as cut) is durable: its id may be shown."""
@@ -339,7 +371,7 @@ class Job:
             "done": self.done,
             "running": 0 if final else self.running,
             "queued": 0 if final else self.queued,
-            "retrying": 0 if final else len(self.delayed),
+            "retrying": 0 if final else len(self.retrying),
             "submitted": round(self.submitted, 3),
             "ran_on": dict(self.ran_on),
             "requeued": self.requeued,

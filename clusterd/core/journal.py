@@ -2,7 +2,8 @@
 
 The scheduler writes three kinds of record: a job was accepted, a sub-task's result arrived, a job
 ended. A job whose input is streamed adds two more: sub-task inputs were cut from it (they cannot
-be split again from an input the server never held whole), and its input was complete. ``append`` returns a Deferred that fires once the record is durable; records become durable
+be split again from an input the server never held whole), and its input was complete.
+:class:`IJournal` states the contract. ``append`` returns a Deferred that fires once the record is durable; records become durable
 in the order they were appended. :class:`MemoryJournal` keeps them in a dict, for tests (it can be
 "recovered" into a second scheduler to simulate a restart); the SQLite journal a server uses is
 :class:`clusterd.server.sqlite_journal.SqliteJournal`.
@@ -11,9 +12,10 @@ in the order they were appended. :class:`MemoryJournal` keeps them in a dict, fo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
+from zope.interface import Attribute, Interface, implementer
 
 from clusterd.core.errors import JournalError
 
@@ -25,6 +27,7 @@ __all__ = [
     "JobSealed",
     "JobRecord",
     "Recovered",
+    "IJournal",
     "Journal",
     "NullJournal",
     "MemoryJournal",
@@ -103,36 +106,48 @@ class Recovered:
     next_seq: int
 
 
-class Journal(Protocol):
-    """Where the scheduler makes records durable.
+class IJournal(Interface):
+    """Where the scheduler makes records durable. Records become durable in the order they
+    were appended.
 
     ``failure`` is None while the journal is healthy; once a write fails it holds that
     :class:`JournalError` (with the operating system's reason) for good, and every append from
     then on fails with it at once."""
 
-    durable: bool
-    failure: JournalError | None
+    durable = Attribute("bool: whether records survive a restart (False: NullJournal).")
+    failure = Attribute("JournalError | None: set for good once a write failed.")
 
-    def start(self) -> None:
+    def start():  # noqa: N805 - zope interface methods take no self
         """Begin writing (the server calls it from ``startService``)."""
-        ...
 
-    def append(self, record: Record, lazy: bool = False) -> Deferred[None]:
-        """Fires once ``record`` is durable. ``lazy``: nobody waits for it yet (a RUN's
-        acceptance), so the journal may hold it briefly to commit it with a later record."""
-        ...
+    def stop():  # noqa: N805
+        """The same as :meth:`close`: flush what was appended and release the storage; the
+        Deferred fires once that is done (it never fails: a failed flush sets ``failure``)."""
 
-    def hurry(self) -> None:
+    def append(record, lazy=False):  # noqa: N805
+        """A Deferred that fires with None once ``record`` is durable, or fails with the
+        :class:`JournalError` that broke the journal (at once, if it is already broken).
+        ``lazy``: nobody waits for it yet (a RUN's acceptance), so the journal may hold it
+        briefly to commit it with a later record."""
+
+    def hurry():  # noqa: N805
         """Somebody now waits for what was appended: make it durable without holding it."""
-        ...
 
-    def load(self) -> Recovered: ...
+    def load():  # noqa: N805
+        """The :class:`Recovered` jobs, read back (raises JournalError if unreadable)."""
 
-    def forget(self, job_ids: list[str]) -> None: ...
+    def forget(job_ids):  # noqa: N805
+        """Drop these ended jobs' records (retention ran out)."""
 
-    def close(self) -> Deferred[None]: ...
+    def close():  # noqa: N805
+        """Flush and close; a Deferred that fires with None once done."""
 
 
+# The name the scheduler's signature has always used.
+Journal = IJournal
+
+
+@implementer(IJournal)
 class NullJournal:
     """No journal: every record is "durable" at once, and nothing survives a restart."""
 
@@ -151,6 +166,9 @@ class NullJournal:
     def load(self) -> Recovered:
         return Recovered([], 1)
 
+    def stop(self) -> Deferred[None]:
+        return self.close()
+
     def forget(self, job_ids: list[str]) -> None:
         pass
 
@@ -158,6 +176,7 @@ class NullJournal:
         return succeed(None)
 
 
+@implementer(IJournal)
 class MemoryJournal:
     """Records kept in memory. ``hold=True`` keeps appends pending until :meth:`flush`, so tests
     can observe what a client sees before and after a record becomes durable."""
@@ -219,6 +238,9 @@ class MemoryJournal:
     def close(self) -> Deferred[None]:
         self.flush()
         return succeed(None)
+
+    def stop(self) -> Deferred[None]:
+        return self.close()
 
 
 def apply_record(jobs: dict[str, JobRecord], record: Record) -> None:

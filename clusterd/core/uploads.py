@@ -4,25 +4,45 @@ The protocol hands each decoded piece to :meth:`Upload.feed`; the :class:`~clust
 turns pieces into sub-task inputs, which the scheduler queues (and dispatches) at once. So a
 200 MB input is never held whole, never held twice, and its first sub-tasks run while the rest is
 still on the wire. Pure: no sockets, no reactor.
+
+An upload does not know the scheduler: it drives an :class:`IUploadSink` (the scheduler
+provides one), so ``uploads`` imports nothing that imports it back.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from zope.interface import Attribute, Interface
+
+from clusterd.core.errors import ErrorCode, WireError
 from clusterd.core.streaming import Cutter
-from clusterd.core.wire import ErrorCode, WireError
 
 if TYPE_CHECKING:
     from clusterd.core.jobs import Job
-    from clusterd.core.scheduler import Scheduler
     from clusterd.tasks.registry import Task
 
-__all__ = ["Upload"]
+__all__ = ["Upload", "IUploadSink"]
+
+
+class IUploadSink(Interface):
+    """Where an :class:`Upload` puts what it cut (the scheduler)."""
+
+    config = Attribute("has ``max_input_bytes``: the most a streamed input's pieces may total.")
+
+    def grow(job, inputs):  # noqa: N805 - zope interface methods take no self
+        """Queue sub-task inputs cut from ``job``'s input. Raises WireError (bad input, a
+        limit); the upload's caller then abandons it."""
+
+    def seal(job):  # noqa: N805
+        """``job``'s input is complete."""
+
+    def abandon(job, code, message):  # noqa: N805
+        """The input went wrong: ``job`` fails with ``code`` and never counts as accepted."""
 
 
 class Upload:
-    def __init__(self, scheduler: Scheduler, job: Job, task: Task, cutter: Cutter) -> None:
+    def __init__(self, scheduler: IUploadSink, job: Job, task: Task, cutter: Cutter) -> None:
         self.scheduler = scheduler
         self.job = job
         self.task = task

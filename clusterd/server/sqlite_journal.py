@@ -45,9 +45,11 @@ import os
 import sqlite3
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from zope.interface import implementer
 
-from clusterd.core.journal import JournalError, Recovered
+from clusterd.core.journal import IJournal, JournalError, Recovered
 from clusterd.server.group_commit import FIRE_PER_TURN, GroupCommitWriter
 from clusterd.server.journal_guard import FileGuard
 from clusterd.server.sqlite_schema import (
@@ -64,6 +66,7 @@ __all__ = ["FIRE_PER_TURN", "SqliteJournal"]
 _Forget = Forget  # the old private name, still imported by tests
 
 
+@implementer(IJournal)
 class SqliteJournal(GroupCommitWriter):
     """The durable journal: opens and checks the file (sqlite_schema), guards it
     (journal_guard), and commits on its writer thread (group_commit)."""
@@ -121,6 +124,10 @@ class SqliteJournal(GroupCommitWriter):
             raise JournalError(
                 f"journal {self.path} cannot be written: {self._guard.reason(e)}"
             ) from e
+
+    def stop(self) -> Deferred[None]:
+        """:meth:`close`, under the name :class:`~clusterd.core.journal.IJournal` gives it."""
+        return self.close()
 
     def load(self) -> Recovered:
         """Read everything back (at startup, before the writer thread runs)."""

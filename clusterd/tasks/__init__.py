@@ -1,5 +1,8 @@
-"""The task registry: named tasks, each a split on the server, a run on a worker, a combine."""
+"""Tasks: the bottom layer of clusterd (user functions, pure, no Twisted). ``clusterd.core``
+imports :class:`Registry`, :class:`Task` and :class:`TaskInputError` from here; nothing here
+imports ``clusterd.core``."""
 
-from clusterd.tasks.registry import Registry, Task, TaskInputError, load_registry
+from clusterd.tasks.loading import ENTRY_POINT_GROUP, load_registry
+from clusterd.tasks.registry import Registry, Task, TaskInputError
 
-__all__ = ["Registry", "Task", "TaskInputError", "load_registry"]
+__all__ = ["Registry", "Task", "TaskInputError", "load_registry", "ENTRY_POINT_GROUP"]

@@ -4,21 +4,20 @@ A task is three pure functions over JSON values: ``split`` (server: input and a 
 list of chunk inputs), ``run`` (worker process: one chunk to one result) and ``combine`` (server:
 the chunk results, in chunk order, to the job's answer). Tasks come only from code the operator
 installed: the built-ins, the ``clusterd.tasks`` entry-point group, and modules named with
-``--tasks``. Nothing a peer sends can add a task or choose a module to import.
+``--tasks`` (:mod:`clusterd.tasks.loading` gathers them). Nothing a peer sends can add a task or
+choose a module to import.
+
+Layering: this module imports nothing of clusterd; ``builtins`` imports it, and ``loading``
+imports both, so every arrow in ``clusterd.tasks`` points one way (down to this module).
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from importlib.metadata import entry_points
-from types import ModuleType
 from typing import Any
 
-__all__ = ["Task", "TaskInputError", "Registry", "load_registry", "ENTRY_POINT_GROUP"]
-
-ENTRY_POINT_GROUP = "clusterd.tasks"
+__all__ = ["Task", "TaskInputError", "Registry"]
 
 
 class TaskInputError(ValueError):
@@ -81,30 +80,3 @@ class Registry:
 
     def names(self) -> list[str]:
         return sorted(self._tasks)
-
-
-def _tasks_of(obj: Any, origin: str) -> list[Task]:
-    if isinstance(obj, Task):
-        return [obj]
-    if isinstance(obj, ModuleType):
-        if not hasattr(obj, "TASKS"):
-            raise ValueError(f"{origin}: module {obj.__name__} defines no TASKS list")
-        obj = obj.TASKS
-    if isinstance(obj, (list, tuple)) and all(isinstance(t, Task) for t in obj):
-        return list(obj)
-    raise ValueError(f"{origin}: expected a Task, a list of Tasks or a module with TASKS")
-
-
-def load_registry(modules: Iterable[str] = (), use_entry_points: bool = True) -> Registry:
-    """Built-ins, then entry points, then each ``--tasks`` module, by import name."""
-    from clusterd.tasks import builtins
-
-    reg = Registry(builtins.TASKS)
-    if use_entry_points:
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            for t in _tasks_of(ep.load(), f"entry point {ep.name}"):
-                reg.add(t)
-    for name in modules:
-        for t in _tasks_of(importlib.import_module(name), f"--tasks {name}"):
-            reg.add(t)
-    return reg

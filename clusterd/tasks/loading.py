@@ -1,0 +1,43 @@
+"""Where a server's or worker's tasks come from: the built-ins, then the ``clusterd.tasks``
+entry-point group, then each ``--tasks`` module. Kept apart from :mod:`clusterd.tasks.registry`
+so the registry never imports the built-ins that are defined with it (no import cycle)."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+from importlib.metadata import entry_points
+from types import ModuleType
+from typing import Any
+
+from clusterd.tasks import builtins
+from clusterd.tasks.registry import Registry, Task
+
+__all__ = ["load_registry", "ENTRY_POINT_GROUP"]
+
+ENTRY_POINT_GROUP = "clusterd.tasks"
+
+
+def _tasks_of(obj: Any, origin: str) -> list[Task]:
+    if isinstance(obj, Task):
+        return [obj]
+    if isinstance(obj, ModuleType):
+        if not hasattr(obj, "TASKS"):
+            raise ValueError(f"{origin}: module {obj.__name__} defines no TASKS list")
+        obj = obj.TASKS
+    if isinstance(obj, (list, tuple)) and all(isinstance(t, Task) for t in obj):
+        return list(obj)
+    raise ValueError(f"{origin}: expected a Task, a list of Tasks or a module with TASKS")
+
+
+def load_registry(modules: Iterable[str] = (), use_entry_points: bool = True) -> Registry:
+    """Built-ins, then entry points, then each ``--tasks`` module, by import name."""
+    reg = Registry(builtins.TASKS)
+    if use_entry_points:
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            for t in _tasks_of(ep.load(), f"entry point {ep.name}"):
+                reg.add(t)
+    for name in modules:
+        for t in _tasks_of(importlib.import_module(name), f"--tasks {name}"):
+            reg.add(t)
+    return reg
