@@ -218,9 +218,16 @@ class Scheduler:
             self.journal.forget([j.id for j in old])
         return len(old)
 
-    def recover(self) -> int:
+    def recover(self, journal: Journal | None = None) -> int:
         """Load the journal: ended jobs come back with their answers, unfinished ones resume
-        from their recorded results (only missing sub-tasks run again). Returns jobs resumed."""
+        from their recorded results (only missing sub-tasks run again). Returns jobs resumed.
+        ``journal``: the journal to use from now on, opened by the caller (the server opens
+        it when its service starts, not when the service tree is built); only before any job
+        was accepted. Raises JournalError if it cannot be read."""
+        if journal is not None:
+            if self._jobs:
+                raise RuntimeError("a journal is given to recover() before any job is accepted")
+            self.journal = journal
         recovered = self.journal.load()
         self._intake.next_id = max(self._intake.next_id, recovered.next_seq)
         horizon = self.clock.seconds() - self.config.retention

@@ -290,11 +290,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
     from clusterd.endpoints import listening_service
     from clusterd.server.protocol import ConnectionSettings, ServerFactory
-    from clusterd.server.service import ServerService, build_core
+    from clusterd.server.service import ServerService, build_core, journal_opener
 
     top = MultiService()
     core = build_core(options, reactor)
-    ServerService(core).setServiceParent(top)
+    ServerService(core, open_journal=journal_opener(options, reactor)).setServiceParent(top)
     settings = ConnectionSettings(
         max_line=options["max-line"],
         max_client_jobs=options["max-client-jobs"],
