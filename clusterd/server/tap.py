@@ -198,7 +198,7 @@ class Options(usage.Options):
             "dispatch-per-turn",
             None,
             16,
-            "Most DO lines dispatch sends before it lets every other connection have a reactor "
+            "Most sub-tasks dispatch sends before it lets every other connection have a reactor "
             "turn; the rest follow in the next turn. Lower keeps PING fast under many workers, "
             "higher sends bigger bursts.",
             _positive_int,
