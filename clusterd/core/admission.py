@@ -65,14 +65,19 @@ class Admission:
         return existing
 
     def remember(self, job: Job) -> None:
+        """Note the job an idempotency key names, so a retried request with that key finds it."""
         if job.key is not None:
             self.keys[job.key] = job
 
     def forget(self, job: Job) -> None:
+        """Free the job's idempotency key, if it still names this job (the job expired, or ended
+        without ever being accepted)."""
         if job.key is not None and self.keys.get(job.key) is job:
             del self.keys[job.key]
 
     def task(self, task_name: str) -> Task:
+        """The task named ``task_name``; raises WireError UNKNOWN_TASK, listing the known tasks, if
+        there is none."""
         task = self.registry.get(task_name)
         if task is None:
             raise WireError(
@@ -82,6 +87,8 @@ class Admission:
         return task
 
     def streamable(self, task_name: str) -> Task:
+        """The task named ``task_name`` if it takes a streamed input; raises WireError
+        (UNKNOWN_TASK, or BAD_REQUEST when it does not)."""
         task = self.task(task_name)
         if task.stream is None:
             raise WireError(
@@ -91,6 +98,8 @@ class Admission:
         return task
 
     def check_chunks(self, chunks: int | None) -> None:
+        """Raise WireError TOO_MANY_SUBTASKS if a job asks for more chunks than the server
+        allows."""
         if chunks is not None and chunks > self.config.max_subtasks:
             raise WireError(
                 ErrorCode.TOO_MANY_SUBTASKS,
@@ -99,6 +108,7 @@ class Admission:
             )
 
     def check_queue(self, queued: int, adding: int) -> None:
+        """Raise WireError BUSY if ``adding`` sub-tasks would take the queue past its limit."""
         if queued + adding > self.config.max_queued:
             raise WireError(
                 ErrorCode.BUSY,

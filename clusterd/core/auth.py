@@ -25,14 +25,19 @@ class SecretError(ValueError):
 
 
 def new_nonce() -> str:
+    """A fresh random nonce for one connection's greeting, so no recorded proof can be replayed."""
     return secrets.token_hex(16)
 
 
 def proof(secret: bytes, nonce: str, role: str) -> str:
+    """The hex HMAC-SHA256 proof that the holder of ``secret`` claims ``role`` on the connection
+    that sent ``nonce``."""
     return hmac.new(secret, f"clusterd-auth:{role}:{nonce}".encode(), hashlib.sha256).hexdigest()
 
 
 def verify(secret: bytes, nonce: str, role: str, given: str) -> bool:
+    """Whether ``given`` is the right proof for ``role`` and ``nonce``, compared in constant
+    time."""
     return hmac.compare_digest(
         proof(secret, nonce, role), given.encode("ascii", "replace").decode()
     )

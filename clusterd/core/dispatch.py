@@ -29,6 +29,9 @@ REFILL_STEP = 2  # sub-tasks one answer may grant the worker that sent it
 
 
 class Dispatcher:
+    """The dispatch loop: fills free worker slots from the ring, yielding through ``next_turn``
+    after ``dispatch_per_turn`` sends."""
+
     def __init__(
         self,
         ring: Ring,

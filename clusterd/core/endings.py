@@ -51,6 +51,8 @@ class Backoffs:
         self._calls: dict[Job, dict[int, IDelayedCall]] = {}
 
     def start(self, job: Job, index: int, delay: float, due: Callable[[Job, int], None]) -> None:
+        """Hold sub-task ``index`` of ``job`` back for ``delay`` seconds, then call ``due(job,
+        index)`` to requeue it."""
         job.backing_off(index)
         self._calls.setdefault(job, {})[index] = self.clock.callLater(
             delay, self._due, job, index, due
@@ -72,6 +74,9 @@ class Backoffs:
 
 
 class Endings:
+    """Ends jobs (done, failed, cancelled), combining results off the reactor when big, and makes
+    each job's records durable."""
+
     log = Logger(namespace="clusterd.core.scheduler.Scheduler")
 
     def __init__(

@@ -34,6 +34,9 @@ __all__ = ["Execution"]
 
 
 class Execution:
+    """Sends sub-tasks to workers and takes their answers: records each result once, or applies the
+    retry policy to a failure."""
+
     log = Logger(namespace="clusterd.core.scheduler.Scheduler")
 
     def __init__(

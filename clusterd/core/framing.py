@@ -39,6 +39,8 @@ class LineFramer:
         return self._size
 
     def feed(self, data: bytes) -> list[bytes | LineTooLong]:
+        """Frame ``data``: the complete lines it ends, and a LineTooLong event for each overlong
+        one; a partial line is held."""
         if b"\n" not in data:
             return self._hold(data)
         first, *middle, tail = data.split(b"\n")

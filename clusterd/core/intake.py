@@ -35,6 +35,9 @@ def encode_cut(pieces: list[Any]) -> tuple[str, ...]:
 
 
 class Intake:
+    """Takes jobs in, whole or streamed: asks admission, numbers the job, journals its acceptance
+    and queues it in the ring."""
+
     log = Logger(namespace="clusterd.core.scheduler.Scheduler")
 
     def __init__(

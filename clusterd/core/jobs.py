@@ -66,6 +66,8 @@ class Tally:
 
 
 class Job:
+    """One job: its sub-tasks, its results, and the two gates (durable, ended) clients wait on."""
+
     def __init__(
         self,
         job_id: str,
@@ -124,6 +126,7 @@ class Job:
         return (self.total - self.next_index) + len(self.retry)
 
     def has_pending(self) -> bool:
+        """Whether the job has a sub-task to hand out (fresh or given back) and has not ended."""
         return self.state not in JobState.FINAL and (
             bool(self.retry) or self.next_index < self.total
         )
@@ -165,6 +168,7 @@ class Job:
         self.sealed = True
 
     def has_result(self, index: int) -> bool:
+        """Whether sub-task ``index``'s result is in (or the job ended): another is a duplicate."""
         return self.state in JobState.FINAL or self.results[index] is not _MISSING
 
     def prefill(self, results: dict[int, Any]) -> None:
@@ -246,6 +250,7 @@ class Job:
         return True
 
     def complete(self) -> bool:
+        """Whether all results are in, the input sealed and the job not ended: it can combine."""
         return self.sealed and self.done == self.total and self.state not in JobState.FINAL
 
     def ordered_results(self) -> list[Any]:
@@ -295,10 +300,12 @@ class Job:
 
     @property
     def is_final(self) -> bool:
+        """Whether the job has ended (done, failed or cancelled), durable or not."""
         return self.state in JobState.FINAL
 
     @property
     def settled(self) -> bool:
+        """Whether the job's end is durable and its waiters told."""
         return self._ended.fired
 
     def wait(self) -> Deferred[Job]:
@@ -351,6 +358,7 @@ class Job:
     # -- views ---------------------------------------------------------------------------------
 
     def progress(self) -> dict[str, Any]:
+        """The job's progress as a PROGRESS line carries it: sub-tasks done and in all."""
         return {"done": self.done, "total": self.total}
 
     @property
@@ -362,6 +370,7 @@ class Job:
         return self.state
 
     def status(self) -> dict[str, Any]:
+        """The job's STATUS object; a final state shows only once the end is settled."""
         final = self.is_final
         out: dict[str, Any] = {
             "id": self.id,

@@ -37,6 +37,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class JobAccepted:
+    """A job was accepted: its task, input, options and key, and, for a whole input, its cut."""
+
     job: str
     seq: int
     task: str
@@ -71,6 +73,8 @@ class JobSealed:
 
 @dataclass(frozen=True)
 class ResultRecorded:
+    """Sub-task ``index`` of ``job`` produced a result (encoded JSON)."""
+
     job: str
     index: int
     result_json: str
@@ -78,6 +82,8 @@ class ResultRecorded:
 
 @dataclass(frozen=True)
 class JobEnded:
+    """A job ended: its final state, its answer or error, and when it finished."""
+
     job: str
     state: str
     result_json: str | None
@@ -102,6 +108,8 @@ class JobRecord:
 
 @dataclass
 class Recovered:
+    """What a journal's ``load`` reads back: the jobs it holds and the next job sequence number."""
+
     jobs: list[JobRecord]
     next_seq: int
 
@@ -155,24 +163,31 @@ class NullJournal:
     failure: JournalError | None = None
 
     def start(self) -> None:
+        """Nothing to start."""
         pass
 
     def append(self, record: Record, lazy: bool = False) -> Deferred[None]:
+        """The record is durable at once: a Deferred already fired with None."""
         return succeed(None)
 
     def hurry(self) -> None:
+        """Nothing is held, so nothing to hurry."""
         pass
 
     def load(self) -> Recovered:
+        """Nothing was kept: no jobs, and numbering starts at 1."""
         return Recovered([], 1)
 
     def stop(self) -> Deferred[None]:
+        """The same as :meth:`close`: a Deferred already fired with None."""
         return self.close()
 
     def forget(self, job_ids: list[str]) -> None:
+        """Nothing is kept, so nothing to forget."""
         pass
 
     def close(self) -> Deferred[None]:
+        """Nothing to close: a Deferred already fired with None."""
         return succeed(None)
 
 
@@ -194,6 +209,7 @@ class MemoryJournal:
         self.hurried = 0  # hurry() calls
 
     def start(self) -> None:
+        """Nothing to start: memory is ready."""
         pass
 
     def break_with(self, message: str) -> None:
@@ -205,6 +221,8 @@ class MemoryJournal:
             d.errback(self.failure)
 
     def append(self, record: Record, lazy: bool = False) -> Deferred[None]:
+        """Keep ``record``; the Deferred fires with None once it is flushed (at once unless
+        ``hold``), or fails with the injected JournalError."""
         if self.failure is not None:
             return fail(self.failure)
         d: Deferred[None] = Deferred()
@@ -217,6 +235,8 @@ class MemoryJournal:
         return d
 
     def flush(self) -> None:
+        """Apply every pending record to the kept jobs, then fire their Deferreds in append
+        order."""
         pending, self.pending = self.pending, []
         for record, _ in pending:
             apply_record(self.jobs, record)
@@ -226,20 +246,26 @@ class MemoryJournal:
             d.callback(None)
 
     def hurry(self) -> None:
+        """Count the call, so tests can check who asked for durability at once."""
         self.hurried += 1
 
     def load(self) -> Recovered:
+        """The kept jobs and the next sequence number, as a restarted server would read them
+        back."""
         return Recovered(list(self.jobs.values()), self.next_seq)
 
     def forget(self, job_ids: list[str]) -> None:
+        """Drop these jobs' records (their sequence numbers stay used)."""
         for j in job_ids:
             self.jobs.pop(j, None)
 
     def close(self) -> Deferred[None]:
+        """Flush what is pending; a Deferred already fired with None."""
         self.flush()
         return succeed(None)
 
     def stop(self) -> Deferred[None]:
+        """The same as :meth:`close`."""
         return self.close()
 
 

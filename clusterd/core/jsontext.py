@@ -145,6 +145,8 @@ def _fast_depth_ok(text: str, value: Any, max_depth: int, what: str) -> bool:
 def parse_json(
     text: str, what: str = "the payload", max_depth: int = DEFAULT_MAX_JSON_DEPTH
 ) -> Any:
+    """Parse one JSON value from ``text``, within ``max_depth`` nesting; raises WireError (BAD_JSON,
+    JSON_TOO_DEEP) naming ``what``."""
     text = text.strip()
     value = jsoncodec.try_loads(text) if text else jsoncodec.MISS
     if value is not jsoncodec.MISS and _fast_depth_ok(text, value, max_depth, what):
@@ -158,6 +160,8 @@ def parse_json(
 def parse_json_object(
     text: str, what: str = "the payload", max_depth: int = DEFAULT_MAX_JSON_DEPTH
 ) -> dict[str, Any]:
+    """Parse ``text`` as a JSON object; raises WireError, BAD_REQUEST when it is another JSON
+    value."""
     value = parse_json(text, what, max_depth)
     if not isinstance(value, dict):
         raise WireError(ErrorCode.BAD_REQUEST, f"{what} must be a JSON object.")
@@ -195,4 +199,5 @@ def _short(e: BaseException) -> str:
 
 
 def is_finite_number(x: Any) -> bool:
+    """Whether ``x`` is an int or a finite float (not a bool, NaN or infinity)."""
     return type(x) in (int, float) and (type(x) is int or math.isfinite(x))

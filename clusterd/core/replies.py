@@ -74,6 +74,7 @@ def final_lines(job: Job, max_line: int) -> tuple[str, Iterator[str] | None]:
         return line, None  # a number: nothing smaller to send
 
     def lines() -> Iterator[str]:
+        """The answer's piece lines, then the ``.`` that ends them."""
         yield from pieces
         yield END
 
@@ -134,6 +135,8 @@ class ReplyReader:
         self._joiner: Joiner | None = None
 
     def feed(self, line: str) -> Reply | None:
+        """Take one reply line: the Reply it completes, or None while a streamed RESULT's pieces are
+        still arriving; raises WireError on a bad piece line."""
         if self._joiner is not None:
             kind = line_kind(line)
             if kind == END_LINE:

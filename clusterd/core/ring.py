@@ -32,10 +32,12 @@ class TaskTimes:
         self.means: dict[str, float] = {}
 
     def note(self, task: str, duration: float) -> None:
+        """Fold a sub-task's run time into its task's moving mean."""
         previous = self.means.get(task)
         self.means[task] = duration if previous is None else previous + 0.1 * (duration - previous)
 
     def mean(self, task: str) -> float | None:
+        """The task's moving mean run time, or None before any sub-task of it has run."""
         return self.means.get(task)
 
 

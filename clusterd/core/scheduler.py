@@ -61,6 +61,8 @@ COUNTERS = (
 
 @implementer(IUploadSink)
 class Scheduler:
+    """The core's coordinator: jobs in, sub-tasks out to workers, results combined."""
+
     log = Logger()
 
     def __init__(
@@ -180,6 +182,7 @@ class Scheduler:
         return job
 
     def cancel(self, job_id: str) -> Job:
+        """Cancel the job unless it ended, and return it; WireError UNKNOWN_JOB if unknown."""
         job = self.get(job_id)
         if not job.is_final:
             self._endings.end(job, JobState.CANCELLED)
@@ -203,6 +206,7 @@ class Scheduler:
         return job.has_pending() and not self._workers.task_workers[job.task]
 
     def job_status(self, job: Job) -> dict[str, Any]:
+        """The job's STATUS object, noting when no connected worker can run its task."""
         out = job.status()
         if self.waiting_for_worker(job):
             out["waiting_for_worker"] = True
@@ -346,6 +350,7 @@ class Scheduler:
         )
 
     def workers(self) -> list[WorkerHandle]:
+        """The connected workers, for the WORKERS verb."""
         return list(self._workers)
 
     def late_result(self) -> None:
@@ -368,6 +373,7 @@ class Scheduler:
     # -- views ---------------------------------------------------------------------------------
 
     def tasks_view(self) -> list[dict[str, Any]]:
+        """Each task's description with the workers and slots that can run it (TASKS)."""
         out = []
         for task in self.registry:
             d = task.describe()

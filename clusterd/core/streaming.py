@@ -201,9 +201,11 @@ def split_for_lines(
     per = max(1, int(n * min(limit, target or limit) / (2 * max(1, len(encoded)))))
 
     def encode(part: Any) -> str:
+        """Encode one piece; a slice of a dict's items goes back to a dict."""
         return dumps(dict(part) if isinstance(value, dict) else part)
 
     def pieces() -> Iterator[str]:
+        """Yield the encoded pieces, halving a piece's size while it is longer than the limit."""
         i, step = 0, per
         while i < n:
             text = encode(items[i : i + step])
@@ -237,6 +239,8 @@ class Joiner:
         self._parts: list[Any] = []
 
     def add(self, piece: Any) -> None:
+        """Add the next piece; raises ValueError when it is not an array, string or object, or not
+        of the first piece's type."""
         if self._parts and type(piece) is not type(self._parts[0]):
             raise ValueError("the pieces of one streamed value must all be of one JSON type")
         if not isinstance(piece, (list, str, dict)):
@@ -244,6 +248,8 @@ class Joiner:
         self._parts.append(piece)
 
     def value(self) -> Any:
+        """The value the pieces make: strings and arrays concatenated, objects merged ([] for no
+        pieces)."""
         if not self._parts:
             return []
         first = self._parts[0]

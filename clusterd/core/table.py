@@ -22,6 +22,8 @@ def job_seq(job_id: str) -> int | None:
 
 
 class JobTable:
+    """The jobs a scheduler holds, by id, with a sorted index of sequence numbers to page them."""
+
     def __init__(self) -> None:
         self.jobs: dict[str, Job] = {}
         self.seq_index: list[int] | None = None

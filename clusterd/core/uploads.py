@@ -42,6 +42,9 @@ class IUploadSink(Interface):
 
 
 class Upload:
+    """One streamed input in progress: feeds its pieces to the cutter and the resulting sub-task
+    inputs to the scheduler."""
+
     def __init__(self, scheduler: IUploadSink, job: Job, task: Task, cutter: Cutter) -> None:
         self.scheduler = scheduler
         self.job = job
@@ -86,5 +89,6 @@ class Upload:
         self.scheduler.seal(self.job)
 
     def abandon(self, code: str, message: str) -> None:
+        """End the upload early: the scheduler fails the job with ``code`` and ``message``."""
         self.ended = True
         self.scheduler.abandon(self.job, code, message)

@@ -20,6 +20,8 @@ class Waiters:
         self._ds: dict[Deferred[Any], None] = {}
 
     def add(self) -> Deferred[Any]:
+        """A Deferred that fires with the value or fails with the error once settled (at once if
+        already settled); cancelling it drops it."""
         if self.fired:
             return fail(self.error) if self.error is not None else succeed(self.value)
         d: Deferred[Any] = Deferred(lambda d: self._ds.pop(d, None))
@@ -27,9 +29,11 @@ class Waiters:
         return d
 
     def fire(self, value: Any) -> None:
+        """Settle with ``value``: every waiter's Deferred fires with it."""
         self._settle(value, None)
 
     def fail(self, error: BaseException) -> None:
+        """Settle with ``error``: every waiter's Deferred fails with it."""
         self._settle(None, error)
 
     def _settle(self, value: Any, error: BaseException | None) -> None:

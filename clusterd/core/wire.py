@@ -100,6 +100,8 @@ class Request:
 
 @dataclass(frozen=True)
 class JobRequest:
+    """A parsed RUN or SUBMIT: the task, its input (or ``@`` for a streamed one) and its options."""
+
     task: str
     input: Any
     options: dict[str, Any] = field(default_factory=dict)
@@ -108,6 +110,7 @@ class JobRequest:
 
     @property
     def chunks(self) -> int | None:
+        """The ``chunks`` option, or None when the request leaves the split to the task."""
         return self.options.get("chunks")
 
 
@@ -225,6 +228,8 @@ def dumps_big(value: Any) -> str:
 
 
 def format_greeting(role: str, max_line: int, **extra: Any) -> str:
+    """The HELLO line that opens a connection, naming the server, the peer's role and the line
+    limit."""
     info = {"server": f"clusterd/{__version__}", "role": role, "max_line": max_line, **extra}
     return f"HELLO clusterd {PROTOCOL_VERSION} {dumps(info)}"
 

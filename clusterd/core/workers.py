@@ -102,6 +102,7 @@ class WorkerHandle:
 
     @property
     def free(self) -> int:
+        """Slots free for new work: none while the worker is gone or draining."""
         return self.slots - self.busy if self.alive and not self.draining else 0
 
     @property
@@ -110,6 +111,7 @@ class WorkerHandle:
         return self.alive and not self.draining and self.busy < self.slots * self.prefetch
 
     def describe(self) -> dict[str, Any]:
+        """The worker's entry in the WORKERS reply."""
         return {
             "name": self.name,
             "address": self.address,
@@ -141,6 +143,7 @@ class WorkerRegistry:
         return iter(self.by_name.values())
 
     def get(self, name: str) -> WorkerHandle | None:
+        """The connected worker named ``name``, or None."""
         return self.by_name.get(name)
 
     def current(self, handle: WorkerHandle) -> bool:
