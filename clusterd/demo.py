@@ -14,6 +14,8 @@ from clusterd.launch import LocalCluster
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the quick-start demo: a local server and workers, one ``primes`` job, its result and
+    timing; returns the exit code."""
     p = argparse.ArgumentParser(prog="python -m clusterd.demo", description=__doc__.split("\n")[0])
     p.add_argument("--workers", type=int, default=2, help="worker processes to start (default 2)")
     p.add_argument("--slots", type=int, default=1, help="slots per worker (default 1)")

@@ -80,6 +80,7 @@ def loopback_default(description: str) -> ListenAddress:
 
 
 def describe_address(addr: Any) -> str:
+    """An address as ``host:port``, or its path (or repr) for a UNIX or other address."""
     host, port = getattr(addr, "host", None), getattr(addr, "port", None)
     if host is not None and port is not None:
         return f"{host}:{port}"
@@ -88,6 +89,9 @@ def describe_address(addr: Any) -> str:
 
 @implementer(IStreamServerEndpoint)
 class LoggingEndpoint:
+    """A server endpoint that logs the address it actually bound, so ``tcp:0`` can be found from the
+    log."""
+
     log = Logger()
 
     def __init__(self, endpoint: IStreamServerEndpoint, description: str) -> None:
@@ -95,9 +99,12 @@ class LoggingEndpoint:
         self.description = description
 
     def listen(self, factory: Factory) -> Deferred:
+        """Listen with ``factory``; the Deferred fires with the listening port once it is logged, or
+        fails as the endpoint's listen does."""
         d = self.endpoint.listen(factory)
 
         def bound(port: Any) -> Any:
+            """Log the bound address and pass the port on."""
             self.log.info(
                 "clusterd listening on {address} ({description})",
                 address=describe_address(port.getHost()),

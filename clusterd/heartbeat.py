@@ -17,6 +17,9 @@ __all__ = ["Heartbeat"]
 
 
 class Heartbeat:
+    """One connection's heartbeat: pings when quiet, and calls ``on_timeout`` after ``timeout``
+    seconds of silence."""
+
     def __init__(
         self,
         clock: Any,
@@ -35,15 +38,19 @@ class Heartbeat:
         self._loop.clock = clock
 
     def start(self) -> None:
+        """Start pinging every ``interval`` seconds (none if ``interval`` is 0), counting silence
+        from now."""
         self.last = self.clock.seconds()
         if self.interval > 0 and not self._loop.running:
             self._loop.start(self.interval, now=False)
 
     def stop(self) -> None:
+        """Stop pinging and watching for silence (the connection is gone)."""
         if self._loop.running:
             self._loop.stop()
 
     def touch(self) -> None:
+        """A line arrived: the peer is alive, so silence counts from now."""
         self.last = self.clock.seconds()
 
     def _tick(self) -> None:

@@ -90,6 +90,7 @@ class OutputWatch:
                 self.matches[key] = []
 
     def count(self, key: str) -> int:
+        """How many lines matching the pattern watched under ``key`` have been seen."""
         with self.cond:
             return len(self.matches.get(key, ()))
 
@@ -170,6 +171,8 @@ class OutputWatch:
         return self._own_text()[-2000:]
 
     def join(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the reader thread to finish (the process's output
+        ended)."""
         self.thread.join(timeout)
 
 
@@ -225,6 +228,8 @@ class LocalCluster:
         return self.watches[name].wait_line(pattern, deadline, f"{pattern!r} from {name}")
 
     def log_text(self, name: str) -> str:
+        """The whole log of process ``name`` (``server``, ``worker-<name>``), or "" if it has none
+        yet."""
         path = self.workdir / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
@@ -261,6 +266,8 @@ class LocalCluster:
         extra: list[str] | None = None,
         connect: str | None = None,
     ) -> None:
+        """Start worker ``name`` with ``slots`` slots, connected to the server (or ``connect``);
+        :meth:`wait_workers` waits for its registration."""
         self._registrations_seen[name] = 0
         self.workers[name] = self._spawn(
             f"worker-{name}",
@@ -308,11 +315,14 @@ class LocalCluster:
         return BlockingClient(self.address, timeout=timeout, secret=self.client_secret)
 
     def kill_worker(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send worker ``name`` the signal ``sig`` (default SIGKILL) and wait for it to exit."""
         proc = self.workers.pop(name)
         proc.send_signal(sig)
         proc.wait(timeout=30)
 
     def kill_server(self, sig: int = signal.SIGKILL) -> None:
+        """Send the server the signal ``sig`` (default SIGKILL), if it runs, and wait for it to
+        exit."""
         if self.server is not None:
             self.server.send_signal(sig)
             self.server.wait(timeout=30)

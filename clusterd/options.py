@@ -12,6 +12,7 @@ __all__ = ["positive_int", "positive_float", "load_secrets", "load_tasks"]
 
 
 def positive_int(value: str) -> int:
+    """An option value as an integer of at least 1; raises ValueError otherwise."""
     n = int(value)
     if n < 1:
         raise ValueError("must be a positive integer")
@@ -19,6 +20,7 @@ def positive_int(value: str) -> int:
 
 
 def positive_float(value: str) -> float:
+    """An option value as a float greater than 0; raises ValueError otherwise."""
     n = float(value)
     if not n > 0:
         raise ValueError("must be positive")

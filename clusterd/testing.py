@@ -99,6 +99,8 @@ class FakeWorker:
         self.closed = 0
 
     def send(self, sub: Any) -> Deferred[Any]:
+        """Record the sub-task; the Deferred fires when the test answers it, and cancelling it is
+        recorded in ``cancelled``."""
         d: Deferred[Any] = Deferred(lambda _d: self.cancelled.append((sub.job, sub.index)))
         self.calls.append((sub, d))
         return d
@@ -106,9 +108,11 @@ class FakeWorker:
     runner = send  # the name add_worker's callers knew
 
     def close(self) -> None:
+        """Count the close: the scheduler dropped this worker."""
         self.closed += 1
 
     def pending(self) -> list[tuple[Any, Deferred[Any]]]:
+        """The sub-tasks sent and not yet answered, with their Deferreds, oldest first."""
         return [(s, d) for s, d in self.calls if not d.called]
 
     def answer(self, sub: Any, d: Deferred[Any]) -> None:
@@ -116,6 +120,7 @@ class FakeWorker:
         d.callback(self.registry.get(sub.task).run(sub.input))
 
     def answer_next(self) -> Any:
+        """Answer the oldest unanswered sub-task with the real task's result, and return it."""
         sub, d = self.pending()[0]
         self.answer(sub, d)
         return sub
@@ -161,6 +166,7 @@ class FakePool:
         self.cancelled: list[int] = []
 
     def run(self, task: str, value: Any) -> Deferred[Any]:
+        """Record a run of ``task`` on ``value``; the Deferred fires when the test fires it."""
         if self.refuse:
             raise AssertionError("no sub-task expected")
         n = len(self.calls)
@@ -169,6 +175,7 @@ class FakePool:
         return d
 
     def pending(self) -> list[tuple[str, object, Deferred[Any]]]:
+        """The runs not yet answered: (task, value, Deferred), oldest first."""
         return [c for c in self.calls if not c[2].called]
 
 
@@ -189,6 +196,7 @@ class LineConn:
         self.greeting = self.lines()
 
     def send(self, data: str | bytes) -> None:
+        """Feed ``data`` to the protocol as if the peer sent it (text is UTF-8 encoded)."""
         self.proto.dataReceived(data.encode() if isinstance(data, str) else data)
 
     def lines(self) -> list[str]:
@@ -281,6 +289,8 @@ class LineWorker(LineConn):
         self.send("ERROR " + json.dumps(payload) + "\n")
 
     def answer_one(self) -> dict[str, Any]:
+        """Answer the oldest unanswered DO with DONE (the real task's result), and return its
+        message."""
         msg = self.dos()[0]
         self.done(msg)
         return msg

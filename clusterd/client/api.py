@@ -48,6 +48,7 @@ class Client(ClientVerbs):
 
     @property
     def server_info(self) -> dict[str, Any]:  # type: ignore[override]
+        """The server's HELLO information (version, line limit...), or {} before it arrived."""
         return self.protocol.server_info or {}
 
     def _send(
@@ -59,6 +60,7 @@ class Client(ClientVerbs):
         return self.protocol.request_lines(lines).addCallback(raise_for).addCallback(decode)
 
     def close(self) -> None:
+        """Close the connection; requests still pending fail with ClusterError."""
         self.protocol.transport.loseConnection()
 
 
@@ -79,6 +81,8 @@ def connect(
     if timeout is not None:
 
         def timed_out(result: Any, _timeout: float) -> Any:
+            """On timeout: abort the connection and turn the cancellation into ServerTimeout naming
+            the stage reached."""
             if state.proto is not None and state.proto.transport is not None:
                 state.proto.transport.abortConnection()
             if isinstance(result, Failure) and result.check(

@@ -160,6 +160,7 @@ class BlockingClient(ClientVerbs):
         self.close()
 
     def close(self) -> None:
+        """Close the socket and its file; the client cannot be used afterwards."""
         try:
             self.file.close()
         finally:

@@ -195,10 +195,13 @@ async def _command(client: Any, args: argparse.Namespace, reactor: Any = None) -
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The ``clusterd`` command's entry point: parse ``argv``, run the command on a reactor, exit
+    with its code."""
     args = build_parser().parse_args(argv)
     from twisted.internet import defer, task
 
     def run(reactor: Any) -> defer.Deferred:
+        """Run the command on ``reactor``; the Deferred fires with the exit code."""
         return defer.Deferred.fromCoroutine(_main(reactor, args)).addCallback(_exit_code)
 
     task.react(run)

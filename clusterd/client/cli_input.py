@@ -40,6 +40,7 @@ def _timeout(value: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``clusterd`` command's argument parser: global options and one sub-command per verb."""
     p = argparse.ArgumentParser(
         prog="clusterd",
         description="Talk to a clusterd server.",
@@ -124,6 +125,8 @@ class ProgressBar:
         self.drawn = False
 
     def update(self, job: str, progress: dict[str, Any]) -> None:
+        """Redraw the bar for ``job`` from a PROGRESS object (done, total); nothing when
+        disabled."""
         if not self.enabled:
             return
         done, total = progress.get("done", 0), progress.get("total", 0) or 1
@@ -138,6 +141,7 @@ class ProgressBar:
         self.drawn = True
 
     def close(self) -> None:
+        """End the bar's line, if one was drawn, so later output starts on a fresh line."""
         if self.drawn:
             self.stream.write("\n")
             self.stream.flush()
@@ -153,6 +157,8 @@ class UploadBar(ProgressBar):
         self.last = -1.0
 
     def count(self, pieces: Any) -> Any:
+        """Pass ``pieces`` through, counting their bytes and redrawing the bar at most five times a
+        second."""
         for piece in pieces:
             yield piece
             self.sent += len(piece)
@@ -168,6 +174,8 @@ class UploadBar(ProgressBar):
 
 
 def read_input(args: argparse.Namespace, text_task: bool) -> Any:
+    """The job's input from the argument, ``--file`` or stdin: text for a text task, else parsed
+    JSON; raises UsageError."""
     if args.input is not None and args.file is not None:
         raise UsageError("give the input either as an argument or with --file, not both")
     if args.input is not None:
@@ -202,6 +210,8 @@ def read_input(args: argparse.Namespace, text_task: bool) -> Any:
 
 
 class UsageError(Exception):
+    """Bad usage of the command (exit code 2): the message says what to give instead."""
+
     pass
 
 
@@ -212,6 +222,7 @@ class _Prefixed:
         self.head, self.rest = head, rest
 
     def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes: the already-read head first, then the rest of the stream."""
         if self.head:
             out, self.head = self.head[:n], self.head[n:]
             return out

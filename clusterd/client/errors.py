@@ -52,6 +52,8 @@ class InputUnreadable(ClusterError):
 
 
 class JobCancelled(ClusterError):
+    """The job was cancelled (by CANCEL, from any client) before it finished."""
+
     def __init__(self, job: str) -> None:
         super().__init__(f"job {job} was cancelled")
         self.job = job

@@ -44,6 +44,8 @@ class _ArrayReader:
         self.buf, self.pos, self.eof = "", 0, False
 
     def more(self) -> bool:
+        """Read the next block into the buffer, dropping what was consumed; False at the end of the
+        input."""
         block = next(self.blocks, None)
         if block is None:
             self.eof = True
@@ -53,6 +55,7 @@ class _ArrayReader:
         return True
 
     def skip_space(self) -> None:
+        """Skip whitespace, reading more blocks as needed, up to the next character or the end."""
         while True:
             while self.pos < len(self.buf) and self.buf[self.pos].isspace():
                 self.pos += 1

@@ -49,9 +49,11 @@ class ClientProtocol(Protocol):
         self._queued: deque[tuple[Iterator[bytes], _Pending]] = deque()  # requests waiting
 
     def connectionMade(self) -> None:
+        """Turn off Nagle's algorithm, so pipelined request lines go out at once."""
         no_delay(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
+        """Frame the bytes into reply lines and match each to its pending request."""
         for event in self.framer.feed(data):
             if isinstance(event, LineTooLong):  # pragma: no cover - limit is effectively none
                 continue
@@ -94,6 +96,8 @@ class ClientProtocol(Protocol):
         head.d.callback(reply)
 
     def request(self, line: str, on_progress: ProgressFn | None = None) -> Deferred[Reply]:
+        """Send one request line; the Deferred fires with its Reply, or fails with ClusterError if
+        the connection closes first."""
         return self.request_lines(iter([line.encode("utf-8") + b"\n"]), on_progress)
 
     def request_lines(
@@ -144,6 +148,7 @@ class ClientProtocol(Protocol):
                 p.d.errback(exc)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        """Fail the greeting (naming a TLS failure) and every pending request with ClusterError."""
         from clusterd.tls import tls_failure_reason
 
         reason = reason or Failure(ConnectionDone())
@@ -175,6 +180,7 @@ class _LineWriter:
         self.running = False
 
     def start(self) -> None:
+        """Register as the transport's producer and write lines until its buffer fills."""
         self.proto.transport.registerProducer(self, True)
         self._write()
 
@@ -208,12 +214,15 @@ class _LineWriter:
             self.next = b".\n"
 
     def pauseProducing(self) -> None:
+        """The transport's buffer is full: stop writing lines."""
         self.paused = True
 
     def resumeProducing(self) -> None:
+        """The transport drained: write lines again from where they stopped."""
         self.paused = False
         if self.next is not None:
             self._write()
 
     def stopProducing(self) -> None:
+        """The connection is closing: write no more lines."""
         self.next = None

@@ -49,6 +49,8 @@ def _numbers(value: Any, task: str) -> list[int | float]:
 
 def _split_list(task: str):
     def split(value: Any, chunks: int) -> list[list]:
+        """Check the input is a list of finite numbers (TaskInputError otherwise) and cut it into
+        ``chunks`` even slices."""
         nums = _numbers(value, task)
         return [nums[a:b] for a, b in even_slices(len(nums), chunks)]
 

@@ -48,6 +48,8 @@ class Task:
     stream: str | None = None
 
     def describe(self) -> dict[str, Any]:
+        """The task's entry in the TASKS reply: name, doc, input kind, and how it may be
+        streamed."""
         out = {"name": self.name, "doc": self.doc, "input": self.input_kind}
         if self.stream is not None:
             out["stream"] = self.stream
@@ -63,6 +65,7 @@ class Registry:
             self.add(t)
 
     def add(self, task: Task) -> None:
+        """Add ``task``; raises TypeError for a non-Task and ValueError for a name already taken."""
         if not isinstance(task, Task):
             raise TypeError(f"not a clusterd Task: {task!r}")
         if task.name in self._tasks:
@@ -70,6 +73,7 @@ class Registry:
         self._tasks[task.name] = task
 
     def get(self, name: str) -> Task | None:
+        """The task named ``name``, or None."""
         return self._tasks.get(name)
 
     def __contains__(self, name: object) -> bool:
@@ -79,4 +83,5 @@ class Registry:
         return iter(self._tasks.values())
 
     def names(self) -> list[str]:
+        """The task names, sorted."""
         return sorted(self._tasks)

@@ -59,6 +59,8 @@ def serve(registry: Any, requests: BinaryIO, replies: BinaryIO) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """A pool child's entry point: load the tasks, then answer requests from stdin on a private copy
+    of stdout until stdin ends."""
     parser = argparse.ArgumentParser(prog="clusterd.worker.child")
     parser.add_argument("--tasks", action="append", default=[])
     args = parser.parse_args(argv)
