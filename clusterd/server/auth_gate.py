@@ -25,6 +25,9 @@ _OPEN_VERBS = ("AUTH", "PING", "HELP", "QUIT")
 
 
 class AuthGate:
+    """One connection's authentication: the roles it holds, the AUTH verb, and the deadline to
+    authenticate by."""
+
     log = Logger(namespace=LOG_NAMESPACE)  # the namespace logs had before the split
 
     def __init__(self, conn: Any) -> None:
@@ -49,6 +52,7 @@ class AuthGate:
         return {"auth": sorted(secrets), "nonce": self.nonce}
 
     def stop(self) -> None:
+        """Disarm the authentication deadline (the connection is gone)."""
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
         self.timer = None
@@ -137,6 +141,8 @@ class AuthGate:
         conn.stop_reading("auth")
 
         def answer() -> None:
+            """After the delay: answer ERR AUTH_FAILED, then close the connection on the last
+            failure allowed, else read on."""
             conn.stops.discard("auth")
             conn.replies.finish(
                 reply,

@@ -33,6 +33,8 @@ _JOB_ID = re.compile(r"j[0-9]{1,18}")
 
 
 class ClientOps:
+    """The operations one client may ask for, with its per-client limits; no lines, no sockets."""
+
     def __init__(self, core: Scheduler, settings: ConnectionSettings) -> None:
         self.core = core
         self.settings = settings
@@ -117,6 +119,8 @@ class ClientOps:
         return job.wait()
 
     def status(self, job_id: str) -> dict[str, Any]:
+        """The STATUS object of the job ``job_id``; raises WireError UNKNOWN_JOB if there is
+        none."""
         return self.core.job_status(self.core.get(job_id))
 
     def cancel(self, job_id: str) -> Deferred[Job]:
@@ -142,10 +146,13 @@ class ClientOps:
         ]
 
     def workers(self) -> list[dict[str, Any]]:
+        """The connected workers' descriptions (WORKERS)."""
         return [w.describe() for w in self.core.workers()]
 
     def tasks(self) -> Any:
+        """The tasks, with the workers and slots that can run each (TASKS)."""
         return self.core.tasks_view()
 
     def stats(self) -> Any:
+        """The scheduler's counters (STATS)."""
         return self.core.stats()

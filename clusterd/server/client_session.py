@@ -55,6 +55,9 @@ def _job_id(rest: str, verb: str) -> str:
 
 
 class ClientSession:
+    """A connection in the client role: parses each request line, calls :class:`ClientOps` and
+    queues the reply."""
+
     log = Logger(namespace=LOG_NAMESPACE)  # the namespace logs had before the split
 
     def __init__(self, conn: Any) -> None:
@@ -83,12 +86,15 @@ class ClientSession:
     # -- the Session interface (connection.py) -------------------------------------------------
 
     def touch(self) -> None:
+        """A client has no heartbeat to feed: nothing to do."""
         pass
 
     def flush(self) -> None:
+        """A client has no batched lines to send first: nothing to do."""
         pass
 
     def eof(self) -> None:
+        """The peer closed its side: a streamed input still open fails with UPLOAD_INCOMPLETE."""
         if self.stream is not None:
             stream, self.stream = self.stream, None
             stream.fail(
@@ -97,12 +103,16 @@ class ClientSession:
             )
 
     def lost(self) -> None:
+        """The connection is gone: drop this client's waits and abandon a streamed input in
+        progress."""
         self.ops.close()
         if self.stream is not None:
             self.stream.lost()
             self.stream = None
 
     def line(self, event: bytes | LineTooLong) -> None:
+        """Handle one framed line: a piece of an open stream, or a request run by its verb's handler
+        (ERR on a bad one)."""
         if self.stream is not None:
             stream = self.stream
             if stream.line(event):
@@ -162,12 +172,15 @@ class ClientSession:
         self.replies.reply("OK " + dumps(value))
 
     def do_PING(self, rest: str) -> None:
+        """PING: reply ``OK PONG``."""
         self.replies.reply("OK PONG")
 
     def do_HELP(self, rest: str) -> None:
+        """HELP: reply ``OK`` with the protocol version and the client verbs."""
         self._ok({"protocol": PROTOCOL_VERSION, "verbs": CLIENT_VERBS})
 
     def do_QUIT(self, rest: str) -> None:
+        """QUIT: reply ``OK BYE``, then close once every earlier reply is out."""
         self.conn.closing = True
         self.replies.reply("OK BYE")
 
@@ -191,11 +204,14 @@ class ClientSession:
         depth = self.conn.settings.max_json_depth
 
         def prepare() -> tuple[JobRequest, Any]:
+            """On a thread: parse the request and split and encode its input."""
             # Parse, split and encode the cut the journal keeps: all pure, all off the reactor.
             req = parse_job_request(rest, verb, depth)
             return req, self.ops.prepare(req, chunks)
 
         def parsed(out: tuple[JobRequest, Any]) -> None:
+            """Back on the reactor: submit the parsed job, or refuse a streamed request with long
+            options."""
             req, (pieces, encoded) = out
             if req.streamed:  # "RUN task @ <a megabyte of options>"
                 message = "a streamed request's options must be short; send the input as pieces."
@@ -205,6 +221,8 @@ class ClientSession:
                 self._answer_job(reply, self.ops.submit(req, pieces, encoded), verb)
 
         def refused(failure: Failure) -> None:
+            """The request could not be parsed: reply ERR with its code (BAD_REQUEST if
+            unexpected)."""
             e = failure.value
             if isinstance(e, WireError):
                 self.replies.finish(reply, format_error(e.code, e.message))
@@ -213,6 +231,7 @@ class ClientSession:
                 self.replies.finish(reply, format_error(ErrorCode.BAD_REQUEST, "cannot parse it."))
 
         def settle(_: Any) -> None:
+            """Read the connection again, unless it is gone."""
             if not self.conn.gone:
                 self.conn.hold(False)
 
@@ -251,14 +270,17 @@ class ClientSession:
         )
 
     def do_WAIT(self, rest: str) -> None:
+        """WAIT <job>: reply with the job's final line once it has ended and the end is durable."""
         self.replies.await_final(self.ops.get(_job_id(rest, "WAIT")))
 
     def do_WATCH(self, rest: str) -> None:
+        """WATCH <job>: reply a PROGRESS line per whole percent done, then the job's final line."""
         job = self.ops.get(_job_id(rest, "WATCH"))
         reply = self.replies.open()
         last = [-1]
 
         def progress(j: Job) -> None:
+            """Emit a PROGRESS line when the job's whole percent done has changed."""
             # At most ~100 lines per job: one per whole percent, plus the first.
             pct = j.done * 100 // j.total if j.total else 100
             if pct != last[0] and not j.is_final:
@@ -272,6 +294,7 @@ class ClientSession:
         self.replies.await_final(job, reply, extra_cleanup=unsubscribe)
 
     def do_STATUS(self, rest: str) -> None:
+        """STATUS <job>: reply ``OK`` with the job's STATUS object."""
         self._ok(self.ops.status(_job_id(rest, "STATUS")))
 
     def do_CANCEL(self, rest: str) -> None:

@@ -51,6 +51,8 @@ __all__ = ["ServerProtocol", "Phase", "Session"]
 
 
 class Phase(enum.Enum):
+    """Where a connection is in its life: open, closing, or gone."""
+
     OPEN = "open"
     CLOSING = "closing"  # QUIT, a refusal, end of input...: read nothing more, then close
     GONE = "gone"  # connectionLost has run
@@ -77,6 +79,8 @@ class Session(TypingProtocol):
 
 @implementer(IHalfCloseableProtocol, IPushProducer, IHandshakeListener)
 class ServerProtocol(Protocol):
+    """One server connection: frames lines for its session, applies backpressure and limits."""
+
     log = Logger(namespace=LOG_NAMESPACE)  # the namespace logs had before the split
 
     def __init__(
@@ -114,15 +118,18 @@ class ServerProtocol(Protocol):
 
     @property
     def closing(self) -> bool:
+        """Whether the connection reads nothing more (closing or gone)."""
         return self.phase is not Phase.OPEN
 
     @closing.setter
     def closing(self, value: bool) -> None:
+        """Setting it True moves an open connection to CLOSING."""
         if value and self.phase is Phase.OPEN:
             self.phase = Phase.CLOSING
 
     @property
     def gone(self) -> bool:
+        """Whether ``connectionLost`` has run."""
         return self.phase is Phase.GONE
 
     def swap(self, session: Session) -> None:
@@ -132,6 +139,7 @@ class ServerProtocol(Protocol):
     # -- connection ----------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        """Admit the connection (or refuse it), then await TLS or start reading."""
         peer = self.transport.getPeer()
         self.host = str(getattr(peer, "host", peer))
         self.peer = f"{self.host}:{getattr(peer, 'port', '')}".rstrip(":")
@@ -195,6 +203,7 @@ class ServerProtocol(Protocol):
         self.transport.abortConnection()
 
     def handshakeCompleted(self) -> None:
+        """TLS is up: disarm the handshake deadline and start reading."""
         if self.handshake_timer is not None and self.handshake_timer.active():
             self.handshake_timer.cancel()
         self.handshake_timer = None
@@ -212,9 +221,11 @@ class ServerProtocol(Protocol):
 
     # IPushProducer: the transport's write buffer is full (pause) or drained (resume).
     def pauseProducing(self) -> None:
+        """The peer is not reading its replies: read and run nothing more."""
         self.stop_reading("paused")
 
     def resumeProducing(self) -> None:
+        """The peer's buffer drained: run held lines and paced answers, read again."""
         if "paused" in self.stops:
             self.stops.discard("paused")
             self.drain()  # the lines framed before the pause run now, and reading resumes
@@ -223,6 +234,7 @@ class ServerProtocol(Protocol):
                 fn()
 
     def stopProducing(self) -> None:
+        """Nothing to stop: ``connectionLost`` does the cleanup."""
         pass
 
     def stop_reading(self, reason: str) -> None:
@@ -232,6 +244,7 @@ class ServerProtocol(Protocol):
             self._sync_reading()
 
     def resume_reading(self, reason: str) -> None:
+        """Undo :meth:`stop_reading` for ``reason``, and run what waited."""
         if reason in self.stops:
             self.stops.discard(reason)
             self.drain()
@@ -249,6 +262,7 @@ class ServerProtocol(Protocol):
         return None if self.gone else "paused" not in self.stops
 
     def when_writable(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` once the peer's write buffer drains (a paced answer)."""
         self._on_resume.append(fn)
 
     def _stopped(self) -> bool:
@@ -280,6 +294,7 @@ class ServerProtocol(Protocol):
     # -- reading -------------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        """Note a sign of life, frame the bytes into lines, and run them."""
         self.session.touch()
         if self._raw or self.framer.limit < self.max_line:
             self._raw.append(data)
@@ -350,9 +365,11 @@ class ServerProtocol(Protocol):
             self.close()
 
     def writeConnectionLost(self) -> None:
+        """The peer no longer reads: close the connection."""
         self.close()
 
     def connectionLost(self, reason: Failure = None) -> None:
+        """Stop timers, release the connection's count, end its session."""
         self.phase = Phase.GONE
         self._backlog.clear()
         self._raw.clear()
@@ -370,6 +387,7 @@ class ServerProtocol(Protocol):
         self.replies.clear()
 
     def write(self, line: str) -> None:
+        """Write one line, after any batched lines of the session."""
         self.session.flush()  # a worker's batched DOs first: a later CANCEL follows them
         if self.transport is not None and not self.transport.disconnecting:
             self.transport.write(line.encode("utf-8", "backslashreplace") + b"\n")

@@ -19,6 +19,8 @@ __all__ = ["ServerFactory"]
 
 
 class ServerFactory(Factory):
+    """Builds a :class:`ServerProtocol` per peer and keeps the limits that span connections."""
+
     log = Logger(namespace="clusterd.server.protocol.ServerFactory")
 
     def __init__(
@@ -48,6 +50,7 @@ class ServerFactory(Factory):
         return None
 
     def release(self, proto: ServerProtocol) -> None:
+        """Stop counting a closed connection against the totals and its host."""
         self.connections -= 1
         self.per_host[proto.host] -= 1
         if self.per_host[proto.host] <= 0:
@@ -76,6 +79,7 @@ class ServerFactory(Factory):
         return min(5.0, 0.25 * 2 ** min(count - 1, 5))
 
     def buildProtocol(self, addr: Any) -> ServerProtocol:
+        """A new connection, sharing this factory's scheduler, settings and clock."""
         p = ServerProtocol(self.core, settings=self.settings, clock=self.clock)
         p.factory = self
         return p

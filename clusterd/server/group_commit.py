@@ -68,6 +68,7 @@ class GroupCommitWriter:
     # -- the reactor thread's API --------------------------------------------------------------
 
     def start(self) -> None:
+        """Start the writer thread (once); appends made before it are written then."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="clusterd-journal", daemon=True)
             self._thread.start()

@@ -75,6 +75,7 @@ class FileGuard:
         self.lock = lock
 
     def release_lock(self) -> None:
+        """Close the lock file, which drops the flock, if it is held."""
         if self.lock is not None:
             self.lock.close()  # closing the file drops the flock
             self.lock = None

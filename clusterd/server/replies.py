@@ -62,6 +62,9 @@ class PendingReply:
 
 
 class ReplyQueue:
+    """One connection's pending replies, in request order; writes each reply's lines once every
+    earlier reply is finished."""
+
     log = Logger(namespace=LOG_NAMESPACE)  # the namespace logs had before the split
 
     def __init__(self, owner: ReplyOwner, max_line: int) -> None:
@@ -83,6 +86,7 @@ class ReplyQueue:
         return len(self._queue) >= MAX_PENDING_REPLIES
 
     def unfinished(self) -> bool:
+        """Whether some reply in the queue is not finished yet."""
         return any(not r.finished for r in self._queue)
 
     def open(self, reply: PendingReply | None = None) -> PendingReply:
@@ -96,12 +100,15 @@ class ReplyQueue:
         self.finish(self.open(), line)
 
     def emit(self, reply: PendingReply, line: str) -> None:
+        """Write ``line`` for ``reply`` now if it is the oldest reply, else keep it until it is."""
         if self._queue and self._queue[0] is reply:
             self.owner.write(line)
         else:
             reply.lines.append(line)
 
     def finish(self, reply: PendingReply, line: str | None = None) -> None:
+        """Finish ``reply`` (with a last ``line``), and write the lines of the replies it held
+        back."""
         if line is not None:
             self.emit(reply, line)
         reply.finished = True
@@ -139,6 +146,7 @@ class ReplyQueue:
         d = job.wait()
 
         def cleanup() -> None:
+            """The connection is gone: stop watching the job and waiting for its end."""
             if extra_cleanup is not None:
                 extra_cleanup()
             d.cancel()
@@ -162,6 +170,8 @@ class ReplyQueue:
         owner = self.owner
 
         def step() -> None:
+            """Write the next few pieces, or wait for the peer's buffer to drain; abort on an
+            unsendable element."""
             pending[0] = None
             writable = owner.writable()
             if writable is None:
@@ -185,6 +195,7 @@ class ReplyQueue:
             pending[0] = owner.clock.callLater(0, step)
 
         def cleanup() -> None:
+            """The connection is gone: cancel the next step."""
             if pending[0] is not None and pending[0].active():
                 pending[0].cancel()
 

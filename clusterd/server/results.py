@@ -29,6 +29,9 @@ __all__ = ["ResultStream"]
 
 
 class ResultStream:
+    """One streamed result from a worker: joins its pieces and fires (or fails) the sub-task's
+    Deferred at the ``.`` line."""
+
     def __init__(self, d: Deferred[Any] | None, seconds: Any, limit: int) -> None:
         self.d = d
         self.seconds = seconds

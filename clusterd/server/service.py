@@ -21,6 +21,9 @@ __all__ = ["ServerService", "build_core", "journal_opener", "open_journal"]
 
 
 class ServerService(Service):
+    """Owns the scheduler's lifetime: opens and recovers its journal, starts its writer and
+    housekeeping loops."""
+
     log = Logger()
     name = "core"
 
@@ -62,6 +65,8 @@ class ServerService(Service):
             self._open_and_recover()
 
     def startService(self) -> None:
+        """Open and recover the journal if not yet done, then start the writer and the sweep,
+        speculation and stall loops."""
         if self.open_journal is not None and not self._opened:
             self._opened = True  # started without privilegedStartService (tests, embedding)
             self._open_and_recover()
@@ -103,6 +108,7 @@ class ServerService(Service):
                 loop.stop()
 
         def flushed(_: Any) -> None:
+            """Log that the journal is flushed and the server stopped."""
             self.log.info("journal flushed; server stopped")
 
         return self.core.stop().addCallback(flushed)

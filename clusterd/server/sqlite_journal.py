@@ -137,6 +137,8 @@ class SqliteJournal(GroupCommitWriter):
             raise JournalError(f"cannot read journal {self.path}: {e}") from e
 
     def forget(self, job_ids: list[str]) -> None:
+        """Queue the deletion of these ended jobs' rows as a record nobody waits for
+        (housekeeping)."""
         self._put_lazy(Forget(job_ids))
 
     # -- the writer thread's part --------------------------------------------------------------

@@ -222,6 +222,8 @@ class _Batch:
         self.max_seq = 0
 
     def run(self) -> None:
+        """Execute the statements for every record in order, skipping rows that a job ending in this
+        batch deletes."""
         ended = self.ended
         for rec in self.records:
             if ended and isinstance(rec, (ResultRecorded, ChunksAdded)) and rec.job in ended:

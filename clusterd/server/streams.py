@@ -33,6 +33,9 @@ def _ignore(*_: Any) -> None:
 
 
 class InputStream:
+    """One streamed RUN/SUBMIT input on a connection: feeds its pieces to the upload and answers at
+    its end."""
+
     def __init__(
         self,
         core: Scheduler,

@@ -21,6 +21,8 @@ DEFAULT_JOURNAL = "clusterd-journal.sqlite"
 
 
 class Options(usage.Options):
+    """The ``twistd clusterd-server`` options."""
+
     synopsis = "[options]"
     longdesc = (
         "Run a clusterd server. Workers (twistd clusterd-worker) and clients (clusterd, or nc) "
@@ -244,6 +246,8 @@ class Options(usage.Options):
         self["tasks"].append(module)
 
     def postOptions(self) -> None:
+        """Default the listen address, load the secrets and tasks, and refuse an exposed open
+        server; raises UsageError."""
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         self.secrets = load_secrets(
@@ -285,6 +289,7 @@ class Options(usage.Options):
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
+    """The server's service tree: the scheduler's service and one listener per ``--listen``."""
     if reactor is None:
         from twisted.internet import reactor  # noqa: PLC0415 - only when twistd runs us
 

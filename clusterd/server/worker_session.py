@@ -66,6 +66,9 @@ def parse_registration(rest: str, max_depth: int) -> dict[str, Any]:
 
 @implementer(IWorkerLink)
 class WorkerSession:
+    """A connection in the worker role: the scheduler's link to that worker over the line
+    protocol."""
+
     log = Logger(namespace=LOG_NAMESPACE)  # the namespace logs had before the split
 
     def __init__(self, conn: Any, info: dict[str, Any]) -> None:
@@ -137,6 +140,7 @@ class WorkerSession:
         return d
 
     def close(self) -> None:
+        """Drop the worker: abort its connection (the scheduler gave up on it)."""
         self.conn.transport.abortConnection()
 
     def _cancel_ticket(self, ticket: int) -> None:
@@ -164,12 +168,16 @@ class WorkerSession:
         transport.write("\n".join(lines).encode("utf-8", "backslashreplace") + b"\n")
 
     def touch(self) -> None:
+        """A line arrived: the worker is alive."""
         self.heartbeat.touch()
 
     def eof(self) -> None:
+        """A worker closing its side changes nothing until the connection is lost."""
         pass
 
     def lost(self) -> None:
+        """The worker is gone: remove it from the scheduler and fail its sub-tasks with
+        WorkerLost."""
         self.heartbeat.stop()
         self.outbox.clear()
         if self._flush_call is not None and self._flush_call.active():

@@ -55,6 +55,7 @@ class _Child(ProcessProtocol):
         )
 
     def outReceived(self, data: bytes) -> None:
+        """Fire the Deferreds of the runs answered on these lines (a reply, or a batch of them)."""
         for line in self.framer.feed(data):
             if not isinstance(line, bytes) or not self.current:
                 continue
@@ -72,17 +73,20 @@ class _Child(ProcessProtocol):
                     d.errback(_TaskError(r.get("type", "Error"), r.get("message", "")))
 
     def kill(self) -> None:
+        """Kill the child (it runs a cancelled sub-task); a child already gone is fine."""
         try:
             self.transport.signalProcess("KILL")
         except Exception:  # already gone
             pass
 
     def errReceived(self, data: bytes) -> None:
+        """Log what the child's task code printed or raised to stderr."""
         text = data.decode("utf-8", "replace").rstrip()
         if text:
             self.log.info("pool child {slot}: {text}", slot=self.slot, text=text)
 
     def processEnded(self, reason: Failure) -> None:
+        """The child died: fail its runs with ChildDied and let the pool respawn it."""
         self.alive = False
         current, self.current = self.current, {}
         self.pool._child_ended(self, reason)
@@ -123,6 +127,7 @@ class PoolService(Service):
     TaskError = _TaskError
 
     def startService(self) -> None:
+        """Spawn one child per slot."""
         super().startService()
         for slot in range(self.slots):
             self._spawn(slot)
@@ -146,6 +151,7 @@ class PoolService(Service):
         ticket = self.ticket
 
         def cancel(d: Deferred[Any]) -> None:
+            """Drop the run if queued; else kill its child, or ignore its answer in a batch."""
             for item in self.waiting:
                 if item[0] == ticket:
                     self.waiting.remove(item)
@@ -197,6 +203,8 @@ class PoolService(Service):
             self._spawn(child.slot)
 
     def stopService(self) -> Deferred[Any]:
+        """Close the children's stdin and kill those still running after ``stop_timeout``; fires
+        once all have ended."""
         super().stopService()
         children = list(self.children)
         for c in children:
@@ -204,6 +212,7 @@ class PoolService(Service):
         kill = self.reactor.callLater(self.stop_timeout, self._kill, children)
 
         def done(_: Any) -> None:
+            """Cancel the kill timer and fail the runs still waiting with ChildDied."""
             if kill.active():
                 kill.cancel()
             for _t, _task, _v, d in self.waiting:

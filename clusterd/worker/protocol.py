@@ -29,6 +29,9 @@ __all__ = ["WorkerProtocol", "WorkerFactory"]
 
 
 class WorkerProtocol(Protocol):
+    """The worker's connection to the server: registers, runs each DO in the pool, answers DONE or
+    ERROR."""
+
     log = Logger()
 
     def __init__(self, factory: WorkerFactory) -> None:
@@ -61,11 +64,14 @@ class WorkerProtocol(Protocol):
         )
 
     def connectionMade(self) -> None:
+        """Turn off Nagle's algorithm, become the factory's current connection, start the
+        heartbeat."""
         no_delay(self.transport)
         self.factory.current = self
         self.heartbeat.start()
 
     def dataReceived(self, data: bytes) -> None:
+        """Note a sign of life, frame the bytes into lines, and handle each (logging bad ones)."""
         self.heartbeat.touch()
         for event in self.framer.feed(data):
             if isinstance(event, LineTooLong):
@@ -125,6 +131,8 @@ class WorkerProtocol(Protocol):
         self.running[ticket] = d
 
         def ok(run: Any) -> None:
+            """Answer DONE with the result, streamed if too long for a line (ERROR ResultTooLarge if
+            it cannot be)."""
             # A pool fires with a RunResult (value and run time) or, for simple pools, a value.
             done = {"id": ticket, "job": msg.get("job")}
             if isinstance(run, RunResult):
@@ -148,6 +156,8 @@ class WorkerProtocol(Protocol):
                 self._answer("DONE", body, size)
 
         def failed(f: Failure) -> None:
+            """Answer ERROR with the failure's type and message, unless the server cancelled the
+            run."""
             if f.check(CancelledError):
                 return  # the server cancelled it: it expects no answer
             if f.check(PoolService.TaskError):
@@ -159,6 +169,7 @@ class WorkerProtocol(Protocol):
             self._error(ticket, msg, kind, message)
 
         def settled(_: Any) -> None:
+            """The run is over: forget it, and finish a drain if it was the last."""
             self.running.pop(ticket, None)
             self._maybe_idle()
 
@@ -216,6 +227,7 @@ class WorkerProtocol(Protocol):
         self.transport.write("\n".join(lines).encode("utf-8", "backslashreplace") + b"\n")
 
     def send_line(self, line: str) -> None:
+        """Write one line, after any answers still batched."""
         if self._answers:
             self._flush_answers()  # answers first, in the order they were made
         if not self.lost and not self.transport.disconnecting:
@@ -248,6 +260,7 @@ class WorkerProtocol(Protocol):
         self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:
+        """Stop the heartbeat and timers, cancel the runs the server will requeue, and log why."""
         self.lost = True
         self.heartbeat.stop()
         self._answers.clear()
@@ -271,6 +284,9 @@ class WorkerProtocol(Protocol):
 
 
 class WorkerFactory(Factory):
+    """Builds the worker's connections (one per reconnect) and holds what they share: pool, name,
+    tasks, limits."""
+
     def __init__(
         self,
         pool: PoolService,
@@ -304,4 +320,5 @@ class WorkerFactory(Factory):
         self.losses = 0  # how many in a row ended so
 
     def buildProtocol(self, addr: Any) -> WorkerProtocol:
+        """A new connection, which registers with the server once greeted."""
         return WorkerProtocol(self)

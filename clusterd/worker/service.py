@@ -25,6 +25,7 @@ class WorkerService(MultiService):
         self.factory: Any = None
 
     def stopService(self) -> Deferred[None]:
+        """Drain first (finish the sub-tasks held), then stop the connection and the pool."""
         d = self._drain()
         return d.addCallback(lambda _: super(WorkerService, self).stopService())
 
@@ -41,6 +42,7 @@ class WorkerService(MultiService):
         d.addTimeout(self.timeout, self.clock)
 
         def gave_up(f: Any) -> None:
+            """The drain timed out: log it; the server requeues what was still held."""
             f.trap(TimeoutError)
             self.log.warn(
                 "drain timed out; handing {n} sub-tasks back to the server", n=len(proto.running)

@@ -20,6 +20,8 @@ __all__ = ["Options", "makeService", "WorkerService"]
 
 
 class Options(usage.Options):
+    """The ``twistd clusterd-worker`` options."""
+
     synopsis = "[options]"
     longdesc = (
         "Run a clusterd worker: connect to a server, register, and run sub-tasks in a pool of "
@@ -95,6 +97,8 @@ class Options(usage.Options):
         self["tasks"].append(module)
 
     def postOptions(self) -> None:
+        """Default the name to host-pid, refuse one with spaces, load the secret and tasks; raises
+        UsageError."""
         if not self["name"]:
             self["name"] = f"{socket.gethostname()}-{os.getpid()}"
         if any(c.isspace() for c in self["name"]):
@@ -105,6 +109,7 @@ class Options(usage.Options):
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
+    """The worker's service tree: the process pool and a reconnecting connection to the server."""
     if reactor is None:
         from twisted.internet import reactor  # noqa: PLC0415 - only when twistd runs us
 
