@@ -108,7 +108,7 @@ class Endings:
             _call, self._not_durable, callbackArgs=(then,), errbackArgs=(job,)
         )
 
-    def record_acceptance(self, job: Job, lazy: bool, cut: tuple[str, ...] | None) -> None:
+    def record_acceptance(self, job: Job, lazy: bool, cut: str | None) -> None:
         """Journal a job's acceptance. ``cut``: its encoded sub-task inputs, when its input came
         whole (the job is then sealed, and its id may be shown, once this record commits);
         None for a streamed input, whose sub-task inputs follow in ChunksAdded records and
@@ -124,7 +124,7 @@ class Endings:
             job.key,
             job.submitted,
             streamed=True,
-            inputs_json=cut or (),
+            cut_json=cut,
             sealed=None if cut is None else job.total,
         )
         self.append(record, job, lazy=lazy, then=partial(_recorded, job, cut is not None))

@@ -106,8 +106,11 @@ class Execution:
         if job.record(index, result, worker.name, duration):
             worker.done += 1
             self.counters["subtasks_completed"] += 1
-            if self.endings.owner.journal.durable:
-                self.endings.append(ResultRecorded(job.id, index, dumps(result)), job)
+            journal = self.endings.owner.journal
+            if journal.durable:
+                # No waiter: a result that cannot be written breaks the journal, and then the
+                # job's end fails to be recorded, so nothing of it is ever shown.
+                journal.note(ResultRecorded(job.id, index, dumps(result)))
             for other in list(job.inflight.get(index, ())):
                 other.d.cancel()  # a speculative copy lost the race
             if job.complete():

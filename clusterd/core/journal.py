@@ -48,9 +48,10 @@ class JobAccepted:
     key: str | None
     submitted: float
     streamed: bool = False  # input_json is empty; the sub-task inputs are journaled as cut
-    # A job whose input came whole carries its cut here (encoded sub-task inputs) and is sealed
-    # with their count, in one record; a streamed one gets ChunksAdded and JobSealed later.
-    inputs_json: tuple[str, ...] = ()
+    # A job whose input came whole carries its cut here, one JSON array of its sub-task inputs
+    # (one value to store, not a row each), and is sealed with their count in the same record;
+    # a streamed one gets ChunksAdded and JobSealed later.
+    cut_json: str | None = None
     sealed: int | None = None
 
 
@@ -144,6 +145,11 @@ class IJournal(Interface):
     def load():  # noqa: N805
         """The :class:`Recovered` jobs, read back (raises JournalError if unreadable)."""
 
+    def note(record):  # noqa: N805
+        """Queue a record nobody waits for (a sub-task's result), with no Deferred. If it
+        cannot be made durable the journal breaks (``failure``), so every record appended after
+        it fails, the job's end included: the gate still holds."""
+
     def forget(job_ids):  # noqa: N805
         """Drop these ended jobs' records (retention ran out)."""
 
@@ -182,9 +188,11 @@ class NullJournal:
         """The same as :meth:`close`: a Deferred already fired with None."""
         return self.close()
 
+    def note(self, record: Record) -> None:
+        """Nothing is kept."""
+
     def forget(self, job_ids: list[str]) -> None:
         """Nothing is kept, so nothing to forget."""
-        pass
 
     def close(self) -> Deferred[None]:
         """Nothing to close: a Deferred already fired with None."""
@@ -218,7 +226,8 @@ class MemoryJournal:
         self.failure = JournalError(message)
         pending, self.pending = self.pending, []
         for _, d in pending:
-            d.errback(self.failure)
+            if d is not None:
+                d.errback(self.failure)
 
     def append(self, record: Record, lazy: bool = False) -> Deferred[None]:
         """Keep ``record``; the Deferred fires with None once it is flushed (at once unless
@@ -234,6 +243,14 @@ class MemoryJournal:
             self.flush()
         return d
 
+    def note(self, record: Record) -> None:
+        """Keep ``record`` like :meth:`append`, with no Deferred (dropped once broken)."""
+        if self.failure is None:
+            self.appended.append(record)
+            self.pending.append((record, None))
+            if not self.hold:
+                self.flush()
+
     def flush(self) -> None:
         """Apply every pending record to the kept jobs, then fire their Deferreds in append
         order."""
@@ -243,7 +260,8 @@ class MemoryJournal:
             if isinstance(record, JobAccepted):
                 self.next_seq = max(self.next_seq, record.seq + 1)
         for _, d in pending:
-            d.callback(None)
+            if d is not None:
+                d.callback(None)
 
     def hurry(self) -> None:
         """Count the call, so tests can check who asked for durability at once."""
@@ -272,9 +290,7 @@ class MemoryJournal:
 def apply_record(jobs: dict[str, JobRecord], record: Record) -> None:
     """Fold one record into a job table (how any journal reads back what it wrote)."""
     if isinstance(record, JobAccepted):
-        jobs[record.job] = JobRecord(
-            record, chunks=dict(enumerate(record.inputs_json)), sealed=record.sealed
-        )
+        jobs[record.job] = JobRecord(record, sealed=record.sealed)
     elif isinstance(record, ResultRecorded):
         rec = jobs.get(record.job)
         if rec is not None and rec.ended is None:

@@ -58,7 +58,11 @@ def restore(
                 ErrorCode.TASK_MISSING,
                 f"task {a.task!r} is no longer installed on this server",
             )
-        if a.streamed:
+        if a.cut_json is not None:
+            pieces = json.loads(a.cut_json)
+            if not isinstance(pieces, list) or len(pieces) != a.chunks:
+                raise WireError(ErrorCode.JOURNAL_ERROR, "the journaled cut is damaged")
+        elif a.streamed:
             pieces = journaled_inputs(rec)
         else:
             pieces = split(a.task, json.loads(a.input_json), a.chunks)

@@ -131,7 +131,7 @@ class Scheduler:
         options: dict[str, Any] | None = None,
         input_json: str | None = None,
         pieces: list[Any] | None = None,
-        encoded: tuple[str, ...] | None = None,
+        encoded: str | None = None,
     ) -> Job:
         """Split and enqueue a job (see :meth:`Intake.submit`); raises WireError."""
         return self._intake.submit(task_name, value, chunks, options, input_json, pieces, encoded)

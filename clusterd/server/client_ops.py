@@ -28,7 +28,7 @@ from clusterd.server.limits import JOBS_DEFAULT_LIMIT, JOBS_MAX_LIMIT, Connectio
 
 __all__ = ["ClientOps", "Prepared"]
 
-Prepared = tuple[list[Any] | None, tuple[str, ...] | None]  # (pieces, encoded cut) or (None, None)
+Prepared = tuple[list[Any] | None, str | None]  # (pieces, encoded cut) or (None, None)
 _JOB_ID = re.compile(r"j[0-9]{1,18}")
 
 
@@ -57,7 +57,7 @@ class ClientOps:
         self,
         req: JobRequest,
         pieces: list[Any] | None = None,
-        encoded: tuple[str, ...] | None = None,
+        encoded: str | None = None,
     ) -> Job:
         """Submit a parsed request (``pieces``/``encoded``: its cut, prepared off the reactor
         by :meth:`prepare`); the job counts against this client until it ends."""

@@ -86,6 +86,13 @@ class GroupCommitWriter:
             self._urgent.set()
         return d
 
+    def note(self, record: Any) -> None:
+        """Queue a record nobody waits for (a sub-task's result): no Deferred, no waiter to
+        fire. A failure to write it breaks the journal, so a later record (the job's end)
+        fails and nothing is shown."""
+        if self.failure is None:
+            self._put_lazy(record)
+
     def hurry(self) -> None:
         """Somebody now waits for what is queued (a SUBMIT's id): commit it without lingering."""
         self._queue.put((_HURRY, None, None))

@@ -63,17 +63,22 @@ class Forget:
         self.ids = ids
 
 
+CUT_IN_INPUT = 2  # the jobs.streamed value of a job whose cut is its input column
+
+
 def _accepted_row(rec: JobAccepted) -> tuple[Any, ...]:
     return (
         rec.job,
         rec.seq,
         rec.task,
-        rec.input_json,
+        rec.input_json if rec.cut_json is None else rec.cut_json,
         rec.chunks,
         json.dumps(rec.options),
         rec.key,
         rec.submitted,
-        int(rec.streamed),
+        # 0: an old-style input to split again; 1: streamed, its cut in the inputs table;
+        # 2: its cut is the input column (one JSON array of the sub-task inputs).
+        CUT_IN_INPUT if rec.cut_json is not None else int(rec.streamed),
         rec.sealed,
     )
 
@@ -180,12 +185,21 @@ def load_records(conn: sqlite3.Connection) -> Recovered:
     ):
         (job_id, seq, task, inp, chunks, opts, key, submitted) = row[:8]
         state, result, error, total, finished, streamed, sealed = row[8:]
-        rec = JobRecord(
-            JobAccepted(
-                job_id, seq, task, inp, chunks, json.loads(opts), key, submitted, bool(streamed)
-            ),
+        cut = inp if streamed == CUT_IN_INPUT else None
+        accepted = JobAccepted(
+            job_id,
+            seq,
+            task,
+            "" if cut is not None else inp,
+            chunks,
+            json.loads(opts),
+            key,
+            submitted,
+            bool(streamed),
+            cut_json=cut,
             sealed=sealed,
         )
+        rec = JobRecord(accepted, sealed=sealed)
         if state is not None:
             err = json.loads(error) if error else None
             rec.ended = JobEnded(job_id, state, result, err, total, finished)
@@ -259,10 +273,6 @@ class _Batch:
         end = self.ended.get(rec.job)
         if end is None:
             self.c.execute(_INSERT_ACCEPTED, _accepted_row(rec))
-            if rec.inputs_json:
-                self.c.executemany(
-                    _INSERT_INPUT, [(rec.job, i, t) for i, t in enumerate(rec.inputs_json)]
-                )
         else:
             # An ended job needs no input: written without it.
             row = _accepted_row(rec)

@@ -309,8 +309,7 @@ def accepted(job_id="j1", streamed=True, inputs=("[1]", "[2]")) -> JobAccepted:
         None,
         0.0,
         streamed,
-        inputs,
-        len(inputs),
+        sealed=len(inputs),
     )
 
 

@@ -90,7 +90,7 @@ def test_a_job_is_durable_only_once_its_accepted_record_is_flushed(registry, clo
             "k1",
             3.0,
             streamed=True,
-            inputs_json=("[1,2]", "[3]"),
+            cut_json="[[1,2],[3]]",
             sealed=2,
         ),
     ]
@@ -803,3 +803,36 @@ def test_a_big_commit_answers_its_waiters_a_few_hundred_per_reactor_turn(tmp_pat
     reactor.advance(0)
     assert fired == list(range(1, 601))
     assert result_of(closed) is None  # fired after every waiter, in order
+
+
+def test_a_whole_inputs_cut_is_one_value_read_back_as_written(tmp_path, registry):
+    """A job whose input came whole is journaled with its cut as one JSON array, and a restart
+    resumes exactly that cut (not a new split) with its recorded results."""
+    path = str(tmp_path / "journal.db")
+    j = SqliteJournal(path, reactor=None)
+    rec = JobAccepted(
+        "j1",
+        1,
+        "sum",
+        "",
+        3,
+        {"attempts": 1},
+        None,
+        0.0,
+        True,
+        cut_json="[[1,2],[3],[4]]",
+        sealed=3,
+    )
+    j._write([rec, ResultRecorded("j1", 0, "3")])
+    [back] = j.load().jobs
+    assert back.accepted == rec and back.sealed == 3
+    result_of(j.close())
+    j2 = SqliteJournal(path, reactor=None)
+    core = Scheduler(registry, Clock(), journal=j2)
+    core.recover()
+    job = core.get("j1")
+    assert (job.total, job.done) == (3, 1)
+    w = add(core, "w1", slots=2)
+    w.answer_all()
+    assert job.result == 10
+    core.stop()
