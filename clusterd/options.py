@@ -3,6 +3,7 @@ the secrets and the task registry in ``postOptions``."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -34,10 +35,22 @@ def load_secrets(options: Any, sources: Iterable[tuple[str, str, str]]) -> dict[
     from clusterd.core.auth import SecretError, load_secret
 
     try:
-        found = {role: load_secret(options[opt], env) for role, opt, env in sources}
+        found = {
+            role: load_secret(_secret_path(options, opt, env), env) for role, opt, env in sources
+        }
     except SecretError as e:
         raise usage.UsageError(str(e)) from e
     return {role: secret for role, secret in found.items() if secret is not None}
+
+
+def _secret_path(options: Any, opt: str, env: str) -> str | None:
+    """The secret file option's path, unless it came from the config file while the secret's
+    own variable is set: the environment outranks the file (clusterd/config.py)."""
+    source = getattr(options, "sources", {}).get(opt, "command line")
+    from_file = source not in ("command line", "default") and not source.startswith("$")
+    if from_file and os.environ.get(env):
+        return None
+    return options[opt]
 
 
 def load_tasks(modules: list[str]) -> Any:

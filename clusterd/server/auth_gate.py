@@ -116,7 +116,10 @@ class AuthGate:
         if self.nonce is not None and verify(secret, self.nonce, role, given):
             self.roles.add(role)
             conn.framer.limit = conn.max_line
-            self.log.info("{peer} authenticated as {role}", peer=conn.peer, role=role)
+            # A worker authenticating is news; a client doing it is every CLI call (debug).
+            (self.log.info if role == "worker" else self.log.debug)(
+                "{peer} authenticated as {role}", peer=conn.peer, role=role
+            )
             conn.replies.reply(f"OK AUTHENTICATED {role}")
             return
         self._failed(role, factory)

@@ -9,6 +9,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from clusterd import DEFAULT_PORT
+from clusterd.config import LayeredOptions
 from clusterd.core.framing import DEFAULT_MAX_LINE
 from clusterd.options import load_secrets, load_tasks
 from clusterd.options import positive_float as _positive_float
@@ -20,8 +21,9 @@ DEFAULT_LISTEN = f"tcp:{DEFAULT_PORT}:interface=127.0.0.1"
 DEFAULT_JOURNAL = "clusterd-journal.sqlite"
 
 
-class Options(usage.Options):
-    """The ``twistd clusterd-server`` options."""
+class Options(LayeredOptions):
+    """The ``twistd clusterd-server`` options; each may also come from ``$CLUSTERD_*`` or the
+    ``--config`` TOML file (clusterd/config.py)."""
 
     synopsis = "[options]"
     longdesc = (
@@ -228,10 +230,7 @@ class Options(usage.Options):
         ],
     ]
 
-    def __init__(self) -> None:
-        super().__init__()
-        self["listen"] = []
-        self["tasks"] = []
+    listOptions = ("listen", "tasks")
 
     def opt_listen(self, description: str) -> None:
         """Endpoint to listen on, e.g. tcp:7420, tcp:7420:interface=0.0.0.0, unix:/run/c.sock,
@@ -248,6 +247,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         """Default the listen address, load the secrets and tasks, and refuse an exposed open
         server; raises UsageError."""
+        super().postOptions()
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         self.secrets = load_secrets(

@@ -10,6 +10,7 @@ from twisted.application.service import MultiService
 from twisted.python import usage
 
 from clusterd import DEFAULT_PORT
+from clusterd.config import LayeredOptions
 from clusterd.core.framing import DEFAULT_MAX_LINE
 from clusterd.options import load_secrets, load_tasks
 from clusterd.options import positive_float as _positive_float
@@ -19,8 +20,9 @@ from clusterd.worker.service import WorkerService
 __all__ = ["Options", "makeService", "WorkerService"]
 
 
-class Options(usage.Options):
-    """The ``twistd clusterd-worker`` options."""
+class Options(LayeredOptions):
+    """The ``twistd clusterd-worker`` options; each may also come from ``$CLUSTERD_*`` or the
+    ``--config`` TOML file (clusterd/config.py)."""
 
     synopsis = "[options]"
     longdesc = (
@@ -87,9 +89,7 @@ class Options(usage.Options):
         ],
     ]
 
-    def __init__(self) -> None:
-        super().__init__()
-        self["tasks"] = []
+    listOptions = ("tasks",)
 
     def opt_tasks(self, module: str) -> None:
         """Python module (import name) defining a TASKS list of clusterd.tasks.Task. Repeatable.
@@ -99,6 +99,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         """Default the name to host-pid, refuse one with spaces, load the secret and tasks; raises
         UsageError."""
+        super().postOptions()
         if not self["name"]:
             self["name"] = f"{socket.gethostname()}-{os.getpid()}"
         if any(c.isspace() for c in self["name"]):

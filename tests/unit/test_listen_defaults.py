@@ -159,6 +159,8 @@ def test_container_commands_start_with_the_secrets_they_are_given(no_secret_env)
             REPO / "deploy" / "compose.yaml", r"^    command: (\[\"clusterd-server\".*\])$"
         ),
     ]
+    # The image holds deploy/*.toml at /etc/clusterd/ (the Dockerfile installs them there).
+    commands = [[a.replace("/etc/clusterd/", f"{REPO}/deploy/") for a in c] for c in commands]
     compose = (REPO / "deploy" / "compose.yaml").read_text()
     assert "CLUSTERD_CLIENT_SECRET: ${CLUSTERD_CLIENT_SECRET:?" in compose
     assert "CLUSTERD_WORKER_SECRET: ${CLUSTERD_WORKER_SECRET:?" in compose
@@ -181,6 +183,7 @@ def test_systemd_server_unit_starts_with_its_credentials(no_secret_env, tmp_path
     for name, secret in (("client.secret", CLIENT), ("worker.secret", WORKER)):
         assert f"LoadCredential={name}:/etc/clusterd/{name}" in unit
         (tmp_path / name).write_text(secret)
+    exec_start = exec_start.replace("/etc/clusterd/server.toml", f"{REPO}/deploy/server.toml")
     argv = shlex.split(exec_start.replace("%d", str(tmp_path)).replace("$CLUSTERD_SERVER_ARGS", ""))
     argv = argv[argv.index("clusterd-server") + 1 :]
     options = _options(*argv)
