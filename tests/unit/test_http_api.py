@@ -201,3 +201,41 @@ def test_request_bodies_are_limited_to_max_line() -> None:
     status, body = api.call("POST", "/api/v1/jobs", json={"task": "sum", "input": [1] * 1000})
     assert (status, body["code"]) == (413, "LINE_TOO_LONG")
     assert api.core.stats()["jobs_submitted"] == 0
+
+
+def test_docs_openapi_json_is_the_served_document() -> None:
+    """docs/openapi.json is byte for byte the document the server serves."""
+    from pathlib import Path
+
+    from clusterd.server.http.openapi import document_bytes
+
+    docs = Path(__file__).resolve().parents[2] / "docs" / "openapi.json"
+    assert docs.read_bytes() == document_bytes()
+    api = Api()
+    assert api.call("GET", "/api/v1/openapi.json")[1] == json.loads(document_bytes())
+
+
+def test_http_option_binds_loopback_and_refuses_an_open_exposed_api() -> None:
+    """--http adds a listener (loopback unless an interface is named), and none without it; an
+    exposed API without a client secret is refused at start unless --insecure."""
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.python.threadpool import ThreadPool
+    from twisted.python.usage import UsageError
+
+    from clusterd.server.tap import Options, makeService
+
+    class Reactor(MemoryReactorClock):
+        def getThreadPool(self) -> ThreadPool:
+            return ThreadPool()
+
+    def described(*args: str) -> list[str]:
+        options = Options()
+        options.parseOptions(["--journal", "none", *args])
+        top = makeService(options, Reactor())
+        return [s.endpoint.description for s in top if hasattr(s, "endpoint")]
+
+    assert "tcp:0:interface=127.0.0.1" in described("--http", "tcp:0")
+    assert described() == ["tcp:7420:interface=127.0.0.1"]
+    with pytest.raises(UsageError, match="client secret"):
+        described("--http", "tcp:0:interface=0.0.0.0")
+    assert "tcp:0:interface=0.0.0.0" in described("--http", "tcp:0:interface=0.0.0.0", "--insecure")
