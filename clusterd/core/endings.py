@@ -95,6 +95,7 @@ class Endings:
         self.backoffs = backoffs
         self.owner = scheduler  # reads .journal and .offload (both may be replaced later)
         self.active = 0  # jobs not ended
+        self.observers: list[Callable[[Job], None]] = []  # called at each job's end (metrics)
 
     # -- journal -------------------------------------------------------------------------------
 
@@ -219,6 +220,8 @@ class Endings:
             for disp in list(copies):
                 disp.d.cancel()  # tells the worker to drop it and frees the slot
         self.counters[_END_COUNTER[state]] += 1
+        for observe in self.observers:
+            observe(job)
         self.log.info(
             "job {job_id} {state} after {elapsed:.3f}s ({n} sub-tasks)",
             job_id=job.id,

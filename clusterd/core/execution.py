@@ -69,6 +69,8 @@ class Execution:
         self.busy += 1
         worker.dispatches[disp] = None
         self.counters["subtasks_dispatched"] += 1
+        if job.first_sent is None:
+            job.first_sent = disp.started
         sub = SubTask(job.id, index, job.task, job.chunks[index], attempt)
         try:
             d = worker.runner(sub)

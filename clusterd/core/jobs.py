@@ -112,6 +112,7 @@ class Job:
         self.retrying: set[int] = set()  # indices waiting out a retry backoff
         self.durations_sum = 0.0
         self.durations_n = 0
+        self.first_sent: float | None = None  # when its first sub-task was sent (metrics)
         self._durable = Waiters()
         self._ended = Waiters()
         self._watchers: list[Callable[[Job], None]] = []
@@ -339,8 +340,7 @@ class Job:
         return self._durable.add()
 
     def watch(self, fn: Callable[[Job], None]) -> Callable[[], None]:
-        """Call ``fn(job)`` on every recorded result and at the end; returns an unsubscribe.
-        An ended job has nothing more to report, so nothing is kept for it."""
+        """Call ``fn(job)`` on each result and at the end (never for an ended job)."""
         if self.is_final:
             return lambda: None
         self._watchers.append(fn)

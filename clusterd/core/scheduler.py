@@ -106,6 +106,7 @@ class Scheduler:
         ends = self._endings = Endings(
             self.registry, self.clock, self.config, self.counters, backoffs, self
         )
+        self.end_observers = ends.observers  # callables(job) at each job's end (metrics)
         policy = RetryPolicy(self.config, self._times)
         self._exec = Execution(
             self.clock, self.counters, policy, self._times, self._ring, ends, backoffs
@@ -193,8 +194,7 @@ class Scheduler:
         return [j for j in self._jobs.values() if j.recorded]
 
     def list_jobs(self, limit: int, before: str | None = None) -> list[Job]:
-        """Up to ``limit`` held jobs, newest first; with ``before`` (a job id, held or not),
-        only jobs submitted before it: the JOBS verb's pages, O(limit + log n) amortised."""
+        """Up to ``limit`` jobs, newest first, older than job id ``before``: JOBS pages."""
         return self._table.page(limit, before)
 
     def queued_subtasks(self) -> int:

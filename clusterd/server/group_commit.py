@@ -37,6 +37,9 @@ class GroupCommitWriter:
     """Queue records from the reactor thread; one writer thread commits them in batches."""
 
     failure: JournalError | None
+    # Called on the writer thread with the seconds each commit (transaction and sync) took,
+    # once per batch of records, never per record (metrics).
+    commit_observer: Any = None
 
     def __init__(self, reactor: Any, batch_max: int, linger: float) -> None:
         self.reactor = reactor
@@ -158,7 +161,10 @@ class GroupCommitWriter:
             if self.failure is None:
                 records = [rec for rec, _, _ in batch if rec is not _STOP and rec is not _HURRY]
                 try:
+                    began = time.monotonic()
                     tidy = self._write(records)
+                    if self.commit_observer is not None and records:
+                        self.commit_observer(time.monotonic() - began)
                 except Exception as e:  # disk full, read-only, I/O error, file deleted
                     self._break(e)
             waiters = [(d, self.failure) for _, d, _ in batch if d is not None]

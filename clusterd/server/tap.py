@@ -208,6 +208,13 @@ class Options(LayeredOptions):
             _positive_int,
         ],
         [
+            "http",
+            None,
+            None,
+            "Endpoint for the HTTP API, /metrics and /healthz (docs/HTTP.md), e.g. "
+            "tcp:7421:interface=127.0.0.1. Off unless given; binds loopback without interface=.",
+        ],
+        [
             "speculate-factor",
             None,
             3.0,
@@ -299,7 +306,13 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
     top = MultiService()
     core = build_core(options, reactor)
-    ServerService(core, open_journal=journal_opener(options, reactor)).setServiceParent(top)
+    opener, metrics = journal_opener(options, reactor), None
+    if options["http"]:
+        from clusterd.server.http.metrics import Metrics
+
+        metrics = Metrics(core)
+        opener = metrics.journal_opener(opener)
+    ServerService(core, open_journal=opener).setServiceParent(top)
     settings = ConnectionSettings(
         max_line=options["max-line"],
         max_client_jobs=options["max-client-jobs"],
@@ -315,7 +328,30 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     factory = ServerFactory(core, settings=settings, clock=reactor)
     for description in options["listen"]:
         listening_service(reactor, description, factory).setServiceParent(top)
+    if metrics is not None:
+        from clusterd.server.http import http_service
+        from clusterd.server.http.site import build_site
+
+        site = build_site(core, settings, metrics)
+        http_service(reactor, _http_address(options), site).setServiceParent(top)
     return top
+
+
+def _http_address(options: Options) -> str:
+    """``--http`` with clusterd's loopback default; exposing the API without a client secret
+    needs --insecure, as for --listen."""
+    from clusterd.endpoints import loopback_default
+
+    try:
+        address = loopback_default(options["http"])
+    except ValueError as e:
+        raise usage.UsageError(f"--http: {e}") from None
+    if address.exposed and "client" not in options.secrets and not options["insecure"]:
+        raise usage.UsageError(
+            f"refusing to serve the HTTP API on {address.where} without a client secret "
+            "(--client-secret-file), or pass --insecure (see SECURITY.md)."
+        )
+    return address.description
 
 
 def _warn_open_roles(options: Options) -> None:
