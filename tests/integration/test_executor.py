@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from clusterd.client import ClusterExecutor, JobFailed, RemoteTraceback
+from clusterd.client import ClusterExecutor, JobFailed, RemoteTraceback, RequestRefused
 from clusterd.launch import wait_for
 
 pytestmark = pytest.mark.integration
@@ -82,3 +82,11 @@ def test_shutdown_cancel_futures_cancels_jobs_not_done(cluster):
         wait_for(states, 30, "the jobs to be cancelled")
     with pytest.raises(RuntimeError):
         ex.submit("sum", [1])
+
+
+def test_a_refused_submit_is_the_futures_exception(cluster):
+    """A SUBMIT the server refuses (unknown task) fails its future, as a call that raised."""
+    with ClusterExecutor(cluster.address) as ex:
+        f = ex.submit("no-such-task", [1])
+        assert isinstance(f.exception(timeout=10), RequestRefused)
+        assert f.exception().code == "UNKNOWN_TASK"
