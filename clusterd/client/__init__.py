@@ -1,6 +1,7 @@
 """The clusterd client libraries, importable from here.
 
     from clusterd.client import BlockingClient            # plain sockets, no reactor
+    from clusterd.client import ClusterExecutor           # concurrent.futures, no reactor
     from clusterd.client import connect                   # Deferred-based, on a reactor
 
 Both speak the same calls (:class:`ClientVerbs`) and raise the same errors. The Deferred API
@@ -18,9 +19,11 @@ from clusterd.client.errors import (
     InputUnreadable,
     JobCancelled,
     JobFailed,
+    RemoteTraceback,
     RequestRefused,
     ServerTimeout,
 )
+from clusterd.client.executor import ClusterExecutor
 from clusterd.client.pieces import json_array_pieces, text_pieces
 from clusterd.client.verbs import ClientVerbs, job_line, jobs_line
 
@@ -30,10 +33,12 @@ __all__ = [
     "ClientProtocol",
     "ClientVerbs",
     "ClusterError",
+    "ClusterExecutor",
     "DEFAULT_TIMEOUT",
     "InputUnreadable",
     "JobCancelled",
     "JobFailed",
+    "RemoteTraceback",
     "RequestRefused",
     "ServerTimeout",
     "connect",

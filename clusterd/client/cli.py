@@ -109,6 +109,8 @@ def _report(e: Exception) -> int:
         print(f"clusterd: server refused: {e.code} {e.message}", file=sys.stderr)
         return EXIT_REFUSED
     print(f"clusterd: {e}", file=sys.stderr)
+    if isinstance(e, JobFailed) and e.traceback:
+        print(f"remote traceback (from the worker):\n{e.traceback.rstrip()}", file=sys.stderr)
     if isinstance(e, (JobFailed, JobCancelled)):
         return EXIT_JOB_FAILED
     if isinstance(e, (UsageError, InputUnreadable)):

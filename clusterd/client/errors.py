@@ -10,6 +10,7 @@ __all__ = [
     "ClusterError",
     "RequestRefused",
     "JobFailed",
+    "RemoteTraceback",
     "JobCancelled",
     "InputUnreadable",
     "ServerTimeout",
@@ -35,8 +36,19 @@ class RequestRefused(ClusterError):
         self.message = message
 
 
+class RemoteTraceback(Exception):
+    """The worker's formatted traceback of a failed sub-task, as a :class:`JobFailed`'s
+    ``__cause__``: an uncaught JobFailed prints it above its own, as
+    :mod:`concurrent.futures.process` does for a child's exception."""
+
+    def __str__(self) -> str:
+        return "\n\n" + str(self.args[0]).rstrip("\n")
+
+
 class JobFailed(ClusterError):
-    """The job ended FAILED: ``code`` says why, ``error`` has the exception type and message."""
+    """The job ended FAILED: ``code`` says why, ``error`` has the exception type and message
+    (and the sub-task's index, attempts and worker); ``traceback`` is the worker's formatted
+    traceback of the remote exception ("" when there is none, as for a timeout)."""
 
     def __init__(self, job: str, code: str, error: dict[str, Any]) -> None:
         detail = f"{error.get('type', '')}: {error.get('message', '')}".strip(": ")
@@ -44,6 +56,10 @@ class JobFailed(ClusterError):
         self.job = job
         self.code = code
         self.error = error
+        tb = error.get("traceback")
+        self.traceback: str = tb if isinstance(tb, str) else ""
+        if self.traceback:
+            self.__cause__ = RemoteTraceback(self.traceback)
 
 
 class InputUnreadable(ClusterError):

@@ -17,6 +17,7 @@ __all__ = [
     "ChildDied",
     "ResultTooLarge",
     "BadResult",
+    "NotRetryable",
     "task_failed",
     "WorkerLost",
     "JournalError",
@@ -74,10 +75,11 @@ class TaskFailed(Exception):
 
     code = ErrorCode.TASK_ERROR  # the FAILED code its job ends with, once attempts run out
 
-    def __init__(self, type: str, message: str) -> None:
+    def __init__(self, type: str, message: str, traceback: str = "") -> None:
         super().__init__(type, message)
         self.type = type
         self.message = message
+        self.traceback = traceback  # the worker's formatted traceback, "" when it sent none
 
 
 class ChildDied(TaskFailed):
@@ -96,6 +98,11 @@ class BadResult(TaskFailed):
     """The worker's answer could not be read (bad JSON, too deep, a misplaced stream)."""
 
 
+class NotRetryable(TaskFailed):
+    """The task raised an exception it marked as not worth retrying (``Task.no_retry``; the
+    worker's ERROR says ``"retry": false``): the job fails at once, whatever its attempts."""
+
+
 _KINDS: dict[str, type[TaskFailed]] = {
     "ChildDied": ChildDied,
     "ResultTooLarge": ResultTooLarge,
@@ -103,10 +110,12 @@ _KINDS: dict[str, type[TaskFailed]] = {
 }
 
 
-def task_failed(type: str, message: str) -> TaskFailed:
-    """The failure a worker reported as ``ERROR {"type": type, "message": message}``: the
-    one place where the wire's type names become the kinds the scheduler's policy checks."""
-    return _KINDS.get(type, TaskFailed)(type, message)
+def task_failed(type: str, message: str, traceback: str = "", retry: bool = True) -> TaskFailed:
+    """The failure a worker reported as ``ERROR {"type": type, "message": message,
+    "traceback": ..., "retry": ...}``: the one place where the wire's type names (and its
+    ``retry`` flag) become the kinds the scheduler's policy checks."""
+    kind = _KINDS.get(type, TaskFailed if retry else NotRetryable)
+    return kind(type, message, traceback)
 
 
 class WorkerLost(Exception):

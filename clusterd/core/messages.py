@@ -60,20 +60,49 @@ def done_body(done: dict[str, Any]) -> str:
     return dumps(done)
 
 
-def error_body(ticket: Any, job: Any, kind: str, message: str, room: int) -> tuple[str, int]:
+def error_body(
+    ticket: Any,
+    job: Any,
+    kind: str,
+    message: str,
+    room: int,
+    traceback: str = "",
+    retry: bool = True,
+) -> tuple[str, int]:
     """An ``ERROR`` object and its size in bytes, within ``room`` bytes if it can be: a long
-    message (a task's huge exception text) is shortened to fit, with a note that it was, since
-    a line the server cannot take would leave the sub-task unanswered."""
-    kind, text = kind[:200], message
+    traceback loses its head first (its last frames say where it raised), then a long message
+    (a task's huge exception text) is shortened, each with a note that it was, since a line
+    the server cannot take would leave the sub-task unanswered. ``traceback`` and
+    ``"retry": false`` are sent only when set, so an old server reads the same object."""
+    extra: dict[str, Any] = {} if retry else {"retry": False}
+    body, size = _error_json(ticket, job, kind[:200], message, traceback, extra)
     for _ in range(20):
-        body = dumps({"id": ticket, "job": job, "type": kind, "message": text})
-        size = byte_size(body)
+        if size <= room or not traceback:
+            break
+        tb_size = byte_size(dumps(traceback))  # escapes make it longer than its characters
+        keep = max(0, len(traceback) * max(0, room - (size - tb_size)) // tb_size - 40)
+        traceback = "(shortened) … " + traceback[len(traceback) - keep :] if keep else ""
+        body, size = _error_json(ticket, job, kind[:200], message, traceback, extra)
+    text = message
+    for _ in range(20):
         if size <= room or not message:
             break
         # Keep the share of the message that fits, less room for the note and escapes.
         message = message[: max(0, len(message) * room // size - 40)]
         text = message + " … (shortened)" if message else ""
+        body, size = _error_json(ticket, job, kind[:200], text, traceback, extra)
     return body, size
+
+
+def _error_json(
+    ticket: Any, job: Any, kind: str, message: str, traceback: str, extra: dict[str, Any]
+) -> tuple[str, int]:
+    obj: dict[str, Any] = {"id": ticket, "job": job, "type": kind, "message": message}
+    if traceback:
+        obj["traceback"] = traceback
+    obj.update(extra)
+    body = dumps(obj)
+    return body, byte_size(body)
 
 
 def batch_lines(items: Iterable[tuple[str, str, int]], max_line: int) -> list[str]:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import CancelledError, TimeoutError
 from twisted.python.failure import Failure
 
-from clusterd.core.errors import ErrorCode, ResultTooLarge, TaskFailed, WorkerLost
+from clusterd.core.errors import ErrorCode, NotRetryable, ResultTooLarge, TaskFailed, WorkerLost
 
 if TYPE_CHECKING:
     from clusterd.core.jobs import Job
@@ -76,6 +76,12 @@ class RetryPolicy:
         if failure.check(TaskFailed):
             err = failure.value
             error = {"code": err.code, "type": err.type, "message": err.message}
+            if err.traceback:
+                error["traceback"] = err.traceback
+            if failure.check(NotRetryable):  # the task said retrying cannot help
+                n = job.failures.get(index, 0) + 1
+                error.update(index=index, attempts=n, worker=worker)
+                return Decision(FAIL, "task", error, charge=ATTEMPT)
             return self._attempt(job, index, worker, error, "task")
         why = "lost" if failure.check(WorkerLost) else "unexpected"
         lost = job.lost.get(index, 0) + 1

@@ -278,7 +278,7 @@ class WorkerSession:
             else:
                 d.callback(msg.get("result"))
         else:
-            d.errback(task_failed(str(msg.get("type", "Error")), str(msg.get("message", ""))))
+            d.errback(answer_failure(msg))
 
     def _unreadable_answer(self, line: bytes, e: WireError) -> None:
         ticket = answer_ticket(line)
@@ -322,3 +322,15 @@ class WorkerSession:
             silent=silent,
         )
         self.conn.transport.abortConnection()
+
+
+def answer_failure(msg: dict[str, Any]) -> Exception:
+    """The failure an ERROR object reports: its type, message and (optional) ``traceback``;
+    ``"retry": false`` makes it a NotRetryable (docs/PROTOCOL.md §5, ERROR)."""
+    tb = msg.get("traceback")
+    return task_failed(
+        str(msg.get("type", "Error")),
+        str(msg.get("message", "")),
+        tb if isinstance(tb, str) else "",
+        msg.get("retry") is not False,
+    )

@@ -11,6 +11,7 @@ from types import ModuleType
 from typing import Any
 
 from clusterd.tasks import builtins
+from clusterd.tasks.decorator import task_of
 from clusterd.tasks.registry import Registry, Task
 
 __all__ = ["load_registry", "ENTRY_POINT_GROUP"]
@@ -22,12 +23,28 @@ def _tasks_of(obj: Any, origin: str) -> list[Task]:
     if isinstance(obj, Task):
         return [obj]
     if isinstance(obj, ModuleType):
-        if not hasattr(obj, "TASKS"):
-            raise ValueError(f"{origin}: module {obj.__name__} defines no TASKS list")
-        obj = obj.TASKS
+        return _module_tasks(obj, origin)
     if isinstance(obj, (list, tuple)) and all(isinstance(t, Task) for t in obj):
         return list(obj)
     raise ValueError(f"{origin}: expected a Task, a list of Tasks or a module with TASKS")
+
+
+def _module_tasks(module: ModuleType, origin: str) -> list[Task]:
+    """A module's ``TASKS`` list, then its ``@task`` functions (those defined in it, not
+    imported into it), each task once."""
+    found: list[Task] = []
+    if hasattr(module, "TASKS"):
+        found = _tasks_of(module.TASKS, origin)
+    for value in list(vars(module).values()):
+        t = task_of(value)
+        if t is not None and getattr(value, "__module__", None) == module.__name__:
+            if not any(t is f for f in found):
+                found.append(t)
+    if not found:
+        raise ValueError(
+            f"{origin}: module {module.__name__} defines no TASKS list and no @task function"
+        )
+    return found
 
 
 def load_registry(modules: Iterable[str] = (), use_entry_points: bool = True) -> Registry:

@@ -46,6 +46,13 @@ class Task:
     # array pieces or JSON string pieces, cut into sub-tasks as it arrives; each cut sub-task
     # input still goes through ``split(chunk, 1)``, which validates it. None: not streamable.
     stream: str | None = None
+    # Exception types that retrying cannot help (bad data, say): when ``run`` raises one, the
+    # worker says so (ERROR ``"retry": false``) and the job fails at once, whatever its attempts.
+    no_retry: tuple[type[BaseException], ...] = ()
+    # True for ``@task`` functions with the default split/combine: the input is a list, each
+    # element's result is at the same place in the answer, so ClusterExecutor.map may send
+    # several inputs as one job (their concatenation) and cut the answer back.
+    elementwise: bool = False
 
     def describe(self) -> dict[str, Any]:
         """The task's entry in the TASKS reply: name, doc, input kind, and how it may be
@@ -53,6 +60,8 @@ class Task:
         out = {"name": self.name, "doc": self.doc, "input": self.input_kind}
         if self.stream is not None:
             out["stream"] = self.stream
+        if self.elementwise:
+            out["elementwise"] = True
         return out
 
 

@@ -2,7 +2,8 @@
 
 Run as ``python -m clusterd.worker.child [--tasks MODULE]...``. One request at a time:
 ``{"id": N, "task": NAME, "input": ...}`` in, ``{"id": N, "ok": true, "result": ...}`` or
-``{"id": N, "ok": false, "type": ..., "message": ...}`` out. Task code that prints would corrupt
+``{"id": N, "ok": false, "type": ..., "message": ..., "traceback": ...}`` out (plus
+``"retry": false`` when the task lists the exception in ``no_retry``). Task code that prints would corrupt
 the reply stream, so the real stdout is kept on a private descriptor and fd 1 goes to stderr,
 which the worker logs.
 """
@@ -13,6 +14,7 @@ import argparse
 import os
 import sys
 import time
+import traceback
 from typing import Any, BinaryIO
 
 from clusterd.core import jsoncodec
@@ -23,6 +25,7 @@ def _run(registry: Any, msg: Any) -> tuple[dict[str, Any], bytes] | None:
     if not isinstance(msg, dict) or "id" not in msg:
         return None
     ticket = msg["id"]
+    task = None
     try:
         task = registry.get(msg.get("task"))
         if task is None:
@@ -34,7 +37,23 @@ def _run(registry: Any, msg: Any) -> tuple[dict[str, Any], bytes] | None:
         return out, jsoncodec.dumpb(out)
     except Exception as e:
         out = {"id": ticket, "ok": False, "type": type(e).__name__, "message": str(e)}
+        out["traceback"] = _format(e)
+        if task is not None and isinstance(e, task.no_retry):
+            out["retry"] = False
         return out, jsoncodec.dumpb(out)
+
+
+# A traceback is for a person to read: its last frames say where the task raised, so a deep
+# recursion's is cut to its tail (the worker shortens it again to fit the server's line).
+TRACEBACK_CHARS = 16_000
+
+
+def _format(e: BaseException) -> str:
+    """``e``'s formatted traceback without this module's own frame, at most TRACEBACK_CHARS."""
+    text = "".join(traceback.format_exception(type(e), e, e.__traceback__.tb_next))
+    if len(text) > TRACEBACK_CHARS:
+        text = "(shortened) … " + text[-TRACEBACK_CHARS:]
+    return text
 
 
 def serve(registry: Any, requests: BinaryIO, replies: BinaryIO) -> None:

@@ -70,7 +70,7 @@ class _Child(ProcessProtocol):
                 if r.get("ok"):
                     d.callback(RunResult(r.get("result"), r.get("t", 0.0)))
                 else:
-                    d.errback(_TaskError(r.get("type", "Error"), r.get("message", "")))
+                    d.errback(_TaskError.from_reply(r))
 
     def kill(self) -> None:
         """Kill the child (it runs a cancelled sub-task); a child already gone is fine."""
@@ -99,10 +99,26 @@ class _Child(ProcessProtocol):
 
 
 class _TaskError(Exception):
-    def __init__(self, type: str, message: str) -> None:
+    """The task raised in the child: its type, message, formatted traceback, and whether the
+    task marked it worth retrying (``Task.no_retry``)."""
+
+    def __init__(self, type: str, message: str, traceback: str = "", retry: bool = True) -> None:
         super().__init__(type, message)
         self.type = type
         self.message = message
+        self.traceback = traceback
+        self.retry = retry
+
+    @classmethod
+    def from_reply(cls, r: dict[str, Any]) -> _TaskError:
+        """The error a child's ``{"ok": false, ...}`` reply describes."""
+        tb = r.get("traceback")
+        return cls(
+            str(r.get("type", "Error")),
+            str(r.get("message", "")),
+            tb if isinstance(tb, str) else "",
+            r.get("retry") is not False,
+        )
 
 
 class PoolService(Service):

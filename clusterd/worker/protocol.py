@@ -160,13 +160,15 @@ class WorkerProtocol(Protocol):
             run."""
             if f.check(CancelledError):
                 return  # the server cancelled it: it expects no answer
+            tb, retry = "", True
             if f.check(PoolService.TaskError):
                 kind, message = f.value.type, f.value.message
+                tb, retry = f.value.traceback, f.value.retry
             elif f.check(ChildDied):
                 kind, message = "ChildDied", str(f.value)
             else:
                 kind, message = type(f.value).__name__, str(f.value)
-            self._error(ticket, msg, kind, message)
+            self._error(ticket, msg, kind, message, tb, retry)
 
         def settled(_: Any) -> None:
             """The run is over: forget it, and finish a drain if it was the last."""
@@ -175,12 +177,21 @@ class WorkerProtocol(Protocol):
 
         d.addCallbacks(ok, failed).addBoth(settled)
 
-    def _error(self, ticket: Any, msg: dict[str, Any], kind: str, message: str) -> None:
-        """Answer ERROR. A line the server cannot take would leave the sub-task unanswered
-        until a timeout, if it has one, so a long message (a task's huge exception text) is
+    def _error(
+        self,
+        ticket: Any,
+        msg: dict[str, Any],
+        kind: str,
+        message: str,
+        traceback: str = "",
+        retry: bool = True,
+    ) -> None:
+        """Answer ERROR, with the task's traceback and ``"retry": false`` if it marked the
+        exception not worth retrying. A line the server cannot take would leave the sub-task
+        unanswered until a timeout, if it has one, so a long traceback or message is
         shortened to fit the server's line, with a note that it was."""
         room = self.server_max_line - 7  # "ERROR [" + body + "]"
-        body, size = error_body(ticket, msg.get("job"), kind, message, room)
+        body, size = error_body(ticket, msg.get("job"), kind, message, room, traceback, retry)
         self._answer("ERROR", body, size)
 
     def _stream_result(self, done: dict[str, Any]) -> bool:

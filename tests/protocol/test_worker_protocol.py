@@ -606,3 +606,23 @@ def test_an_error_message_too_long_for_the_server_is_shortened(pool, clock):
     assert (verb, msg["id"], msg["type"]) == ("ERROR", 1, "ValueError")
     assert msg["message"].startswith("éé") and msg["message"].endswith("(shortened)")
     assert verb_json(short)[1]["message"] == "short"
+
+
+def test_task_error_sends_traceback_and_retry_false(pool, clock):
+    """A pool TaskError's traceback and no-retry mark go out in the worker's ERROR."""
+    w = Worker(pool, clock)
+    w.register()
+    w.send(do_line(3, "sum", [1]))
+    pool.calls[0][2].errback(PoolService.TaskError("ValueError", "bad", "Traceback ...", False))
+    [line] = w.lines()
+    assert verb_json(line) == (
+        "ERROR",
+        {
+            "id": 3,
+            "job": "j1",
+            "type": "ValueError",
+            "message": "bad",
+            "traceback": "Traceback ...",
+            "retry": False,
+        },
+    )

@@ -20,6 +20,7 @@ REGISTRY = Registry(
         Task("fail", lambda v, n: [v], _fail, lambda rs: rs[0]),
         Task("nan", lambda v, n: [v], lambda v: float("nan"), lambda rs: rs[0]),
         Task("obj", lambda v, n: [v], lambda v: object(), lambda rs: rs[0]),
+        Task("final", lambda v, n: [v], _fail, lambda rs: rs[0], no_retry=(ArithmeticError,)),
     ]
 )
 
@@ -37,6 +38,9 @@ def run_child(*requests) -> list[dict]:
         if isinstance(reply, dict) and reply.get("ok"):
             # Every success carries the seconds its task ran; compare the rest exactly.
             assert isinstance(reply.pop("t"), float)
+        elif isinstance(reply, dict) and reply.get("ok") is False:
+            # Every failure carries the formatted traceback; its content is tested below.
+            assert reply.pop("traceback").startswith(("Traceback", reply["type"]))
     return replies
 
 
@@ -132,3 +136,22 @@ def test_a_batch_line_gets_one_reply_line_in_order():
     assert (replies[0]["result"], replies[2]["result"]) == (3, [1, 2])
     assert replies[1]["ok"] is False and replies[1]["type"] == "LookupError"
     assert all(r["t"] >= 0 for r in (replies[0], replies[2]))
+
+
+def test_failure_carries_the_task_traceback():
+    """A task that raises is answered with its formatted traceback, naming the task's frame."""
+    out = io.BytesIO()
+    serve(REGISTRY, io.BytesIO(b'{"id": 1, "task": "fail", "input": 5}\n'), out)
+    reply = json.loads(out.getvalue())
+    assert reply["traceback"].startswith("Traceback (most recent call last):")
+    assert "in _fail" in reply["traceback"]
+    assert reply["traceback"].rstrip().endswith("ZeroDivisionError: no 5")
+    assert "_run" not in reply["traceback"]  # the child's own frame is left out
+    assert "retry" not in reply
+
+
+def test_no_retry_exception_is_answered_retry_false():
+    """An exception the task lists in no_retry is answered with "retry": false."""
+    assert run_child({"id": 2, "task": "final", "input": 1}) == [
+        {"id": 2, "ok": False, "type": "ZeroDivisionError", "message": "no 1", "retry": False}
+    ]

@@ -3,7 +3,7 @@
 import os
 import time
 
-from clusterd.tasks import Task
+from clusterd.tasks import Task, task
 
 
 def _split(value, chunks):
@@ -64,3 +64,17 @@ TASKS = [
     Task("die_once", lambda v, c: [v], _die_once, lambda r: r[0], "kills its process once"),
     Task("expand", lambda v, c: [v], _expand, lambda r: r[0], "n numbered strings"),
 ]
+
+
+@task
+def square(x):
+    """x * x for each element: an @task function with the default split and combine."""
+    return x * x
+
+
+@task(no_retry=(ValueError,))
+def fragile(x):
+    """Raises ValueError on a negative element; marked not worth retrying."""
+    if x < 0:
+        raise ValueError(f"negative input {x}")
+    return x
