@@ -40,7 +40,7 @@ def _module_tasks(module: ModuleType, origin: str) -> list[Task]:
         if t is not None and getattr(value, "__module__", None) == module.__name__:
             if not any(t is f for f in found):
                 found.append(t)
-    if not found:
+    if not found and not hasattr(module, "TASKS"):
         raise ValueError(
             f"{origin}: module {module.__name__} defines no TASKS list and no @task function"
         )
