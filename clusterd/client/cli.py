@@ -102,11 +102,19 @@ async def _main(reactor: Any, args: argparse.Namespace) -> int:
 def _check_endpoint(reactor: Any, address: str) -> None:
     """Raise UsageError (exit 2, one line) unless ``address`` is an endpoint string the clients
     read: Twisted's client forms, or a bare ``HOST:PORT``."""
+    from twisted.internet.endpoints import _parse, clientFromString
+
     from clusterd.client.blocking import endpoint_string
-    from clusterd.tls import client_endpoint
 
     try:
-        client_endpoint(reactor, endpoint_string(address))
+        args, _ = _parse(endpoint_string(address))
+        if args and str(args[0]).lower() == "tls":
+            # Syntax only: a trust directory that cannot be read is a connection problem
+            # (exit 3, naming it), reported when connecting, as before.
+            if len(args) != 3 or not str(args[2]).isdigit():
+                raise ValueError("tls: needs HOST:PORT")
+        else:
+            clientFromString(reactor, endpoint_string(address))
     except (ValueError, TypeError, KeyError) as e:
         raise UsageError(
             f"bad server address {address!r} ({e}); use HOST:PORT, tcp:HOST:PORT, unix:PATH "

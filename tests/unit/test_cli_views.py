@@ -137,3 +137,12 @@ def test_job_progress_bar_shows_subtasks_and_eta_on_a_terminal_only():
     quiet.update("j7", {"done": 1, "total": 2})
     quiet.close()
     assert silent.getvalue() == ""
+
+
+def test_bad_tls_address_syntax_is_a_usage_error():
+    """A tls: address without HOST:PORT is exit 2; its trust directory is read only when
+    connecting."""
+    done = subprocess.run(
+        [CLI, "--server", "tls:127.0.0.1", "ping"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2 and "bad server address" in done.stderr
