@@ -70,7 +70,8 @@ def connect(
     secret: bytes | None = None,
     timeout: float | None = DEFAULT_TIMEOUT,
 ) -> Deferred[Client]:
-    """Connect to a server by endpoint string (``tcp:host:port``, ``unix:path``, ``tls:...``);
+    """Connect to a server by endpoint string (``tcp:host:port``, a bare ``host:port``,
+    ``unix:path``, ``tls:...``);
     fires with a :class:`Client` once the server's greeting has arrived and, if the server
     requires it, the client secret has been proven. All of that must happen within
     ``timeout`` seconds (None: wait forever), or it fails with :class:`ServerTimeout` and the
@@ -104,11 +105,12 @@ class _Connecting:
 
 
 async def _connect(reactor: Any, endpoint: str, secret: bytes | None, state: _Connecting) -> Client:
+    from clusterd.client.blocking import endpoint_string
     from clusterd.tls import client_endpoint
 
     try:
-        ep = client_endpoint(reactor, endpoint)
-    except (ValueError, OSError) as e:
+        ep = client_endpoint(reactor, endpoint_string(endpoint))
+    except (ValueError, TypeError, KeyError, OSError) as e:
         raise ClusterError(str(e)) from None
     proto = await ep.connect(Factory.forProtocol(ClientProtocol))
     state.proto = proto

@@ -26,10 +26,27 @@ from clusterd.client.errors import ClusterError, InputUnreadable, ServerTimeout,
 from clusterd.client.verbs import ClientVerbs, Decode, auth_line
 from clusterd.core.wire import Reply, ReplyReader, WireError, parse_greeting
 
-__all__ = ["BlockingClient", "parse_address", "DEFAULT_TIMEOUT"]
+__all__ = ["BlockingClient", "parse_address", "endpoint_string", "DEFAULT_TIMEOUT"]
 
 DEFAULT_TIMEOUT = 10.0  # seconds to connect, handshake, be greeted and authenticate
 _UNSET: Any = object()
+
+
+_ENDPOINT_TYPES = {"tcp", "tls", "ssl", "unix", "tcp6", "systemd", "tor", "onion"}
+
+
+def endpoint_string(address: str) -> str:
+    """``address`` as a Twisted client endpoint string: a bare ``HOST:PORT`` (or ``HOST``)
+    becomes ``tcp:HOST:PORT``; any other string is returned as it is. The CLI, this client and
+    the Deferred client all read addresses through it, so they accept the same strings."""
+    head, sep, tail = address.partition(":")
+    if head.lower() in _ENDPOINT_TYPES or "=" in address or not head:
+        return address
+    if not sep:
+        return f"tcp:{head}:{DEFAULT_PORT}"
+    if tail.isdigit():
+        return f"tcp:{address}"
+    return address
 
 
 def parse_address(address: str) -> tuple[int, Any]:

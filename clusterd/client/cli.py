@@ -1,8 +1,9 @@
 """The ``clusterd`` command: submit jobs and inspect a server from a shell.
 
-Exit codes: 0 success; 1 the job failed or was cancelled; 2 bad usage; 3 the server could not be
-reached, did not answer within ``--timeout``, or the connection broke; 4 the server refused the
-request (``ERR``); 141 (128 + SIGPIPE, like other Unix tools) the reader of stdout went away
+Exit codes: 0 success; 1 the job failed or was cancelled; 2 bad usage (a bad ``--server`` address
+too); 3 the server could not be reached, did not answer within ``--timeout``, or the connection
+broke; 4 the server refused the request (``ERR``); 130 (128 + SIGINT) ``run`` was interrupted
+with Ctrl-C (the job goes on unless ``--cancel-on-interrupt``); 141 (128 + SIGPIPE, like other Unix tools) the reader of stdout went away
 (``clusterd jobs | head -1``), which is not reported.
 """
 
@@ -50,6 +51,7 @@ __all__ = [
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_CONNECTION, EXIT_REFUSED = 0, 1, 2, 3, 4
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for tools killed by it
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for tools stopped by Ctrl-C
 
 
 def _print_json(value: Any, pretty: bool = True) -> None:
@@ -68,6 +70,11 @@ async def _main(reactor: Any, args: argparse.Namespace) -> int:
     except SecretError as e:
         print(f"clusterd: {e}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        _check_endpoint(reactor, args.server)
+    except UsageError as e:
+        return _report(e)
+    args.secret = secret  # for a second connection (CANCEL while WATCH holds the first)
     try:
         client = await connect(reactor, args.server, secret, timeout=args.connect_timeout)
     except RequestRefused as e:
@@ -90,6 +97,29 @@ async def _main(reactor: Any, args: argparse.Namespace) -> int:
     finally:
         if not client.protocol.closed:
             client.close()
+
+
+def _check_endpoint(reactor: Any, address: str) -> None:
+    """Raise UsageError (exit 2, one line) unless ``address`` is an endpoint string the clients
+    read: Twisted's client forms, or a bare ``HOST:PORT``."""
+    from twisted.internet.endpoints import _parse, clientFromString
+
+    from clusterd.client.blocking import endpoint_string
+
+    try:
+        args, _ = _parse(endpoint_string(address))
+        if args and str(args[0]).lower() == "tls":
+            # Syntax only: a trust directory that cannot be read is a connection problem
+            # (exit 3, naming it), reported when connecting, as before.
+            if len(args) != 3 or not str(args[2]).isdigit():
+                raise ValueError("tls: needs HOST:PORT")
+        else:
+            clientFromString(reactor, endpoint_string(address))
+    except (ValueError, TypeError, KeyError) as e:
+        raise UsageError(
+            f"bad server address {address!r} ({e}); use HOST:PORT, tcp:HOST:PORT, unix:PATH "
+            "or tls:HOST:PORT[:trustRoots=DIR]"
+        ) from None
 
 
 def _stdout_gone() -> int:
@@ -118,10 +148,14 @@ def _report(e: Exception) -> int:
     return EXIT_CONNECTION
 
 
-async def _job_command(client: Any, args: argparse.Namespace) -> int:
+async def _job_command(client: Any, args: argparse.Namespace, reactor: Any) -> int:
     """``run``/``submit``: send the input (streamed when big), then print the id or watch."""
     cmd = args.command
     info: dict[str, Any] = {}
+    if cmd == "run":  # from here on: Ctrl-C is noticed once the job has an id (below)
+        from clusterd.client.top import Interrupt
+
+        interrupt = Interrupt(reactor)
     if args.input is None:
         tasks = {t["name"]: t for t in await client.tasks()}
         if args.task not in tasks:
@@ -136,7 +170,8 @@ async def _job_command(client: Any, args: argparse.Namespace) -> int:
     if stream is not None:
         pieces, size = stream
         show = cmd == "run" and sys.stderr.isatty() and not args.no_progress
-        upload = UploadBar(sys.stderr, show, size if info.get("stream") == "text" else None)
+        source = getattr(args, "upload_source", None)
+        upload = UploadBar(sys.stderr, show, getattr(args, "upload_bytes", None), source)
         try:
             job = await client.submit_stream(
                 args.task, upload.count(pieces), args.chunks, size=size, **options
@@ -151,17 +186,62 @@ async def _job_command(client: Any, args: argparse.Namespace) -> int:
         return EXIT_OK
     bar = ProgressBar(sys.stderr, sys.stderr.isatty() and not args.no_progress)
     try:
-        result = await client.watch(job, bar.update)
+        which, result = await _first_of(client.watch(job, bar.update), interrupt.wait())
     finally:
         bar.close()
+    if which == 1:
+        return await _interrupted(job, args, reactor)
+    from twisted.python.failure import Failure
+
+    if isinstance(result, Failure):
+        result.raiseException()
     _print_json(result, pretty=args.pretty)
     return EXIT_OK
+
+
+def _first_of(watching: Any, interrupted: Any) -> Any:
+    """Fires with (0, the WATCH outcome) or (1, None) on Ctrl-C, whichever comes first.
+    (Twisted's ``race`` would wait for the interrupt when the job fails.) A late outcome is
+    consumed quietly."""
+    from twisted.internet.defer import Deferred
+
+    first: Deferred[tuple[int, Any]] = Deferred()
+
+    def settle(result: Any, which: int) -> None:
+        if not first.called:
+            first.callback((which, result))
+
+    watching.addBoth(settle, 0)
+    interrupted.addCallback(settle, 1)
+    return first
+
+
+async def _interrupted(job: str, args: argparse.Namespace, reactor: Any) -> int:
+    """Ctrl-C during ``run``: the job goes on unless ``--cancel-on-interrupt``; say which, and
+    how to reattach or cancel. The CANCEL goes on a second connection: the first still waits for
+    the WATCH reply, and replies come in request order."""
+    if not args.cancel_on_interrupt:
+        print(
+            f"clusterd: interrupted; job {job} goes on on the server. Reattach: clusterd wait "
+            f"{job}   cancel: clusterd cancel {job}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    from clusterd.client.api import connect
+
+    other = await connect(reactor, args.server, args.secret, timeout=args.connect_timeout)
+    try:
+        state = await other.cancel(job)
+    finally:
+        other.close()
+    print(f"clusterd: interrupted; job {job} {state}", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 async def _command(client: Any, args: argparse.Namespace, reactor: Any = None) -> int:
     cmd = args.command
     if cmd in ("run", "submit"):
-        return await _job_command(client, args)
+        return await _job_command(client, args, reactor)
     if cmd == "watch":
         bar = ProgressBar(sys.stderr, sys.stderr.isatty())
         try:
@@ -189,11 +269,29 @@ async def _command(client: Any, args: argparse.Namespace, reactor: Any = None) -
             raise ServerTimeout(
                 f"no answer to PING from {args.server} within {args.connect_timeout:g} s"
             ) from None
-    elif cmd == "jobs":
-        _print_json(await client.jobs(args.limit, args.before))
+    elif cmd == "top":
+        from clusterd.client.top import run_top
+
+        return await run_top(client, args, reactor)
     else:
-        _print_json(await getattr(client, cmd)())
+        if cmd == "jobs":
+            value = await client.jobs(args.limit, args.before)
+        else:
+            value = await getattr(client, cmd)()
+        _print_table(cmd, value, args.json)
     return EXIT_OK
+
+
+def _print_table(cmd: str, value: Any, as_json: bool) -> None:
+    """A JOBS/WORKERS/TASKS/STATS reply: the server's JSON with ``--json`` (as before), else a
+    table: boxed and coloured on a terminal, plain columns elsewhere."""
+    if as_json:
+        _print_json(value)
+        return
+    from clusterd.client.views import TABLES, render
+
+    terminal = sys.stdout.isatty()
+    sys.stdout.write(render(TABLES[cmd](value, terminal), terminal))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -96,6 +96,12 @@ def _add_commands(sub: Any) -> None:
         if name == "run":
             c.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
             c.add_argument("--pretty", action="store_true", help="indent the JSON result")
+            c.add_argument(
+                "--cancel-on-interrupt",
+                action="store_true",
+                help="on Ctrl-C cancel the job (default: leave it running and say how to "
+                "reattach or cancel it)",
+            )
     for name, helptext in (
         ("status", "show a job's state and progress"),
         ("wait", "wait for a job and print its result"),
@@ -106,71 +112,132 @@ def _add_commands(sub: Any) -> None:
     jobs = sub.add_parser("jobs", help="list jobs the server holds, newest first")
     jobs.add_argument("--limit", type=int, default=None, help="how many (server default 100)")
     jobs.add_argument("--before", default=None, help="only jobs older than this id (next page)")
+    tables = [jobs]
     for name, helptext in (
         ("workers", "list connected workers"),
         ("tasks", "list tasks and how many worker slots can run each"),
         ("stats", "show server counters"),
-        ("ping", "check the server answers"),
     ):
-        sub.add_parser(name, help=helptext)
+        tables.append(sub.add_parser(name, help=helptext))
+    for c in tables:
+        c.add_argument("--json", action="store_true", help="print the server's JSON, for scripts")
+    sub.add_parser("ping", help="check the server answers")
+    top = sub.add_parser("top", help="live view of workers, jobs and counters until Ctrl-C")
+    top.add_argument("--iterations", type=_count, default=None, metavar="N",
+                     help="stop after N refreshes (default: run until Ctrl-C)")  # fmt: skip
+    top.add_argument("--interval", type=_timeout, default=1.0, metavar="SECONDS",
+                     help="seconds between refreshes (default 1)")  # fmt: skip
+
+
+def _count(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return n
+
+
+def _progress(stream: Any, console: Any, *columns: Any) -> Any:
+    """A rich Progress drawing on ``stream`` (or ``console``), redrawn only when told: no
+    refresh thread runs beside the reactor."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    return Progress(
+        *columns, console=console or Console(file=stream), auto_refresh=False, transient=False
+    )
 
 
 class ProgressBar:
-    """A one-line bar on a terminal, redrawn in place; nothing at all elsewhere."""
+    """A job's progress on a terminal (sub-tasks done of total, elapsed, ETA), drawn with
+    rich's Progress; nothing at all when disabled (stderr is not a terminal, --no-progress)."""
 
-    def __init__(self, stream: Any, enabled: bool) -> None:
-        self.stream = stream
-        self.enabled = enabled
-        self.start = time.monotonic()
-        self.drawn = False
+    def __init__(self, stream: Any, enabled: bool, console: Any = None) -> None:
+        self.bar: Any = None
+        self.task: Any = None
+        if enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TaskProgressColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.bar = _progress(
+                stream, console, TextColumn("{task.description}"), BarColumn(),
+                MofNCompleteColumn(), TextColumn("sub-tasks"), TaskProgressColumn(),
+                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            )  # fmt: skip
 
     def update(self, job: str, progress: dict[str, Any]) -> None:
-        """Redraw the bar for ``job`` from a PROGRESS object (done, total); nothing when
-        disabled."""
-        if not self.enabled:
+        """Redraw the bar for ``job`` from a PROGRESS object (done, total)."""
+        if self.bar is None:
             return
         done, total = progress.get("done", 0), progress.get("total", 0) or 1
-        width = 30
-        filled = width * done // total
-        bar = "#" * filled + "-" * (width - filled)
-        elapsed = time.monotonic() - self.start
-        self.stream.write(
-            f"\r{job} [{bar}] {done}/{total} {100 * done // total:3d}% {elapsed:6.1f}s"
-        )
-        self.stream.flush()
-        self.drawn = True
+        if self.task is None:
+            self.bar.start()
+            self.task = self.bar.add_task(job, total=total)
+        self.bar.update(self.task, completed=done, total=total)
+        self.bar.refresh()
 
     def close(self) -> None:
-        """End the bar's line, if one was drawn, so later output starts on a fresh line."""
-        if self.drawn:
-            self.stream.write("\n")
-            self.stream.flush()
+        """Stop drawing, leaving the last state of the bar on its own line."""
+        if self.bar is not None and self.task is not None:
+            self.bar.stop()
 
 
-class UploadBar(ProgressBar):
-    """While a big input streams: how much of it has been sent (of its size, when known)."""
+class UploadBar:
+    """While a big input streams: bytes of the file sent (MB), the rate (MB/s) and, when the
+    size is known, the time left. ``source`` counts the bytes read from the file (see
+    :func:`open_stream`); without one, the length of each text piece is counted."""
 
-    def __init__(self, stream: Any, enabled: bool, total: int | None) -> None:
-        super().__init__(stream, enabled)
-        self.total = total
-        self.sent = 0
-        self.last = -1.0
+    def __init__(
+        self,
+        stream: Any,
+        enabled: bool,
+        total: int | None,
+        source: Any = None,
+        console: Any = None,
+    ) -> None:
+        self.source, self.sent, self.last = source, 0, -1.0
+        self.bar: Any = None
+        if enabled:
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            self.bar = _progress(
+                stream, console, TextColumn("upload"), BarColumn(), DownloadColumn(),
+                TransferSpeedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            )  # fmt: skip
+            self.bar.start()
+            self.task = self.bar.add_task("upload", total=total)
 
     def count(self, pieces: Any) -> Any:
-        """Pass ``pieces`` through, counting their bytes and redrawing the bar at most five times a
-        second."""
+        """Pass ``pieces`` through, counting what was sent and redrawing the bar at most five
+        times a second."""
         for piece in pieces:
             yield piece
-            self.sent += len(piece)
+            if self.source is not None:
+                self.sent = self.source.count
+            elif isinstance(piece, str | bytes):
+                self.sent += len(piece)
             now = time.monotonic()
-            if self.enabled and now - self.last >= 0.2:
+            if self.bar is not None and now - self.last >= 0.2:
                 self.last = now
-                if self.total:
-                    self.update("upload", {"done": min(self.sent, self.total), "total": self.total})
-                else:
-                    self.stream.write(f"\rupload {self.sent:,} sent {now - self.start:6.1f}s")
-                    self.stream.flush()
-                    self.drawn = True
+                self.bar.update(self.task, completed=self.sent)
+                self.bar.refresh()
+
+    def close(self) -> None:
+        """Draw the final count and stop drawing."""
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.sent)
+            self.bar.stop()
 
 
 def read_input(args: argparse.Namespace, text_task: bool) -> Any:
@@ -229,6 +296,23 @@ class _Prefixed:
         return self.rest.read(n)
 
 
+class _Counted:
+    """A byte stream that counts the bytes read from it: what the upload bar shows."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw, self.count = raw, 0
+
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes of the underlying stream, counted."""
+        data = self.raw.read(n)
+        self.count += len(data)
+        return data
+
+    def close(self) -> None:
+        """Close the underlying stream."""
+        self.raw.close()
+
+
 STREAM_ABOVE = PIECE_BYTES  # inputs larger than this (and stdin) are streamed, when the task can
 
 
@@ -259,6 +343,8 @@ def open_stream(
             fh = open(args.file, "rb")  # noqa: SIM115 - closed when its pieces run out
         except OSError as e:
             raise UsageError(f"cannot read {args.file}: {e.strerror}") from None
+    fh = args.upload_source = _Counted(fh)
+    args.upload_bytes = nbytes
     if kind == "text":
         return text_pieces(fh, piece_bytes), nbytes
     pieces = json_array_pieces(fh, piece_bytes)

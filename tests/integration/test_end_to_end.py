@@ -135,9 +135,9 @@ def test_cli_run_file_progress_and_exit_codes(cluster, tmp_path):
     assert cli("wait", job).stdout.strip() == "3"
     assert '"state": "done"' in cli("status", job).stdout
     second = cli("submit", "sum", "[3]").stdout.strip()
-    newest = json.loads(cli("jobs", "--limit", "1").stdout)
+    newest = json.loads(cli("jobs", "--json", "--limit", "1").stdout)
     assert [j["id"] for j in newest] == [second]  # newest first, one page of one
-    older = json.loads(cli("jobs", "--limit", "1", "--before", second).stdout)
+    older = json.loads(cli("jobs", "--json", "--limit", "1", "--before", second).stdout)
     assert [j["id"] for j in older] == [job]
 
 

@@ -180,7 +180,7 @@ def test_cli_broken_pipe_exits_quietly():
     port, s = _serve({b"JOBS": b"OK " + json.dumps(jobs).encode() + b"\n"})
     with s:
         proc = subprocess.Popen(
-            [CLI, "--server", f"tcp:127.0.0.1:{port}", "jobs"],
+            [CLI, "--server", f"tcp:127.0.0.1:{port}", "jobs", "--json"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
         )  # fmt: skip
         assert proc.stdout.readline().strip() == b"["

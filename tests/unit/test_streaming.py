@@ -288,15 +288,18 @@ def test_dumps_big_with_a_lone_surrogate_stays_valid_utf8_json(monkeypatch):
 
 
 def test_upload_bar_shows_what_was_sent_and_passes_pieces_through():
-    """The upload bar passes pieces through unchanged and shows how much was sent when enabled,
-    nothing when not."""
+    """The upload bar passes pieces through unchanged and shows the bytes sent of the total
+    (rich's Progress) when enabled, nothing when not."""
+    from rich.console import Console
+
     from clusterd.client.cli import UploadBar
 
     out = io.StringIO()
-    bar = UploadBar(out, True, 4)
+    console = Console(file=out, force_terminal=True, width=100)
+    bar = UploadBar(out, True, 4, console=console)
     assert list(bar.count(["ab", "cd"])) == ["ab", "cd"]
     bar.close()
-    assert "upload [" in out.getvalue() and "2/4" in out.getvalue()
+    assert "upload" in out.getvalue() and "4/4 bytes" in out.getvalue()
     silent = io.StringIO()
     quiet = UploadBar(silent, False, None)
     assert list(quiet.count([[1], [2]])) == [[1], [2]]
