@@ -55,8 +55,9 @@ def _secret_path(options: Any, opt: str, env: str) -> str | None:
 
 def load_tasks(modules: list[str]) -> Any:
     """The task registry: the built-in tasks plus each ``--tasks`` module's; a module that
-    cannot be loaded is a usage error whose one line says what was tried: the module names and
-    the ``sys.path`` they were looked for on (the usual cause is a missing PYTHONPATH)."""
+    cannot be loaded stops the start with one line (exit 1) saying what was tried: the module
+    names and the ``sys.path`` they were looked for on (the usual cause is a missing
+    PYTHONPATH)."""
     import sys
 
     from clusterd.tasks import load_registry
@@ -65,7 +66,9 @@ def load_tasks(modules: list[str]) -> Any:
         return load_registry(modules)
     except Exception as e:
         tried = ", ".join(modules) or "(none)"
-        raise usage.UsageError(
-            f"cannot load tasks: {type(e).__name__}: {e} (tried --tasks {tried}; "
+        # SystemExit, not a UsageError: twistd prints its whole usage text before a UsageError,
+        # burying the one line that says what went wrong.
+        raise SystemExit(
+            f"clusterd: cannot load tasks: {type(e).__name__}: {e} (tried --tasks {tried}; "
             f"sys.path: {os.pathsep.join(p or '.' for p in sys.path)})"
         ) from e

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 from twisted.internet.testing import MemoryReactorClock
-from twisted.python import usage
 
 from clusterd.client import views
 from clusterd.client.blocking import endpoint_string, parse_address
@@ -105,10 +104,10 @@ def test_bad_server_address_is_a_usage_error(address):
 
 
 def test_tasks_module_error_says_what_was_tried():
-    """A --tasks module that cannot be imported is one usage line naming it and sys.path."""
-    with pytest.raises(usage.UsageError) as info:
+    """A --tasks module that cannot be imported is one line naming it and sys.path."""
+    with pytest.raises(SystemExit) as info:
         load_tasks(["no_such_tasks_module_xyz"])
-    message = str(info.value)
+    message = str(info.value.code)
     assert "\n" not in message
     assert "--tasks no_such_tasks_module_xyz" in message and "sys.path:" in message
     assert sys.path[1] in message
@@ -146,3 +145,21 @@ def test_bad_tls_address_syntax_is_a_usage_error():
         [CLI, "--server", "tls:127.0.0.1", "ping"], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 2 and "bad server address" in done.stderr
+
+
+def test_twistd_says_what_tasks_failed_in_one_line_without_the_usage_text(tmp_path):
+    """twistd with a --tasks module that cannot be imported exits 1 with one line on stderr,
+    not its usage text."""
+    from clusterd.launch import twistd_path
+
+    done = subprocess.run(
+        [twistd_path(), "-n", "--pidfile=", "clusterd-server", "--tasks", "no_such_mod_q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 1
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--tasks no_such_mod_q" in lines[0], done.stderr
+    assert "Usage:" not in done.stdout + done.stderr
