@@ -56,8 +56,9 @@ def _live(api: Api):  # the LiveStreams behind /api/v1/events
 
 
 def test_events_stream_sends_a_snapshot_each_second_and_stops_its_timer() -> None:
-    """``/api/v1/events`` sends a snapshot at once and one per second from one shared timer,
-    which stops when the last stream closes; past the limit the answer is 503 BUSY."""
+    """``/api/v1/events`` sends a snapshot at once and one per second from one shared timer
+    (skipped while the client is behind), which stops when the last stream closes; past the
+    limit the answer is 503 BUSY."""
     api = Api()
     live = _live(api)
     chunks: list[bytes] = []
@@ -73,6 +74,15 @@ def test_events_stream_sends_a_snapshot_each_second_and_stops_its_timer() -> Non
     blocks = b"".join(chunks).decode().strip().split("\n\n")
     assert len(blocks) == 3 and all(b.startswith("event: snapshot\n") for b in blocks)
     assert "workers" in json.loads(blocks[-1].split("\n")[1].removeprefix("data: "))
+    feed = next(iter(live.requests.values()))
+    feed.pauseProducing()  # the client's socket buffer is full: snapshots are skipped
+    api.clock.advance(1)
+    api.stub.flush()
+    assert len(b"".join(chunks).decode().strip().split("\n\n")) == 3
+    feed.resumeProducing()
+    api.clock.advance(1)
+    api.stub.flush()
+    assert len(b"".join(chunks).decode().strip().split("\n\n")) == 4
     live.limit = 1
     status, body = api.call("GET", "/api/v1/events")
     assert (status, body["code"]) == (503, "BUSY")

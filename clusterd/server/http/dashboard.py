@@ -13,9 +13,11 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any
 
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import LoopingCall
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
 from clusterd.core.errors import ErrorCode
 from clusterd.core.jsontext import dumps
@@ -48,13 +50,34 @@ def snapshot(ops: ClientOps) -> dict[str, Any]:
     }
 
 
+@implementer(IPushProducer)
+class _Feed:
+    """A stream's producer: the channel pauses it while the client's socket buffer is full, and
+    a paused stream skips snapshots (the next one carries the whole state), so a client that
+    reads slowly costs at most one socket buffer, never a growing queue."""
+
+    paused = False
+
+    def pauseProducing(self) -> None:
+        """The client is behind: skip snapshots until it catches up."""
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        """The client caught up."""
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        """The connection is going away (``notifyFinish`` forgets the stream)."""
+        self.paused = True
+
+
 class LiveStreams:
     """The open ``/api/v1/events`` streams and the one timer that feeds them."""
 
     def __init__(self, ops: ClientOps, limit: int = DEFAULT_MAX_STREAMS) -> None:
         self.ops = ops
         self.limit = limit
-        self.requests: dict[Request, None] = {}
+        self.requests: dict[Request, _Feed] = {}
         self.timer = LoopingCall(self.tick)
         self.timer.clock = ops.core.clock
 
@@ -65,7 +88,8 @@ class LiveStreams:
             return send_error(request, ErrorCode.BUSY, message)
         request.setHeader(b"content-type", b"text/event-stream")
         request.setHeader(b"cache-control", b"no-store")
-        self.requests[request] = None
+        self.requests[request] = feed = _Feed()
+        request.registerProducer(feed, True)
         request.notifyFinish().addBoth(lambda _: self.close(request))
         if not self.timer.running:
             self.timer.start(INTERVAL, now=False)
@@ -81,10 +105,10 @@ class LiveStreams:
     def tick(self) -> None:
         """One snapshot, encoded once, to every open stream."""
         data = event("snapshot", dumps(snapshot(self.ops)))
-        for request in list(self.requests):
+        for request, feed in list(self.requests.items()):
             if request._disconnected:
                 self.close(request)
-            else:
+            elif not feed.paused:
                 request.write(data)
 
 
