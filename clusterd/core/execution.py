@@ -27,6 +27,7 @@ from clusterd.core.errors import ErrorCode
 from clusterd.core.jobs import Job, JobState
 from clusterd.core.journal import ResultRecorded
 from clusterd.core.ring import Ring, TaskTimes
+from clusterd.core.taskstream import TaskStream
 from clusterd.core.wire import dumps
 from clusterd.core.workers import Dispatch, SubTask, TimedResult, WorkerHandle
 
@@ -58,6 +59,7 @@ class Execution:
         self.backoffs = backoffs
         self.pump: Callable[..., None] = lambda only=None: None  # set by the scheduler
         self.busy = 0  # sub-tasks dispatched and not answered, over all workers
+        self.stream = TaskStream()  # recent sub-task runs, for the dashboard
 
     def send(self, worker: WorkerHandle, job: Job, index: int) -> None:
         """Send ``job``'s sub-task ``index`` to ``worker``; its answer comes to
@@ -90,14 +92,16 @@ class Execution:
             d.addTimeout(job.options.timeout, self.clock)
         d.addCallbacks(self._on_result, self._on_error, callbackArgs=(disp,), errbackArgs=(disp,))
 
-    def _release(self, disp: Dispatch) -> None:
+    def _release(self, disp: Dispatch, ok: bool = False) -> None:
+        now = self.clock.seconds()
+        self.stream.note(disp.worker.name, disp.job.id, disp.index, disp.started, now, ok)
         disp.job.released(disp)
         disp.worker.busy -= 1
         self.busy -= 1
         disp.worker.dispatches.pop(disp, None)
 
     def _on_result(self, result: Any, disp: Dispatch) -> None:
-        self._release(disp)
+        self._release(disp, True)
         job, index, worker = disp.job, disp.index, disp.worker
         worker.last_answer = self.clock.seconds()
         if type(result) is TimedResult:

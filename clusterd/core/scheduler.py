@@ -77,8 +77,7 @@ class Scheduler:
     ) -> None:
         self.registry = registry
         self.clock = clock
-        # Runs long pure work (a big job's combine) off the caller's thread; the server passes
-        # deferToThread. None: run it inline, as the deterministic tests want.
+        # Long pure work (a big combine) off the thread: deferToThread, or None (inline, tests).
         self.offload = offload
         self.journal: Journal = journal if journal is not None else NullJournal()
         self.config = config or SchedulerConfig()
@@ -115,6 +114,7 @@ class Scheduler:
             self._ring, self._workers, self._limit, self._exec.send, next_turn, self.config
         )
         self._pump = self._exec.pump = self._dispatcher.pump
+        self.task_stream = self._exec.stream  # recent sub-task runs (the dashboard's)
         parts = (self._admission, ends, self._ring, self._table, self._tally, self._workers)
         self._intake = Intake(self, *parts, self._pump)
 

@@ -172,6 +172,14 @@ def _job_paths(status: dict[str, Any], ended: dict[str, Any]) -> dict[str, Any]:
         "/api/v1/workers": {"get": _op("Connected workers", {"200": any_json})},
         "/api/v1/tasks": {"get": _op("Tasks and who can run them", {"200": any_json})},
         "/api/v1/stats": {"get": _op("The scheduler's counters", {"200": any_json})},
+        "/api/v1/snapshot": {"get": _op("The dashboard's snapshot", {"200": any_json})},
+        "/api/v1/taskstream": {
+            "get": _op(
+                "Recent sub-task runs (the dashboard's task stream)",
+                {"200": any_json},
+                parameters=[{"name": "since", "in": "query", "schema": {"type": "number"}}],
+            ),
+        },
         "/healthz": {"get": _op("Probe", {"200": any_json}, 503, security=[])},
         "/metrics": {
             "get": _op(

@@ -1,13 +1,17 @@
 """The HTTP front end's site: the resource tree, bearer-token auth, bounded request bodies.
 
-``/api/v1/...`` (api.py), ``/metrics`` (metrics.py) and ``/healthz`` (for probes). With a
-client secret configured, everything but ``/healthz`` (the probes) needs
-``Authorization: Bearer <client secret>`` (compared in constant time).
+``/api/v1/...`` (api.py), ``/metrics`` (metrics.py), ``/healthz`` (for probes) and the live
+dashboard at ``/`` (dashboard.py). With a client secret configured, everything but ``/healthz``
+(the probes) and the dashboard's static files (no data in them) needs
+``Authorization: Bearer <client secret>`` (compared in constant time); the dashboard's snapshot
+stream ``/api/v1/events`` also takes it as a ``token`` query parameter, because a browser's
+EventSource cannot send headers.
 """
 
 from __future__ import annotations
 
 import hmac
+import re
 from typing import Any
 
 from twisted.web.resource import Resource
@@ -16,6 +20,7 @@ from twisted.web.server import Request, Site
 from clusterd.core.errors import ErrorCode
 from clusterd.server.client_ops import ClientOps
 from clusterd.server.http.api import ApiResource, encode, job_view
+from clusterd.server.http.dashboard import LiveStreams, Page, live_routes
 from clusterd.server.http.errors import send_error, send_json
 from clusterd.server.http.metrics import Metrics, MetricsResource
 from clusterd.server.http.openapi import document_bytes
@@ -24,7 +29,8 @@ from clusterd.server.limits import ConnectionSettings
 
 __all__ = ["build_site", "BoundedRequest", "ApiSite"]
 
-OPEN_PREFIXES = b"/healthz/"  # probes need no token
+OPEN_PATHS = {b"healthz", b"", b"dashboard"}  # probes and the page's static files: no token
+TOKEN_IN_QUERY = b"/api/v1/events"  # EventSource cannot send headers
 
 
 class BoundedRequest(Request):
@@ -79,9 +85,11 @@ class Guard(Resource):
         if getattr(request, "too_big", False) or size > self.max_body:
             message = f"the request body is longer than {self.max_body} bytes."
             return _Refusal(ErrorCode.LINE_TOO_LONG, message)
-        if self.secret is not None and b"/" + path + b"/" not in OPEN_PREFIXES:
+        if self.secret is not None and path not in OPEN_PATHS:
             given = request.getHeader(b"authorization") or b""
             scheme, _, token = given.partition(b" ")
+            if request.path == TOKEN_IN_QUERY and not given:
+                scheme, token = b"bearer", (request.args.get(b"token") or [b""])[0]
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token, self.secret):
                 message = "send the client secret as 'Authorization: Bearer <secret>'."
                 return _Refusal(ErrorCode.NOAUTH, message)
@@ -133,7 +141,13 @@ def build_site(
     root = Resource()
     api = Resource()
     root.putChild(b"api", api)
-    api.putChild(b"v1", ApiResource(ops, streams, document_bytes()))
+    v1 = ApiResource(ops, streams, document_bytes())
+    for method, pattern, handler in live_routes(ops, LiveStreams(ops, max_streams)):
+        v1.routes.append((method, re.compile(pattern), handler))
+    api.putChild(b"v1", v1)
+    page = Page()
+    root.putChild(b"", page)
+    root.putChild(b"dashboard", page)
     root.putChild(b"healthz", Health(core))
     root.putChild(b"metrics", MetricsResource(metrics or Metrics(core)))
     return ApiSite(Guard(root, settings.max_line, settings.secrets.get("client")))
