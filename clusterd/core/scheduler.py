@@ -306,7 +306,7 @@ class Scheduler:
         now = self.clock.seconds()
         handle = WorkerHandle(name, frozenset(tasks), slots, runner, close, address, now)
         handle.prefetch = self.config.prefetch
-        handle.last_answer = handle.connected
+        handle.last_answer = handle.last_seen = handle.connected
         self._workers.add(handle)
         self.counters["workers_registered"] += 1
         self.log.info(

@@ -96,6 +96,7 @@ class WorkerHandle:
     draining: bool = False
     prefetch: int = 1  # sub-tasks per slot it may hold when they are short (queued on the worker)
     last_answer: float = 0.0  # when it last answered a sub-task (or registered)
+    last_seen: float = 0.0  # when its connection last delivered a line (its last heartbeat)
     # Its unanswered sub-tasks, oldest dispatch first (a dict keeps insertion order and
     # removes in O(1)), so the stall check looks at one entry per worker.
     dispatches: dict[Any, None] = field(default_factory=dict)
@@ -123,6 +124,7 @@ class WorkerHandle:
             "failed": self.failed,
             "draining": self.draining,
             "connected": round(self.connected, 3),
+            "last_seen": round(self.last_seen, 3),
         }
 
 

@@ -168,8 +168,10 @@ class WorkerSession:
         transport.write("\n".join(lines).encode("utf-8", "backslashreplace") + b"\n")
 
     def touch(self) -> None:
-        """A line arrived: the worker is alive."""
+        """A line arrived: the worker is alive (WORKERS shows when, as ``last_seen``)."""
         self.heartbeat.touch()
+        if self.handle is not None:
+            self.handle.last_seen = self.heartbeat.last
 
     def eof(self) -> None:
         """A worker closing its side changes nothing until the connection is lost."""

@@ -301,10 +301,10 @@ def test_jobs_lists_every_job_briefly(factory, client):
 
 
 def test_workers_lists_registered_workers(factory, client, clock):
-    """WORKERS lists connected workers with their tasks, slots and use."""
+    """WORKERS lists connected workers with their tasks, slots, use and last heartbeat."""
     assert ok_json(client.ask("WORKERS")[0]) == []
     clock.advance(3)
-    WorkerConn(factory, name="alpha", tasks=["sum"], slots=2)
+    alpha = WorkerConn(factory, name="alpha", tasks=["sum"], slots=2)
     [w] = ok_json(client.ask("WORKERS")[0])
     assert w == {
         "name": "alpha",
@@ -317,7 +317,12 @@ def test_workers_lists_registered_workers(factory, client, clock):
         "failed": 0,
         "draining": False,
         "connected": 3.0,
+        "last_seen": 3.0,
     }
+    clock.advance(4)
+    alpha.send("PING\n")  # any line from the worker is a heartbeat
+    [w] = ok_json(client.ask("WORKERS")[0])
+    assert (w["connected"], w["last_seen"]) == (3.0, 7.0)
 
 
 def test_tasks_lists_tasks_and_capacity(factory, client):

@@ -408,6 +408,7 @@ def test_worker_describe(core, clock):
         "failed": 0,
         "draining": False,
         "connected": 5.0,
+        "last_seen": 5.0,
     }
 
 
