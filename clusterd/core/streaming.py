@@ -18,6 +18,9 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from clusterd.core.errors import ErrorCode, WireError
+from clusterd.core.jsontext import parse_json
+
 __all__ = [
     "STREAM_MARK",
     "PIECE",
@@ -63,9 +66,6 @@ def line_kind(line: bytes | str) -> str:
 def piece_value(line: bytes | str, what: str, max_depth: int) -> Any:
     """The JSON value of a piece line. Raises ``WireError``: ``BAD_ENCODING`` (not UTF-8),
     ``BAD_JSON`` or ``JSON_TOO_DEEP``; ``what`` names the piece in the message."""
-    from clusterd.core.errors import ErrorCode, WireError
-    from clusterd.core.jsontext import parse_json
-
     text = line.strip()[1:]
     if isinstance(text, bytes):
         try:
