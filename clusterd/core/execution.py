@@ -92,22 +92,24 @@ class Execution:
             d.addTimeout(job.options.timeout, self.clock)
         d.addCallbacks(self._on_result, self._on_error, callbackArgs=(disp,), errbackArgs=(disp,))
 
-    def _release(self, disp: Dispatch, ok: bool = False) -> None:
+    def _release(self, disp: Dispatch, ok: bool = False) -> float:
+        """Free the dispatch's slot and note its run in the task stream; returns the time."""
         now = self.clock.seconds()
         self.stream.note(disp.worker.name, disp.job.id, disp.index, disp.started, now, ok)
         disp.job.released(disp)
         disp.worker.busy -= 1
         self.busy -= 1
         disp.worker.dispatches.pop(disp, None)
+        return now
 
     def _on_result(self, result: Any, disp: Dispatch) -> None:
-        self._release(disp, True)
+        now = self._release(disp, True)
         job, index, worker = disp.job, disp.index, disp.worker
-        worker.last_answer = self.clock.seconds()
+        worker.last_answer = now
         if type(result) is TimedResult:
             result, duration = result.value, result.seconds
         else:
-            duration = self.clock.seconds() - disp.started
+            duration = now - disp.started
         self.times.note(job.task, duration)
         if job.record(index, result, worker.name, duration):
             worker.done += 1
