@@ -32,6 +32,7 @@ __all__ = [
     "LineWorker",
     "FakePool",
     "FakeServer",
+    "QueueReactor",
 ]
 
 
@@ -69,3 +70,19 @@ def no_errors_logged() -> Iterator[list[dict]]:
         gc.freeze()
         globalLogPublisher.removeObserver(observer)
     assert not seen, eventAsText(seen[0])
+
+
+class QueueReactor:
+    """Stands in for the reactor of a journal's writer thread: callFromThread only queues; the
+    test runs the calls on its own thread once the writer has finished, so nothing races."""
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def callFromThread(self, f, *args) -> None:
+        self.calls.append((f, args))
+
+    def run_calls(self) -> None:
+        calls, self.calls = self.calls, []
+        for f, args in calls:
+            f(*args)

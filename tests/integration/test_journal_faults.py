@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from diskfaults import ext4_image, small_tmpfs  # noqa: F401 - fixtures
+from helpers import QueueReactor
 from twisted.python.failure import Failure
 
 from clusterd.client.errors import ClusterError
@@ -26,21 +27,6 @@ from clusterd.server.sqlite_journal import SqliteJournal
 pytestmark = pytest.mark.integration
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
-
-
-class QueueReactor:
-    """callFromThread only queues; the test runs the calls itself once the writer is done."""
-
-    def __init__(self) -> None:
-        self.calls: list = []
-
-    def callFromThread(self, f, *args) -> None:
-        self.calls.append((f, args))
-
-    def run_calls(self) -> None:
-        calls, self.calls = self.calls, []
-        for f, args in calls:
-            f(*args)
 
 
 def accepted(job: str, seq: int, input_json: str = "[1]") -> JobAccepted:

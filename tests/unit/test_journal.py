@@ -8,8 +8,8 @@ import sqlite3
 import time
 
 import pytest
+from helpers import QueueReactor, result_of
 from helpers import add_worker as add
-from helpers import result_of
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -328,22 +328,6 @@ def accepted(job: str, seq: int, **kw) -> JobAccepted:
     )
     fields.update(kw)
     return JobAccepted(job, seq, **fields)
-
-
-class QueueReactor:
-    """Stands in for the reactor: callFromThread only queues; the test runs the calls on its own
-    thread once the writer thread has finished, so nothing races."""
-
-    def __init__(self) -> None:
-        self.calls: list = []
-
-    def callFromThread(self, f, *args) -> None:
-        self.calls.append((f, args))
-
-    def run_calls(self) -> None:
-        calls, self.calls = self.calls, []
-        for f, args in calls:
-            f(*args)
 
 
 def test_sqlite_journal_round_trip(tmp_path):
