@@ -28,18 +28,10 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
+from clusterd.core.states import JobState
 from clusterd.core.waiters import Waiters
 
 __all__ = ["Job", "JobState", "JobOptions", "Tally"]
-
-
-class JobState:
-    QUEUED = "queued"  # accepted, nothing dispatched yet
-    RUNNING = "running"  # at least one sub-task dispatched
-    DONE = "done"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    FINAL = frozenset({DONE, FAILED, CANCELLED})
 
 
 _MISSING = object()

@@ -2,8 +2,8 @@
 
 The server formats a job's final line here (:func:`final_reply`, :func:`final_lines` for an
 answer streamed as piece lines); both client libraries parse replies with :func:`parse_reply` /
-:class:`ReplyReader`. Pure: imports only ``errors``, ``streaming`` and ``jsontext`` (not ``jobs``,
-which loads Twisted: the blocking client parses replies without Twisted).
+:class:`ReplyReader`. Pure: imports only ``errors``, ``states``, ``streaming`` and
+``jsontext`` (not ``jobs``, which loads Twisted: the blocking client parses replies without it).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from clusterd.core.errors import ErrorCode, WireError
 from clusterd.core.jsontext import dumps, parse_json
+from clusterd.core.states import JobState
 from clusterd.core.streaming import (
     END,
     END_LINE,
@@ -29,8 +30,6 @@ from clusterd.core.streaming import (
 if TYPE_CHECKING:  # jobs loads Twisted's Deferred; clients parse replies without it
     from clusterd.core.jobs import Job
 
-# Job states a final line tells apart (clusterd.core.jobs.JobState's values).
-_DONE, _CANCELLED = "done", "cancelled"
 
 __all__ = [
     "format_error",
@@ -51,9 +50,9 @@ def format_error(code: str, message: str) -> str:
 
 def final_reply(job: Job) -> str:
     """The line that ends a RUN, WAIT or WATCH: RESULT, FAILED or CANCELLED."""
-    if job.state == _DONE:
+    if job.state == JobState.DONE:
         return f"RESULT {job.id} {job.result_json}"
-    if job.state == _CANCELLED:
+    if job.state == JobState.CANCELLED:
         return f"CANCELLED {job.id}"
     err = dict(job.error or {})
     code = err.pop("code", ErrorCode.TASK_ERROR)
