@@ -3,6 +3,7 @@
     from clusterd.client import BlockingClient            # plain sockets, no reactor
     from clusterd.client import ClusterExecutor           # concurrent.futures, no reactor
     from clusterd.client import connect                   # Deferred-based, on a reactor
+    from clusterd.client import AsyncCluster              # asyncio awaitables
 
 Both speak the same calls (:class:`ClientVerbs`) and raise the same errors. The Deferred API
 (``Client``, ``ClientProtocol``, ``connect``) is imported on first use, so a script that only
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from clusterd.client.aio import AsyncCluster, AsyncJob
 from clusterd.client.blocking import BlockingClient, parse_address
 from clusterd.client.errors import (
     ClusterError,
@@ -28,6 +30,8 @@ from clusterd.client.pieces import json_array_pieces, text_pieces
 from clusterd.client.verbs import ClientVerbs, job_line, jobs_line
 
 __all__ = [
+    "AsyncCluster",
+    "AsyncJob",
     "BlockingClient",
     "Client",
     "ClientProtocol",

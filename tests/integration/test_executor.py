@@ -3,6 +3,7 @@ a user module, and a remote traceback when it raises."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from concurrent.futures import wait
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from clusterd.client import ClusterExecutor, JobFailed, RemoteTraceback, RequestRefused
+from clusterd.client.aio import AsyncCluster
 from clusterd.launch import wait_for
 
 pytestmark = pytest.mark.integration
@@ -90,3 +92,48 @@ def test_a_refused_submit_is_the_futures_exception(cluster):
         f = ex.submit("no-such-task", [1])
         assert isinstance(f.exception(timeout=10), RequestRefused)
         assert f.exception().code == "UNKNOWN_TASK"
+
+
+def test_async_cluster_runs_maps_and_raises_with_the_remote_traceback(cluster):
+    """AsyncCluster awaits a job's answer, maps in input order, and a failed job raises
+    JobFailed with the worker's traceback, all from an asyncio program."""
+
+    async def main():
+        async with AsyncCluster(cluster.address) as ac:
+            one = await ac.run("sum", [1, 2, 3])
+            many = await ac.map("square", [[1, 2], [3]])
+            with pytest.raises(JobFailed) as e:
+                await ac.run("fragile", [-4])
+            return one, many, e.value
+
+    one, many, err = asyncio.run(main())
+    assert one == 6 and many == [[1, 4], [9]]
+    assert "ValueError: negative input -4" in str(err) and "in fragile" in err.traceback
+
+
+def test_cancelling_the_awaiting_asyncio_task_cancels_the_job(cluster):
+    """Cancelling the asyncio task that awaits a job sends CANCEL: the job ends cancelled."""
+
+    async def main():
+        async with AsyncCluster(cluster.address) as ac:
+            job = await ac.submit("sleep", [30.0])
+            waiter = asyncio.ensure_future(_await(job))
+            await asyncio.sleep(0)  # the waiter now awaits the job's future
+            waiter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+            return job.id
+
+    job = asyncio.run(main())
+    with cluster.client() as c:
+        wait_for(lambda: c.status(job)["state"] == "cancelled", 30, "the job to be cancelled")
+
+
+def test_async_cluster_must_be_connected_before_submit():
+    """Submitting on an AsyncCluster that never connected is a clear RuntimeError."""
+    with pytest.raises(RuntimeError, match="not connected"):
+        asyncio.run(AsyncCluster("tcp:127.0.0.1:1").submit("sum", [1]))
+
+
+async def _await(job):
+    return await job

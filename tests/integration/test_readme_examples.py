@@ -26,7 +26,7 @@ def python_blocks() -> list[str]:
 def test_readme_has_the_examples_this_test_runs():
     """The README shows ClusterExecutor, @task, BlockingClient and the Deferred API in Python."""
     text = "\n".join(python_blocks())
-    for name in ("ClusterExecutor", "@task", "BlockingClient", "connect(reactor"):
+    for name in ("ClusterExecutor", "@task", "BlockingClient", "connect(reactor", "AsyncCluster"):
         assert name in text
 
 
@@ -36,7 +36,7 @@ def test_readme_python_examples_run(tmp_path):
     blocks = python_blocks()
     modules = [b for b in blocks if b.startswith("# mytasks.py")]
     scripts = [b for b in blocks if not b.startswith("# mytasks.py")]
-    assert len(modules) == 1 and len(scripts) >= 3
+    assert len(modules) == 1 and len(scripts) >= 4
     (tmp_path / "mytasks.py").write_text(modules[0])
     env = {"PYTHONPATH": str(tmp_path)}
     (tmp_path / "cluster").mkdir()
@@ -56,9 +56,15 @@ def test_readme_python_examples_run(tmp_path):
             )
             assert run.returncode == 0, run.stderr
             out.append(run.stdout)
-    executor, blocking, deferred = out[:3]
+    executor, blocking, deferred, asyncio_ = out[:4]
     assert executor.splitlines()[:3] == ["9592", "[1, 4, 9]", "[[1, 4], [9]]"]
     assert "ZeroDivisionError: division by zero" in executor
     assert "return 1 / x" in executor
     assert blocking.splitlines()[0] == "9592"
     assert deferred.strip() == "6"
+    assert asyncio_.splitlines() == [
+        "6",
+        "[[1, 4], [9]]",
+        "11",
+        "ZeroDivisionError: division by zero",
+    ]
