@@ -2,7 +2,7 @@
 
 Exit codes: 0 success; 1 the job failed or was cancelled; 2 bad usage (a bad ``--server`` address
 too); 3 the server could not be reached, did not answer within ``--timeout``, or the connection
-broke; 4 the server refused the request (``ERR``); 130 (128 + SIGINT) ``run`` was interrupted
+broke; 4 the server refused the request (``ERR``); 130 (128 + SIGINT) ``run``, ``watch`` or ``wait`` was interrupted
 with Ctrl-C (the job goes on unless ``--cancel-on-interrupt``); 141 (128 + SIGPIPE, like other Unix tools) the reader of stdout went away
 (``clusterd jobs | head -1``), which is not reported.
 """
@@ -238,21 +238,44 @@ async def _interrupted(job: str, args: argparse.Namespace, reactor: Any) -> int:
     return EXIT_INTERRUPTED
 
 
+async def _follow(client: Any, args: argparse.Namespace, reactor: Any) -> int:
+    """``watch``/``wait``: print the job's answer; Ctrl-C leaves the job running, says so and
+    exits 130, as ``run`` does (without this, the reactor's own handler would stop with
+    nothing said and exit 0, which a script reads as success)."""
+    from clusterd.client.top import Interrupt
+
+    interrupt = Interrupt(reactor)
+    bar = ProgressBar(sys.stderr, args.command == "watch" and sys.stderr.isatty())
+    if args.command == "watch":
+        following = client.watch(args.job, bar.update)
+    else:
+        following = client.wait(args.job)
+    try:
+        which, result = await _first_of(following, interrupt.wait())
+    finally:
+        bar.close()
+    if which == 1:
+        print(
+            f"clusterd: interrupted; job {args.job} goes on on the server. "
+            f"Cancel: clusterd cancel {args.job}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    from twisted.python.failure import Failure
+
+    if isinstance(result, Failure):
+        result.raiseException()
+    _print_json(result, pretty=False)
+    return EXIT_OK
+
+
 async def _command(client: Any, args: argparse.Namespace, reactor: Any = None) -> int:
     cmd = args.command
     if cmd in ("run", "submit"):
         return await _job_command(client, args, reactor)
-    if cmd == "watch":
-        bar = ProgressBar(sys.stderr, sys.stderr.isatty())
-        try:
-            result = await client.watch(args.job, bar.update)
-        finally:
-            bar.close()
-        _print_json(result, pretty=False)
-        return EXIT_OK
-    if cmd == "wait":
-        _print_json(await client.wait(args.job), pretty=False)
-    elif cmd == "status":
+    if cmd in ("watch", "wait"):
+        return await _follow(client, args, reactor)
+    if cmd == "status":
         _print_json(await client.status(args.job))
     elif cmd == "cancel":
         print(f"{args.job} {await client.cancel(args.job)}")

@@ -163,3 +163,43 @@ def test_twistd_says_what_tasks_failed_in_one_line_without_the_usage_text(tmp_pa
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "--tasks no_such_mod_q" in lines[0], done.stderr
     assert "Usage:" not in done.stdout + done.stderr
+
+
+class _FollowClient:
+    """A client whose WAIT/WATCH never answer, so only Ctrl-C can end the command."""
+
+    def wait(self, job):
+        from twisted.internet.defer import Deferred
+
+        return Deferred()
+
+    watch = lambda self, job, on_progress: self.wait(job)  # noqa: E731
+
+
+class _InlineReactor:
+    def callFromThread(self, f, *a):
+        f(*a)
+
+
+@pytest.mark.parametrize("command", ["watch", "wait"])
+def test_ctrl_c_during_watch_or_wait_says_the_job_goes_on_and_exits_130(command, capsys):
+    """Ctrl-C during `watch`/`wait` leaves the job running, says how to cancel it, exits 130."""
+    import argparse
+    import os
+    import signal
+
+    from twisted.internet.defer import Deferred
+
+    from clusterd.client import cli
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        args = argparse.Namespace(command=command, job="j7")
+        d = Deferred.fromCoroutine(cli._follow(_FollowClient(), args, _InlineReactor()))
+        assert not d.called
+        os.kill(os.getpid(), signal.SIGINT)
+        assert d.result == 130
+    finally:
+        signal.signal(signal.SIGINT, before)
+    err = capsys.readouterr().err
+    assert "job j7 goes on on the server" in err and "clusterd cancel j7" in err
