@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from hypothesis import HealthCheck, settings
+from twisted.internet.defer import Deferred
 from twisted.logger import eventAsText, globalLogPublisher
 
 from clusterd.testing import (
@@ -23,6 +24,7 @@ from clusterd.testing import (
 )
 
 __all__ = [
+    "ManualOffload",
     "result_of",
     "deterministic",
     "FakeWorker",
@@ -86,3 +88,29 @@ class QueueReactor:
         calls, self.calls = self.calls, []
         for f, args in calls:
             f(*args)
+
+
+class ManualOffload:
+    """Records offloaded calls; ``run_all`` runs them (as the thread would) and fires their
+    Deferreds (as callFromThread would), so a test sees the state in between."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Deferred, object, tuple]] = []
+
+    def __call__(self, fn, *args) -> Deferred:
+        d: Deferred = Deferred()
+        self.calls.append((d, fn, args))
+        return d
+
+    def run_all(self) -> int:
+        n = 0
+        while self.calls:
+            d, fn, args = self.calls.pop(0)
+            try:
+                value = fn(*args)
+            except Exception as e:
+                d.errback(e)
+            else:
+                d.callback(value)
+            n += 1
+        return n

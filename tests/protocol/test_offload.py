@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import json
 
-from helpers import LineConn
-from twisted.internet.defer import Deferred
+from helpers import LineConn, ManualOffload
 from twisted.internet.task import Clock
 
 from clusterd.core.scheduler import OFFLOAD_SUBTASKS, Scheduler
@@ -15,32 +14,6 @@ from clusterd.tasks import Registry
 from clusterd.tasks.builtins import TASKS
 
 REGISTRY = Registry(TASKS)
-
-
-class ManualOffload:
-    """Records offloaded calls; ``run_all`` runs them (as the thread would) and fires their
-    Deferreds (as callFromThread would), so a test sees the state in between."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[Deferred, object, tuple]] = []
-
-    def __call__(self, fn, *args) -> Deferred:
-        d: Deferred = Deferred()
-        self.calls.append((d, fn, args))
-        return d
-
-    def run_all(self) -> int:
-        n = 0
-        while self.calls:
-            d, fn, args = self.calls.pop(0)
-            try:
-                value = fn(*args)
-            except Exception as e:
-                d.errback(e)
-            else:
-                d.callback(value)
-            n += 1
-        return n
 
 
 def make(offload):

@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 import pytest
+from helpers import ManualOffload
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
 
@@ -25,10 +26,12 @@ URL = "http://127.0.0.1:7421"
 class Api:
     """A scheduler on a Clock, its HTTP site under StubTreq, and helpers answering at once."""
 
-    def __init__(self, secret: bytes | None = None, hold: bool = False, **settings: Any) -> None:
+    def __init__(
+        self, secret: bytes | None = None, hold: bool = False, offload: Any = None, **settings: Any
+    ) -> None:
         self.clock = Clock()
         self.journal = MemoryJournal(hold=hold)
-        self.core = Scheduler(Registry(TASKS), self.clock, journal=self.journal)
+        self.core = Scheduler(Registry(TASKS), self.clock, journal=self.journal, offload=offload)
         secrets = {"client": secret} if secret else {}
         self.site = build_site(self.core, ConnectionSettings(secrets=secrets, **settings))
         self.stub = StubTreq(self.site.resource)
@@ -239,3 +242,28 @@ def test_http_option_binds_loopback_and_refuses_an_open_exposed_api() -> None:
     with pytest.raises(UsageError, match="client secret"):
         described("--http", "tcp:0:interface=0.0.0.0")
     assert "tcp:0:interface=0.0.0.0" in described("--http", "tcp:0:interface=0.0.0.0", "--insecure")
+
+
+def test_a_big_submit_body_is_parsed_and_split_off_the_reactor() -> None:
+    """A POST body over OFFLOAD_LINE is parsed and split on the server's thread (the offload),
+    as a long RUN line is; the answer and the job are the same as for a small body."""
+    offload = ManualOffload()
+    api = Api(offload=offload)
+    value = list(range(300_000))  # about 2 MB of JSON
+    d = api.stub.post(URL + "/api/v1/jobs", json={"task": "sum", "input": value})
+    api.stub.flush()
+    got: list[Any] = []
+    d.addBoth(got.append)
+    assert got == [] and api.core.list_jobs(10) == []  # nothing parsed on the reactor yet
+    # The parse, then (back on the reactor for the default chunk count) the split and the
+    # journal's encoding of the cut.
+    assert offload.run_all() == 2
+    api.stub.flush()
+    assert got[0].code == 201
+    job_id = json.loads(result_of(api.stub.content(got[0])))["id"]
+    worker = add_worker(api.core, "w1", slots=4)
+    for _ in range(50):  # bounded: every sub-task answered, then the combine (maybe offloaded)
+        worker.answer_all()
+        offload.run_all()
+        api.clock.advance(0)
+    assert result_of(api.core.get(job_id).wait()).result == sum(value)

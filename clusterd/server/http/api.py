@@ -22,16 +22,36 @@ from twisted.web.server import NOT_DONE_YET, Request
 from clusterd.core.errors import ErrorCode, WireError
 from clusterd.core.jobs import Job
 from clusterd.core.jsontext import dumps, parse_json_object
-from clusterd.core.wire import parse_job_request
+from clusterd.core.wire import JobRequest, parse_job_request
 from clusterd.server.client_ops import ClientOps
 from clusterd.server.http.errors import error_for, send_error, send_json, send_wire_error
 from clusterd.server.http.sse import EventStreams
-from clusterd.server.limits import JOBS_DEFAULT_LIMIT
+from clusterd.server.limits import JOBS_DEFAULT_LIMIT, OFFLOAD_LINE
 
-__all__ = ["ApiResource", "job_view"]
+__all__ = ["ApiResource", "job_view", "body_request"]
 
 _ID = r"(j[0-9]{1,18})"
 Handler = Callable[..., Any]
+
+
+def body_request(body: bytes, depth: int) -> JobRequest:
+    """A POST /api/v1/jobs body as the SUBMIT it stands for, checked by the line protocol's own
+    parser. Pure: safe on another thread."""
+    doc = parse_json_object(body.decode("utf-8", "replace") or "null", "the request body", depth)
+    unknown = sorted(set(doc) - {"task", "input", "options"})
+    if unknown:
+        raise WireError(
+            ErrorCode.BAD_REQUEST,
+            f"unknown field {unknown[0][:40]!r}; known fields: input, options, task.",
+        )
+    task, options = doc.get("task"), doc.get("options", {})
+    if not isinstance(task, str) or not task or any(c.isspace() for c in task):
+        raise WireError(ErrorCode.BAD_REQUEST, "'task' must be a task name, e.g. \"sum\".")
+    if "input" not in doc or not isinstance(options, dict):
+        raise WireError(
+            ErrorCode.BAD_REQUEST, "give 'input' (any JSON) and 'options' as an object."
+        )
+    return parse_job_request(f"{task} {dumps(doc['input'])} {dumps(options)}", "SUBMIT", depth + 1)
 
 
 def job_view(ops: ClientOps, job: Job) -> dict[str, Any]:
@@ -130,32 +150,30 @@ class ApiResource(Resource):
         return encode(job_view(self.ops, job))
 
     def submit(self, request: Request) -> Any:
-        """SUBMIT: ``{"task", "input", "options"}``; 201 with the id once it is durable."""
+        """SUBMIT: ``{"task", "input", "options"}``; 201 with the id once it is durable. A body
+        over OFFLOAD_LINE is parsed and split on the server's thread, as a long RUN line is:
+        megabytes of JSON must not stall every other connection."""
         self.ops.check_capacity()
-        body = request.content.read().decode("utf-8", "replace") if request.content else ""
+        body = request.content.read() if request.content else b""
         depth = self.ops.settings.max_json_depth
-        doc = parse_json_object(body or "null", "the request body", depth)
-        unknown = sorted(set(doc) - {"task", "input", "options"})
-        if unknown:
-            raise WireError(
-                ErrorCode.BAD_REQUEST,
-                f"unknown field {unknown[0][:40]!r}; known fields: input, options, task.",
-            )
-        task, options = doc.get("task"), doc.get("options", {})
-        if not isinstance(task, str) or not task or any(c.isspace() for c in task):
-            raise WireError(ErrorCode.BAD_REQUEST, "'task' must be a task name, e.g. \"sum\".")
-        if "input" not in doc or not isinstance(options, dict):
-            raise WireError(
-                ErrorCode.BAD_REQUEST, "give 'input' (any JSON) and 'options' as an object."
-            )
-        # The line protocol's own parser and checks, on the line SUBMIT would carry.
-        req = parse_job_request(
-            f"{task} {dumps(doc['input'])} {dumps(options)}", "SUBMIT", depth + 1
-        )
-        job = self.ops.submit(req)
-        return self._when(
-            request, self.ops.accepted(job), lambda j: send_json(request, {"id": j.id}, 201)
-        )
+        offload = self.ops.core.offload
+        if len(body) <= OFFLOAD_LINE or offload is None:
+            job = self.ops.submit(body_request(body, depth))
+            d = self.ops.accepted(job)
+        else:
+            d = offload(body_request, body, depth)
+            d.addCallback(self._prepare, offload).addCallback(self._submit_prepared)
+        return self._when(request, d, lambda j: send_json(request, {"id": j.id}, 201))
+
+    def _prepare(self, req: JobRequest, offload: Any) -> Deferred[Any]:
+        """Back on the reactor: the default chunk count (it depends on the workers), then the
+        split and its journal encoding on the thread again."""
+        chunks = self.ops.core.default_chunks(req.task)
+        return offload(lambda: (req, self.ops.prepare(req, chunks)))
+
+    def _submit_prepared(self, out: tuple[JobRequest, Any]) -> Deferred[Job]:
+        req, (pieces, encoded) = out
+        return self.ops.accepted(self.ops.submit(req, pieces, encoded))
 
     def cancel(self, request: Request, job_id: str) -> Any:
         """CANCEL: answers once the cancel (or the end it already had) is durable."""
