@@ -157,7 +157,7 @@ async def _job_command(client: Any, args: argparse.Namespace, reactor: Any) -> i
         from clusterd.client.top import Interrupt
 
         interrupt = Interrupt(reactor)
-    if args.input is None:
+    if args.input is None and not args.input_ref:  # the server checks a ref job's task
         tasks = {t["name"]: t for t in await client.tasks()}
         if args.task not in tasks:
             raise RequestRefused("UNKNOWN_TASK", f"no task named {args.task!r}")
