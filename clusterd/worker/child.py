@@ -18,6 +18,7 @@ import traceback
 from typing import Any, BinaryIO
 
 from clusterd.core import jsoncodec
+from clusterd.core.refs import RefError, RefRange
 
 
 def _run(registry: Any, msg: Any) -> tuple[dict[str, Any], bytes] | None:
@@ -37,7 +38,8 @@ def _run(registry: Any, msg: Any) -> tuple[dict[str, Any], bytes] | None:
         return out, jsoncodec.dumpb(out)
     except Exception as e:
         out = {"id": ticket, "ok": False, "type": type(e).__name__, "message": str(e)}
-        out["traceback"] = _format(e)
+        if not isinstance(e, RefError):  # an unreadable input: the message says it all
+            out["traceback"] = _format(e)
         if task is not None and isinstance(e, task.no_retry):
             out["retry"] = False
         return out, jsoncodec.dumpb(out)
@@ -48,7 +50,6 @@ def _input(msg: dict[str, Any]) -> Any:
     ``ref`` names, read here so the bytes never cross the pipe (clusterd/worker/refs.py)."""
     if "ref" not in msg:
         return msg.get("input")
-    from clusterd.core.refs import RefRange
     from clusterd.worker.refs import read_file
 
     return read_file(RefRange.from_wire(msg["ref"]))

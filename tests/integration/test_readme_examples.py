@@ -62,3 +62,4 @@ def test_readme_python_examples_run(tmp_path):
     assert "return 1 / x" in executor
     assert blocking.splitlines()[0] == "9592"
     assert deferred.strip() == "6"
+    assert out[3].strip() == "True"  # the input by reference
