@@ -9,6 +9,7 @@ and ClientService reconnects), which catches half-open connections TCP never rep
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, fail
@@ -25,7 +26,7 @@ from clusterd.endpoints import no_delay
 from clusterd.heartbeat import Heartbeat
 from clusterd.worker import registration
 from clusterd.worker.pool import ChildDied, PoolService, RunResult
-from clusterd.worker.refs import fetch_range
+from clusterd.worker.refs import fetch_range, permitted
 
 __all__ = ["WorkerProtocol", "WorkerFactory"]
 
@@ -187,6 +188,7 @@ class WorkerProtocol(Protocol):
             return self.factory.pool.run(task, msg.get("input"))
         try:
             rng = RefRange.from_wire(msg["ref"])
+            rng = replace(rng, ref=permitted(rng.ref, self.factory.ref_roots))
         except RefError as e:
             return fail(e)
         if not is_url(rng.ref):
@@ -326,6 +328,7 @@ class WorkerFactory(Factory):
         heartbeat_timeout: float = 15.0,
         secret: bytes | None = None,
         max_delay: float = 30.0,
+        ref_roots: tuple[str, ...] = (),
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
@@ -341,6 +344,7 @@ class WorkerFactory(Factory):
         self.rejections = 0
         self.secret = secret
         self.max_delay = max_delay
+        self.ref_roots = ref_roots  # where inputs by reference may be read (empty: anywhere)
         self.current: WorkerProtocol | None = None
         self.stopping = False
         self.last_loss: str | None = None  # why the last connections ended before registering

@@ -18,12 +18,39 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 
-from clusterd.core.refs import RefError, RefRange, align, decode_records, read_aligned
+from clusterd.core.refs import RefError, RefRange, align, decode_records, is_url, read_aligned
 
-__all__ = ["read_file", "fetch_range", "http_read"]
+__all__ = ["read_file", "fetch_range", "http_read", "permitted", "ref_root"]
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)$")
 HTTP_TIMEOUT = 60.0  # seconds for one range request, headers to last byte
+
+
+def ref_root(value: str) -> str:
+    """A ``--ref-root`` as it is compared: a directory made absolute and resolved, or a URL
+    prefix that ends its host part with ``/`` (so ``http://a.example`` does not admit
+    ``http://a.example.evil``)."""
+    if is_url(value):
+        rest = value.partition("://")[2]
+        return value if "/" in rest else value + "/"
+    return os.path.realpath(value)
+
+
+def permitted(ref: str, roots: tuple[str, ...]) -> str:
+    """The reference to read: a file path resolved (symbolic links followed), checked to lie
+    under one of ``roots`` when the worker was given any (``--ref-root``); a URL checked to
+    start with one of them. Raises RefError otherwise: a client cannot make this worker read
+    its other files or fetch from hosts its operator did not list."""
+    if is_url(ref):
+        if roots and not any(is_url(r) and ref.startswith(r) for r in roots):
+            raise RefError(f"{ref} is not under a --ref-root of this worker")
+        return ref
+    real = os.path.realpath(ref)
+    if roots and not any(
+        not is_url(r) and (real == r or real.startswith(r.rstrip("/") + "/")) for r in roots
+    ):
+        raise RefError(f"{ref} is not under a --ref-root of this worker")
+    return real
 
 
 def read_file(rng: RefRange) -> Any:

@@ -213,3 +213,22 @@ def test_protocol_transcript_replays(tmp_path):
         cluster.stop()
         proc.kill()
         proc.wait(timeout=30)
+
+
+def test_worker_ref_root_refuses_other_files(tmp_path, data):
+    """A worker started with --ref-root reads references under it and fails the others."""
+    from clusterd.launch import LocalCluster
+
+    (tmp_path / "c").mkdir()
+    other = tmp_path / "other.txt"
+    other.write_text("secret words\n")
+    with LocalCluster(tmp_path / "c") as c:
+        c.start_server()
+        c.start_worker("w1", extra=["--ref-root", str(data)])
+        c.wait_workers()
+        with c.client(timeout=60) as client:
+            path = data / "nums.jsonl"
+            assert client.run_ref("sum", str(path), path.stat().st_size, 2) == sum(range(5_000))
+            with pytest.raises(JobFailed) as e:
+                client.run_ref("wordcount", str(other), other.stat().st_size, 1, attempts=1)
+    assert "not under a --ref-root" in e.value.error["message"]

@@ -157,3 +157,30 @@ def test_read_file_reads_its_range_and_checks_the_size(tmp_path):
         read_file(RefRange(str(tmp_path / "none"), size, 0, 3, "text"))
     with pytest.raises(RefError, match="the job names 99"):
         read_file(RefRange(str(path), 99, 0, 3, "text"))
+
+
+def test_ref_roots_confine_what_a_worker_reads(tmp_path):
+    """With --ref-root, a file outside the roots (also through a symlink) or a URL outside the
+    listed prefixes is refused; without roots, anything is read."""
+    from clusterd.worker.refs import permitted, ref_root
+
+    inside = tmp_path / "data"
+    inside.mkdir()
+    (inside / "a.txt").write_text("x")
+    (tmp_path / "secret.txt").write_text("y")
+    (inside / "link.txt").symlink_to(tmp_path / "secret.txt")
+    roots = (ref_root(str(inside)), ref_root("http://files.example"))
+    assert roots[1] == "http://files.example/"
+    assert permitted(str(inside / "a.txt"), roots) == str((inside / "a.txt").resolve())
+    assert permitted("http://files.example/a.txt", roots) == "http://files.example/a.txt"
+    for bad in (
+        str(tmp_path / "secret.txt"),
+        str(inside / "link.txt"),
+        str(inside / ".." / "secret.txt"),
+        str(tmp_path / "data2" / "a.txt"),
+        "http://files.example.evil/a.txt",
+        "http://other.example/a.txt",
+    ):
+        with pytest.raises(RefError, match="--ref-root"):
+            permitted(bad, roots)
+    assert permitted(str(tmp_path / "secret.txt"), ()) == str((tmp_path / "secret.txt").resolve())
