@@ -16,7 +16,7 @@ from typing import Any
 
 from clusterd.core.errors import ErrorCode, WireError
 from clusterd.core.jobs import Job, JobOptions, Tally
-from clusterd.core.refs import RefRange, cut_ranges, ref_format
+from clusterd.core.refs import RefRange, cut_ranges, range_count, ref_format
 from clusterd.tasks.registry import Registry, Task, TaskInputError
 
 __all__ = ["Admission", "default_chunks"]
@@ -114,14 +114,14 @@ class Admission:
         chunks = options.get("chunks") or default
         self.check_chunks(options.get("chunks"))
         fmt = ref_format(options, task.name, str(task.stream))
-        ranges = cut_ranges(options["ref"], options["size"], chunks, fmt)
-        if len(ranges) > self.config.max_subtasks:
+        count = range_count(options["size"], chunks)
+        if count > self.config.max_subtasks:
             raise WireError(
                 ErrorCode.TOO_MANY_SUBTASKS,
-                f"the input's {options['size']} bytes make {len(ranges)} sub-tasks; "
+                f"the input's {options['size']} bytes make {count} sub-tasks; "
                 f"at most {self.config.max_subtasks} allowed.",
             )
-        return ranges
+        return cut_ranges(options["ref"], options["size"], chunks, fmt)
 
     def check_queue(self, queued: int, adding: int) -> None:
         """Raise WireError BUSY if ``adding`` sub-tasks would take the queue past its limit."""

@@ -15,7 +15,6 @@ a worker's pool child) and the URL reader (asynchronous, with treq, in the worke
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ __all__ = [
     "RefError",
     "check_ref_options",
     "cut_ranges",
+    "range_count",
     "encode_ranges",
     "ranges_from_cut",
     "align",
@@ -147,18 +147,23 @@ def ref_format(options: dict[str, Any], task_name: str, kind: str) -> str:
     return fmt
 
 
-def cut_ranges(ref: str, size: int, chunks: int, fmt: str) -> list[RefRange]:
-    """``size`` bytes cut into ``chunks`` ranges of equal length, more if a range would exceed
-    MAX_RANGE bytes. An empty input has no ranges (the job has no sub-tasks)."""
+def range_count(size: int, chunks: int) -> int:
+    """How many ranges :func:`cut_ranges` makes: ``chunks``, more if a range would exceed
+    MAX_RANGE bytes, fewer if there are fewer bytes; 0 for an empty input. O(1), so a huge
+    ``size`` is refused before anything is built."""
     if size <= 0:
+        return 0
+    return min(size, max(1, chunks, -(-size // MAX_RANGE)))
+
+
+def cut_ranges(ref: str, size: int, chunks: int, fmt: str) -> list[RefRange]:
+    """``size`` bytes cut into :func:`range_count` ranges of equal length (never empty). An
+    empty input has no ranges (the job has no sub-tasks)."""
+    count = range_count(size, chunks)
+    if count == 0:
         return []
-    count = max(1, chunks, math.ceil(size / MAX_RANGE))
     bounds = [size * i // count for i in range(count + 1)]
-    return [
-        RefRange(ref, size, bounds[i], bounds[i + 1], fmt)
-        for i in range(count)
-        if bounds[i] < bounds[i + 1]
-    ]
+    return [RefRange(ref, size, bounds[i], bounds[i + 1], fmt) for i in range(count)]
 
 
 def encode_ranges(ranges: list[RefRange]) -> str:

@@ -162,3 +162,11 @@ def test_reference_job_resumes_the_same_ranges_after_restart(journal, factory):
     assert json.loads(reply.split(" ", 2)[2]) == dict(Counter(TEXT.decode().split()))
     for conn in (c, c2, w):
         conn.lose()
+
+
+def test_a_huge_size_is_refused_before_any_range_is_built(factory):
+    """A size of 10**30 bytes is TOO_MANY_SUBTASKS at once: the count is computed, not cut."""
+    c = LineConn(factory)
+    (reply,) = c.ask('RUN wordcount & {"ref":"/f","size":1000000000000000000000000000000}')
+    assert reply.startswith("ERR TOO_MANY_SUBTASKS"), reply
+    c.lose()
