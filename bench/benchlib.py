@@ -20,7 +20,7 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 
-WORKLOADS = ["W1", "W1b", "W2", "W3", "W4", "B1", "M1", "S1", "Scale"]
+WORKLOADS = ["W1", "W1b", "W2", "W3", "W4", "W4r", "B1", "M1", "S1", "Scale"]
 SYSTEMS = ["clusterd", "clusterd-nojournal", "sequential", "multiprocessing", "ray", "dask"]
 BASELINES = ["sequential", "multiprocessing", "ray", "dask"]
 CLUSTERD_SYSTEMS = ["clusterd", "clusterd-nojournal"]
@@ -32,6 +32,7 @@ APPLIES = {
     "W2": SYSTEMS,
     "W3": SYSTEMS,
     "W4": SYSTEMS,
+    "W4r": ["clusterd"],  # W4 by reference: the workers read the file (no baseline has this)
     "B1": ["clusterd"],
     "M1": CLUSTERD_SYSTEMS,
     "S1": ["clusterd"],

@@ -58,6 +58,11 @@ METRICS: dict[str, list[tuple[str, str, str | None]]] = {
     "W2": [("speedup", "speedup x", "high"), ("elapsed_s", "elapsed s", "low")],
     "W3": [("p50_ms", "p50 ms", "low"), ("p90_ms", "p90 ms", "low"), ("p99_ms", "p99 ms", "low")],
     "W4": [("mb_per_s", "MB/s", "high"), ("elapsed_s", "elapsed s", "low")],
+    "W4r": [
+        ("mb_per_s", "MB/s", "high"),
+        ("x_sequential", "x sequential W4", "high"),
+        ("elapsed_s", "elapsed s", "low"),
+    ],
     "B1": [
         ("mb_per_s", "MB/s", "high"),
         ("ping_p50_ms", "PING p50 ms", "low"),
@@ -88,6 +93,7 @@ TARGETS: dict[tuple[str, str], tuple[str, float]] = {
     ("W3", "p50_ms"): ("<=", 0.5),
     ("W3", "p99_ms"): ("<=", 2.0),
     ("W4", "mb_per_s"): (">=", 55),
+    ("W4r", "x_sequential"): (">=", 1.7),
     ("M1", "bytes_per_queued_subtask"): ("<=", 300),
     ("B1", "ping_p99_ms"): ("<=", 10),
     ("S1", "register_s"): ("<=", 5),
@@ -333,6 +339,17 @@ class Bench:
             if (rec.workload, rec.system, rec.metric) == ("W2", "sequential", "elapsed_s"):
                 self.results.add("W2", "sequential", "speedup", med / rec.value, "x", rec.run)
 
+    def add_ref_ratio(self, name: str) -> None:
+        """W4 by reference against sequential W4 of the same run: each run's MB/s over the
+        sequential median."""
+        seq = self.results.median("W4", "sequential", "mb_per_s")
+        if seq is None:
+            self.note("W4r: no sequential W4 in this run, so no 'x sequential W4' ratio")
+            return
+        for rec in list(self.results.records):
+            if (rec.workload, rec.system, rec.metric) == ("W4r", name, "mb_per_s"):
+                self.results.add("W4r", name, "x_sequential", rec.value / seq, "x", rec.run)
+
     def run_clusterd(self, name: str, workloads: list[str]) -> None:
         from sys_clusterd import ClusterdSystem
 
@@ -350,8 +367,10 @@ class Bench:
             for w in workloads:
                 if w == "W2":
                     self.measure(w, name, lambda: system.w2(self.seq_w2_time))
-                elif w in ("W4", "B1"):
+                elif w in ("W4", "W4r", "B1"):
                     self.measure(w, name, lambda w=w: getattr(system, w.lower())(self.text))
+                    if w == "W4r":
+                        self.add_ref_ratio(name)
                 elif w == "Scale":
                     self.run_scale(system)
                 else:

@@ -248,9 +248,12 @@ class ClusterdSystem:
 
             yield warm, once
 
-    def _wordcount_cli(self, cluster: LocalCluster, chunks: int | None) -> Callable:
+    def _wordcount_cli(
+        self, cluster: LocalCluster, chunks: int | None, source: str = "--file"
+    ) -> Callable:
         """``clusterd run wordcount --file PATH`` as a user types it: a file over 1 MiB is
-        streamed in pieces (docs/PROTOCOL.md, "Streamed values")."""
+        streamed in pieces (docs/PROTOCOL.md, "Streamed values"). ``source="--input-ref"``:
+        the workers read the file themselves ("Inputs by reference")."""
         cmd = [
             clusterd_cli(),
             "--server",
@@ -261,7 +264,7 @@ class ClusterdSystem:
             "wordcount",
             "--no-progress",
             *(["--chunks", str(chunks)] if chunks else []),
-            "--file",
+            source,
         ]
 
         def run_file(path: Path) -> tuple[Any, float]:
@@ -291,6 +294,29 @@ class ClusterdSystem:
             def once() -> Metrics:
                 counts, dt = run_file(data.path)
                 check("W4 word counts", counts, data.answer)
+                return [("mb_per_s", data.mb / dt, "MB/s"), ("elapsed_s", dt, "s")]
+
+            yield warm, once
+
+    @contextmanager
+    def w4r(self, text: Callable[[], TextInput]) -> Iterator[tuple[Callable, Callable]]:
+        """W4 by reference: ``clusterd run wordcount --input-ref PATH`` on the W4 file (written
+        once, in the run's temp dir); the server cuts byte ranges, never reading the file, and
+        the workers' pool children read them."""
+        with self.cluster("w4r") as cluster:
+            data = text()
+            # As a user types it: no --chunks, so the server's default cut (ranges of at most
+            # 2 MiB: 24 for 50 MB), and 24 small results to combine instead of W4's 100.
+            run_file = self._wordcount_cli(cluster, None, "--input-ref")
+
+            def warm() -> None:
+                small = cluster.workdir / "warm.txt"
+                small.write_text("a b a c\n")
+                check("W4r warm-up", run_file(small)[0], {"a": 2, "b": 1, "c": 1})
+
+            def once() -> Metrics:
+                counts, dt = run_file(data.path)
+                check("W4r word counts", counts, data.answer)
                 return [("mb_per_s", data.mb / dt, "MB/s"), ("elapsed_s", dt, "s")]
 
             yield warm, once

@@ -26,6 +26,7 @@ from clusterd.client.cli_input import (
     open_stream,
     read_input,
 )
+from clusterd.client.cli_ref import submit_ref
 from clusterd.client.errors import (
     ClusterError,
     InputUnreadable,
@@ -156,7 +157,7 @@ async def _job_command(client: Any, args: argparse.Namespace, reactor: Any) -> i
         from clusterd.client.top import Interrupt
 
         interrupt = Interrupt(reactor)
-    if args.input is None:
+    if args.input is None and not args.input_ref:  # the server checks a ref job's task
         tasks = {t["name"]: t for t in await client.tasks()}
         if args.task not in tasks:
             raise RequestRefused("UNKNOWN_TASK", f"no task named {args.task!r}")
@@ -166,8 +167,11 @@ async def _job_command(client: Any, args: argparse.Namespace, reactor: Any) -> i
     options = {"timeout": args.timeout, "attempts": args.attempts, "key": args.key}
     # Pieces well within the server's line limit, even if escaping grows them 8-fold.
     max_line = int(client.server_info.get("max_line", 16 << 20))
-    stream = open_stream(args, info, max(1024, min(PIECE_BYTES, max_line // 8)))
-    if stream is not None:
+    pieces_bytes = max(1024, min(PIECE_BYTES, max_line // 8))
+    stream = None if args.input_ref else open_stream(args, info, pieces_bytes)
+    if args.input_ref:
+        job = await submit_ref(client, args, options)
+    elif stream is not None:
         pieces, size = stream
         show = cmd == "run" and sys.stderr.isatty() and not args.no_progress
         source = getattr(args, "upload_source", None)

@@ -28,6 +28,10 @@ __all__ = [
     "DEFAULT_TIMEOUT",
 ]
 
+REF_HELP = (
+    "the workers read the input where it lives: a file they can see, or an http(s) URL that "
+    "answers range requests (text, or JSON lines for list tasks)"
+)
 DEFAULT_SERVER = f"tcp:127.0.0.1:{DEFAULT_PORT}"
 DEFAULT_TIMEOUT = 10.0  # seconds: clusterd.client.api.DEFAULT_TIMEOUT, without importing Twisted
 
@@ -89,6 +93,8 @@ def _add_commands(sub: Any) -> None:
             "-f",
             help="read the input from a file ('-' for stdin): JSON, or plain text for text tasks",
         )
+        c.add_argument("--input-ref", metavar="PATH|URL", help=REF_HELP)
+        c.add_argument("--format", choices=("text", "lines"), help="how --input-ref is read")
         c.add_argument("--chunks", "-n", type=int, help="number of sub-tasks to split into")
         c.add_argument("--timeout", type=float, help="seconds a sub-task may run before a retry")
         c.add_argument("--attempts", type=int, help="tries per sub-task before the job fails")

@@ -18,7 +18,15 @@ from clusterd.client.pieces import stream_lines
 from clusterd.core.auth import proof
 from clusterd.core.wire import Reply, dumps, parse_json
 
-__all__ = ["ClientVerbs", "Decode", "ProgressFn", "auth_line", "job_line", "jobs_line"]
+__all__ = [
+    "ClientVerbs",
+    "Decode",
+    "ProgressFn",
+    "auth_line",
+    "job_line",
+    "jobs_line",
+    "ref_line",
+]
 
 ProgressFn = Callable[[str, dict[str, Any]], None]
 Decode = Callable[[Reply], Any]
@@ -35,6 +43,15 @@ def job_line(verb: str, task: str, value: Any, chunks: int | None = None, **opti
     if opts:
         line += " " + dumps(opts)
     return line
+
+
+def ref_line(
+    verb: str, task: str, ref: str, size: int, chunks: int | None = None, **options: Any
+) -> str:
+    """``RUN``/``SUBMIT <task> &``: an input named by reference (a file path the workers can
+    read, or an http(s) URL), its ``size`` in bytes, and the job options that are set."""
+    opts = {"ref": ref, "size": size, "chunks": chunks, **options}
+    return f"{verb} {task} & " + dumps({k: v for k, v in opts.items() if v is not None})
 
 
 def jobs_line(limit: int | None = None, before: str | None = None) -> str:
@@ -121,6 +138,21 @@ class ClientVerbs:
         opts = {"chunks": chunks, **options}
         lines = stream_lines("RUN", task, pieces, opts, dumps, self._max_line())
         return self._send_lines(lines, _value)
+
+    def submit_ref(
+        self, task: str, ref: str, size: int, chunks: int | None = None, **options: Any
+    ) -> Any:
+        """Submit a job whose input the workers read where it lives: ``ref`` is an absolute
+        file path they can see, or an http(s) URL that answers range requests; ``size`` its
+        length in bytes. Option ``format``: "text" or "lines" (JSON lines), by default the
+        one the task reads. The job id once it is durably recorded."""
+        return self._send(ref_line("SUBMIT", task, ref, size, chunks, **options), _text)
+
+    def run_ref(
+        self, task: str, ref: str, size: int, chunks: int | None = None, **options: Any
+    ) -> Any:
+        """:meth:`submit_ref`, then the job's result."""
+        return self._send(ref_line("RUN", task, ref, size, chunks, **options), _value)
 
     def wait(self, job: str) -> Any:
         """The result of a job, once it has ended."""

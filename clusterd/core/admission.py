@@ -16,6 +16,7 @@ from typing import Any
 
 from clusterd.core.errors import ErrorCode, WireError
 from clusterd.core.jobs import Job, JobOptions, Tally
+from clusterd.core.refs import RefRange, cut_ranges, range_count, ref_format
 from clusterd.tasks.registry import Registry, Task, TaskInputError
 
 __all__ = ["Admission", "default_chunks"]
@@ -106,6 +107,21 @@ class Admission:
                 f"{chunks} chunks asked; this server allows at most "
                 f"{self.config.max_subtasks} per job.",
             )
+
+    def ranges(self, task: Task, options: dict[str, Any], default: int) -> list[RefRange]:
+        """The byte ranges an input by reference is cut into (``chunks``, or ``default``, more
+        if a range would pass the size cap); raises WireError for a bad format or too many."""
+        chunks = options.get("chunks") or default
+        self.check_chunks(options.get("chunks"))
+        fmt = ref_format(options, task.name, str(task.stream))
+        count = range_count(options["size"], chunks)
+        if count > self.config.max_subtasks:
+            raise WireError(
+                ErrorCode.TOO_MANY_SUBTASKS,
+                f"the input's {options['size']} bytes make {count} sub-tasks; "
+                f"at most {self.config.max_subtasks} allowed.",
+            )
+        return cut_ranges(options["ref"], options["size"], chunks, fmt)
 
     def check_queue(self, queued: int, adding: int) -> None:
         """Raise WireError BUSY if ``adding`` sub-tasks would take the queue past its limit."""

@@ -115,13 +115,16 @@ class Endings:
         None for a streamed input, whose sub-task inputs follow in ChunksAdded records and
         whose JobSealed comes last. Either way the record says ``streamed``: recovery reads
         the cut, never splits an input again."""
+        options: dict[str, Any] = {"timeout": job.options.timeout, "attempts": job.options.attempts}
+        if job.ref is not None:
+            options["ref"] = job.ref  # recovery rebuilds the ranges from it and the cut
         record = JobAccepted(
             job.id,
             int(job.id[1:]),
             job.task,
             "",
             job.total,
-            {"timeout": job.options.timeout, "attempts": job.options.attempts},
+            options,
             job.key,
             job.submitted,
             streamed=True,

@@ -26,6 +26,7 @@ from clusterd.core.endings import Backoffs, Endings
 from clusterd.core.errors import ErrorCode
 from clusterd.core.jobs import Job, JobState
 from clusterd.core.journal import ResultRecorded
+from clusterd.core.refs import RefRange
 from clusterd.core.ring import Ring, TaskTimes
 from clusterd.core.taskstream import TaskStream
 from clusterd.core.wire import dumps
@@ -73,7 +74,11 @@ class Execution:
         self.counters["subtasks_dispatched"] += 1
         if job.first_sent is None:
             job.first_sent = disp.started
-        sub = SubTask(job.id, index, job.task, job.chunks[index], attempt)
+        chunk = job.chunks[index]
+        if type(chunk) is RefRange:  # an input by reference: the worker reads this range
+            sub = SubTask(job.id, index, job.task, None, attempt, ref=chunk)
+        else:
+            sub = SubTask(job.id, index, job.task, chunk, attempt)
         try:
             d = worker.runner(sub)
         except Exception as e:

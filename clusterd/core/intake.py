@@ -19,6 +19,7 @@ from clusterd.core.admission import Admission, default_chunks
 from clusterd.core.endings import Endings
 from clusterd.core.jobs import Job, Tally
 from clusterd.core.journal import ChunksAdded, JobSealed
+from clusterd.core.refs import encode_ranges
 from clusterd.core.ring import Ring
 from clusterd.core.streaming import Cutter, chunk_target
 from clusterd.core.table import JobTable
@@ -84,6 +85,8 @@ class Intake:
         split again: a restart resumes the very split its recorded results were computed for,
         whatever the workers connected since (the default chunk count depends on them)."""
         options = options or {}
+        if "ref" in options:  # "&": an input by reference (the wire parser checked its options)
+            return self.submit_ref(task_name, options)
         adm = self._admission
         adm.check_journal(self.owner.journal.failure)
         existing = adm.keyed(options.get("key"), task_name)
@@ -105,6 +108,32 @@ class Intake:
         # One record, the cut in it. Lazy: a RUN's client sees no id before the end, and a
         # SUBMIT's OK hurries the journal (ServerProtocol), so a short RUN's acceptance can
         # share its end's commit.
+        self._endings.record_acceptance(job, lazy=True, cut=encoded)
+        if job.total == 0:
+            self._endings.combine(job)
+        else:
+            self._ring.add(job)
+            self._pump()
+        return job
+
+    def submit_ref(self, task_name: str, options: dict[str, Any]) -> Job:
+        """Enqueue a job whose input is named by reference (the ``ref``, ``size`` and
+        ``format`` options, checked by the wire parser): cut into byte ranges the workers read,
+        journaled as ``[[start,end],...]`` with the reference in the job's options, so a
+        restart resumes the very same ranges. The server never reads the input itself."""
+        adm = self._admission
+        adm.check_journal(self.owner.journal.failure)
+        existing = adm.keyed(options.get("key"), task_name)
+        if existing is not None:
+            return existing
+        task = adm.streamable(task_name)
+        ranges = adm.ranges(task, options, self.default_chunks(task_name))
+        adm.check_queue(self._tally.queued, len(ranges))
+        job = self._new_job(task, ranges, options)
+        fmt = ranges[0].format if ranges else "text"
+        job.ref = {"url": options["ref"], "size": options["size"], "format": fmt}
+        job.input_size = options["size"]
+        encoded = encode_ranges(ranges) if self.owner.journal.durable else ""
         self._endings.record_acceptance(job, lazy=True, cut=encoded)
         if job.total == 0:
             self._endings.combine(job)

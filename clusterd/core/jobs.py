@@ -79,6 +79,7 @@ class Job:
         self.total = len(chunks)
         self.sealed = sealed  # False while a streamed input is still arriving
         self.input_size = 0  # streamed jobs: items or characters received
+        self.ref: dict[str, Any] | None = None  # an input by reference: its url, size, format
         self.options = options or JobOptions(None, 1)
         self.results: list[Any] = [_MISSING] * self.total
         self.done = 0

@@ -42,7 +42,20 @@ def line_size(verb: str, size: int, batch: bool) -> int:
 
 
 def do_body(ticket: int, sub: Any) -> str:
-    """The JSON object of a ``DO`` line for sub-task ``sub`` under ``ticket``."""
+    """The JSON object of a ``DO`` line for sub-task ``sub`` under ``ticket``; an input by
+    reference goes as ``"ref"`` (the range to read) instead of ``"input"``."""
+    ref = getattr(sub, "ref", None)
+    if ref is not None:
+        return dumps(
+            {
+                "id": ticket,
+                "job": sub.job,
+                "index": sub.index,
+                "task": sub.task,
+                "attempt": sub.attempt,
+                "ref": ref.wire(),
+            }
+        )
     return dumps(
         {
             "id": ticket,

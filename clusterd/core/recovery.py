@@ -21,6 +21,7 @@ from typing import Any
 from clusterd.core.errors import ErrorCode, WireError
 from clusterd.core.jobs import Job, JobOptions, Tally
 from clusterd.core.journal import JobRecord
+from clusterd.core.refs import ranges_from_cut
 
 __all__ = ["Restored", "restore", "journaled_inputs", "ENDED", "FAILED", "RESUME"]
 
@@ -62,6 +63,8 @@ def restore(
             pieces = json.loads(a.cut_json)
             if not isinstance(pieces, list) or len(pieces) != a.chunks:
                 raise WireError(ErrorCode.JOURNAL_ERROR, "the journaled cut is damaged")
+            if "ref" in a.options:
+                pieces = ranges_from_cut(a.options["ref"], pieces)
         elif a.streamed:
             pieces = journaled_inputs(rec)
         else:
@@ -72,6 +75,7 @@ def restore(
         message = e.message if isinstance(e, WireError) else str(e)
         return Restored(job, FAILED, {"code": code, "message": message})
     job = Job(a.job, a.task, pieces, a.submitted, opts, tally, a.key)
+    job.ref = a.options.get("ref")
     job.prefill({i: json.loads(r) for i, r in rec.results.items()})
     return Restored(job, RESUME)
 

@@ -22,6 +22,7 @@ from clusterd.core.jsontext import (
     parse_json_object,
     parse_json_objects,
 )
+from clusterd.core.refs import REF_MARK, check_ref_options
 from clusterd.core.replies import (
     Reply,
     ReplyReader,
@@ -85,7 +86,7 @@ WORKER_VERBS: dict[str, str] = {
     "PING": "PING  liveness; either side may send it, the other answers OK PONG",
 }
 
-JOB_OPTIONS = {"chunks", "timeout", "attempts", "key", "size"}
+JOB_OPTIONS = {"chunks", "timeout", "attempts", "key", "size", "ref", "format"}
 MAX_ATTEMPTS = 100
 MAX_KEY_LENGTH = 200
 
@@ -107,6 +108,7 @@ class JobRequest:
     options: dict[str, Any] = field(default_factory=dict)
     input_json: str | None = None  # the input exactly as sent, for the journal
     streamed: bool = False  # the input is "@": it follows as piece lines
+    by_ref: bool = False  # the input is "&": the "ref" option names it (core/refs.py)
 
     @property
     def chunks(self) -> int | None:
@@ -147,7 +149,8 @@ def parse_job_request(
             ErrorCode.BAD_REQUEST, f"{verb} {task} needs a JSON input after the task name."
         )
     streamed = payload[0] == STREAM_MARK and (len(payload) == 1 or payload[1].isspace())
-    if streamed:
+    by_ref = payload[0] == REF_MARK and (len(payload) == 1 or payload[1].isspace())
+    if streamed or by_ref:
         value, end = None, 1
     else:
         value, end = _decode_prefix_fast(payload, "the job input", max_depth)
@@ -155,7 +158,10 @@ def parse_job_request(
     options: dict[str, Any] = {}
     if options_text:
         options = parse_json_object(options_text, "the job options", max_depth)
-    _check_options(options, streamed, verb, task)
+    _check_options(options, streamed or by_ref, verb, task)
+    check_ref_options(options, by_ref)
+    if by_ref:
+        return JobRequest(task, None, options, None, False, True)
     return JobRequest(task, value, options, None if streamed else payload[:end], streamed)
 
 
@@ -192,12 +198,13 @@ def _check_options(options: dict[str, Any], streamed: bool, verb: str, task: str
     if size is not None and (type(size) is not int or size < 0):
         raise WireError(
             ErrorCode.BAD_REQUEST,
-            "option 'size' must be a non-negative integer: the streamed input's length.",
+            "option 'size' must be a non-negative integer: the input's length.",
         )
     if size is not None and not streamed:
         raise WireError(
             ErrorCode.BAD_REQUEST,
-            f"option 'size' is only for a streamed input ({verb} {task} @ ...).",
+            f"option 'size' is only for a streamed input ({verb} {task} @ ...) "
+            f"or one named by reference ({verb} {task} & ...).",
         )
 
 

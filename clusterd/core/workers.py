@@ -20,6 +20,8 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
+from clusterd.core.refs import RefRange
+
 __all__ = ["IWorkerLink", "SubTask", "TimedResult", "WorkerHandle", "WorkerRegistry", "Dispatch"]
 
 
@@ -32,6 +34,7 @@ class SubTask:
     task: str
     input: Any
     attempt: int = 1
+    ref: RefRange | None = None  # instead of ``input``: the byte range the worker reads
 
 
 class TimedResult:

@@ -69,6 +69,8 @@ class ClientOps:
 
     def prepare(self, req: JobRequest, default_chunks: int | None) -> Prepared:
         """Split and encode a big request's input: pure, for a thread (core.offload)."""
+        if req.by_ref:
+            return None, None  # nothing to split: submit_ref cuts byte ranges
         pieces = self.core.prepare(req.task, req.input, req.chunks or default_chunks)
         durable = pieces is not None and self.core.journal.durable
         return pieces, self.core.encode_cut(pieces) if durable else None

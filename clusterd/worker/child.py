@@ -18,6 +18,7 @@ import traceback
 from typing import Any, BinaryIO
 
 from clusterd.core import jsoncodec
+from clusterd.core.refs import RefError, RefRange
 
 
 def _run(registry: Any, msg: Any) -> tuple[dict[str, Any], bytes] | None:
@@ -31,16 +32,27 @@ def _run(registry: Any, msg: Any) -> tuple[dict[str, Any], bytes] | None:
         if task is None:
             raise LookupError(f"this worker has no task named {msg.get('task')!r}")
         start = time.perf_counter()
-        result = task.run(msg.get("input"))
+        result = task.run(_input(msg))
         out = {"id": ticket, "ok": True, "result": result, "t": time.perf_counter() - start}
         # Refuses NaN and unencodable results here, per task, as json.dumps does.
         return out, jsoncodec.dumpb(out)
     except Exception as e:
         out = {"id": ticket, "ok": False, "type": type(e).__name__, "message": str(e)}
-        out["traceback"] = _format(e)
+        if not isinstance(e, RefError):  # an unreadable input: the message says it all
+            out["traceback"] = _format(e)
         if task is not None and isinstance(e, task.no_retry):
             out["retry"] = False
         return out, jsoncodec.dumpb(out)
+
+
+def _input(msg: dict[str, Any]) -> Any:
+    """The run's input: the message's ``input``, or the records of the file range its
+    ``ref`` names, read here so the bytes never cross the pipe (clusterd/worker/refs.py)."""
+    if "ref" not in msg:
+        return msg.get("input")
+    from clusterd.worker.refs import read_file
+
+    return read_file(RefRange.from_wire(msg["ref"]))
 
 
 # A traceback is for a person to read: its last frames say where the task raised, so a deep

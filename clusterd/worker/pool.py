@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 
 from clusterd.core import jsoncodec
 from clusterd.core.framing import LineFramer
+from clusterd.core.refs import RefRange
 
 __all__ = ["PoolService", "ChildDied", "RunResult"]
 
@@ -49,7 +50,7 @@ class _Child(ProcessProtocol):
         """Hand the child one run, or several as one message (one pipe round trip for a batch
         of tiny sub-tasks instead of one each)."""
         self.current = {ticket: d for ticket, _, _, d in batch}
-        msgs = [{"id": ticket, "task": task, "input": value} for ticket, task, value, _ in batch]
+        msgs = [_message(ticket, task, value) for ticket, task, value, _ in batch]
         self.transport.write(
             jsoncodec.dumpb(msgs[0] if len(msgs) == 1 else msgs, allow_nan=True) + b"\n"
         )
@@ -96,6 +97,13 @@ class _Child(ProcessProtocol):
         for d in current.values():
             d.errback(ChildDied(f"pool process died ({how}) while running the sub-task"))
         self.ended.callback(None)
+
+
+def _message(ticket: int, task: str, value: Any) -> dict[str, Any]:
+    """A child's request: the input, or for a file range the range it reads itself."""
+    if type(value) is RefRange:
+        return {"id": ticket, "task": task, "ref": value.wire()}
+    return {"id": ticket, "task": task, "input": value}
 
 
 class _TaskError(Exception):

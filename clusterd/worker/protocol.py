@@ -9,21 +9,24 @@ and ClientService reconnects), which catches half-open connections TCP never rep
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from clusterd.core.framing import DEFAULT_MAX_LINE, LineFramer, LineTooLong
 from clusterd.core.messages import batch_lines, byte_size, done_body, error_body, line_size
+from clusterd.core.refs import RefError, RefRange, is_url
 from clusterd.core.streaming import END, piece_lines
 from clusterd.core.wire import WireError, dumps, parse_json_object, parse_json_objects
 from clusterd.endpoints import no_delay
 from clusterd.heartbeat import Heartbeat
 from clusterd.worker import registration
 from clusterd.worker.pool import ChildDied, PoolService, RunResult
+from clusterd.worker.refs import fetch_range, permitted
 
 __all__ = ["WorkerProtocol", "WorkerFactory"]
 
@@ -127,7 +130,7 @@ class WorkerProtocol(Protocol):
                 "server sent DO for sub-task {ticket!r} already held; ignored", ticket=ticket
             )
             return
-        d = self.factory.pool.run(str(msg.get("task")), msg.get("input"))
+        d = self._start(msg)
         self.running[ticket] = d
 
         def ok(run: Any) -> None:
@@ -176,6 +179,21 @@ class WorkerProtocol(Protocol):
             self._maybe_idle()
 
         d.addCallbacks(ok, failed).addBoth(settled)
+
+    def _start(self, msg: dict[str, Any]) -> Deferred[Any]:
+        """Run a DO: its ``input``, or the range its ``ref`` names: a file range the pool child
+        reads itself; a URL range this process fetches first (clusterd/worker/refs.py)."""
+        task = str(msg.get("task"))
+        if "ref" not in msg:
+            return self.factory.pool.run(task, msg.get("input"))
+        try:
+            rng = RefRange.from_wire(msg["ref"])
+            rng = replace(rng, ref=permitted(rng.ref, self.factory.ref_roots))
+        except RefError as e:
+            return fail(e)
+        if not is_url(rng.ref):
+            return self.factory.pool.run(task, rng)
+        return fetch_range(rng).addCallback(lambda value: self.factory.pool.run(task, value))
 
     def _error(
         self,
@@ -310,6 +328,7 @@ class WorkerFactory(Factory):
         heartbeat_timeout: float = 15.0,
         secret: bytes | None = None,
         max_delay: float = 30.0,
+        ref_roots: tuple[str, ...] = (),
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
@@ -325,6 +344,7 @@ class WorkerFactory(Factory):
         self.rejections = 0
         self.secret = secret
         self.max_delay = max_delay
+        self.ref_roots = ref_roots  # where inputs by reference may be read (empty: anywhere)
         self.current: WorkerProtocol | None = None
         self.stopping = False
         self.last_loss: str | None = None  # why the last connections ended before registering

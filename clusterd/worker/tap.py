@@ -89,12 +89,17 @@ class Options(LayeredOptions):
         ],
     ]
 
-    listOptions = ("tasks",)
+    listOptions = ("tasks", "ref-root")
 
     def opt_tasks(self, module: str) -> None:
         """Python module (import name) defining a TASKS list of clusterd.tasks.Task. Repeatable.
         The server must load the same module."""
         self["tasks"].append(module)
+
+    def opt_ref_root(self, root: str) -> None:
+        """A directory (or an http(s) URL prefix) under which inputs by reference may be read;
+        repeatable. Without any, a job may name any file this worker can read, or any URL."""
+        self["ref-root"].append(root)
 
     def postOptions(self) -> None:
         """Default the name to host-pid, refuse one with spaces, load the secret and tasks; raises
@@ -119,6 +124,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     from clusterd.tls import client_endpoint
     from clusterd.worker.pool import PoolService
     from clusterd.worker.protocol import WorkerFactory
+    from clusterd.worker.refs import ref_root
 
     top = WorkerService(options["drain-timeout"], reactor)
     pool = PoolService(options["slots"], options["tasks"], reactor)
@@ -134,6 +140,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         heartbeat_timeout=options["heartbeat-timeout"],
         secret=options.secret,
         max_delay=options["max-reconnect-delay"],
+        ref_roots=tuple(ref_root(r) for r in options["ref-root"]),
     )
     try:
         # Our parser: tls: trustRoots read every certificate (*.pem, *.crt, *.cer, bundles).

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-WORKLOADS = ["W1", "W1b", "W2", "W3", "W4", "B1", "M1", "S1", "Scale"]
+WORKLOADS = ["W1", "W1b", "W2", "W3", "W4", "W4r", "B1", "M1", "S1", "Scale"]
 
 
 @pytest.mark.integration

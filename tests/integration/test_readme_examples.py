@@ -68,3 +68,4 @@ def test_readme_python_examples_run(tmp_path):
         "11",
         "ZeroDivisionError: division by zero",
     ]
+    assert out[4].strip() == "True"  # the input by reference
