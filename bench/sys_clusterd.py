@@ -303,15 +303,18 @@ class ClusterdSystem:
         """W4 by reference: ``clusterd run wordcount --input-ref PATH`` on the W4 file (written
         once, in the run's temp dir); the server cuts byte ranges, never reading the file, and
         the workers' pool children read them."""
-        with self.cluster("w4r") as cluster:
-            data = text()
+        data = text()
+        small = self.root / "w4r-warm.txt"
+        small.write_text("a b a c\n")
+        # The workers may read these two files and nothing else (a worker reads no input by
+        # reference outside its --ref-root; a file is a root of its own).
+        roots = ["--ref-root", str(data.path), "--ref-root", str(small)]
+        with self.cluster("w4r", worker_extra=roots) as cluster:
             # As a user types it: no --chunks, so the server's default cut (ranges of at most
             # 2 MiB: 24 for 50 MB), and 24 small results to combine instead of W4's 100.
             run_file = self._wordcount_cli(cluster, None, "--input-ref")
 
             def warm() -> None:
-                small = cluster.workdir / "warm.txt"
-                small.write_text("a b a c\n")
                 check("W4r warm-up", run_file(small)[0], {"a": 2, "b": 1, "c": 1})
 
             def once() -> Metrics:

@@ -344,7 +344,7 @@ class WorkerFactory(Factory):
         self.rejections = 0
         self.secret = secret
         self.max_delay = max_delay
-        self.ref_roots = ref_roots  # where inputs by reference may be read (empty: anywhere)
+        self.ref_roots = ref_roots  # where inputs by reference may be read (empty: nowhere)
         self.current: WorkerProtocol | None = None
         self.stopping = False
         self.last_loss: str | None = None  # why the last connections ended before registering

@@ -38,15 +38,21 @@ def ref_root(value: str) -> str:
 
 def permitted(ref: str, roots: tuple[str, ...]) -> str:
     """The reference to read: a file path resolved (symbolic links followed), checked to lie
-    under one of ``roots`` when the worker was given any (``--ref-root``); a URL checked to
-    start with one of them. Raises RefError otherwise: a client cannot make this worker read
-    its other files or fetch from hosts its operator did not list."""
+    under one of ``roots`` (``--ref-root``); a URL checked to start with one of them. Raises
+    RefError otherwise, and always when the worker was given no root: a client cannot make
+    this worker read its other files (its own secret file among them) or fetch from hosts its
+    operator did not list."""
+    if not roots:
+        raise RefError(
+            "this worker reads no inputs by reference; its operator allows them with "
+            "--ref-root DIR or --ref-root URL-PREFIX"
+        )
     if is_url(ref):
-        if roots and not any(is_url(r) and ref.startswith(r) for r in roots):
+        if not any(is_url(r) and ref.startswith(r) for r in roots):
             raise RefError(f"{ref} is not under a --ref-root of this worker")
         return ref
     real = os.path.realpath(ref)
-    if roots and not any(
+    if not any(
         not is_url(r) and (real == r or real.startswith(r.rstrip("/") + "/")) for r in roots
     ):
         raise RefError(f"{ref} is not under a --ref-root of this worker")

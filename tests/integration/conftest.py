@@ -13,13 +13,16 @@ SUPPORT = str(Path(__file__).parent / "support")
 TEST_TASKS = ["--tasks", "clusterd_test_tasks"]
 
 
-def make_cluster(tmp_path: Path, workers: int = 2, slots: int = 1) -> LocalCluster:
+def make_cluster(
+    tmp_path: Path, workers: int = 2, slots: int = 1, worker_args: list[str] | None = None
+) -> LocalCluster:
     cluster = LocalCluster(
         tmp_path, server_args=["--tasks", "clusterd_test_tasks"], env={"PYTHONPATH": SUPPORT}
     )
     cluster.start_server()
+    extra = ["--tasks", "clusterd_test_tasks", *(worker_args or [])]
     for i in range(1, workers + 1):
-        cluster.start_worker(f"w{i}", slots=slots, extra=["--tasks", "clusterd_test_tasks"])
+        cluster.start_worker(f"w{i}", slots=slots, extra=extra)
     cluster.wait_workers()
     return cluster
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,9 @@ def test_readme_python_examples_run(tmp_path):
     (tmp_path / "cluster").mkdir()
     with LocalCluster(tmp_path / "cluster", server_args=["--tasks", "mytasks"], env=env) as c:
         c.start_server()
-        c.start_worker("w1", slots=2, extra=["--tasks", "mytasks"])
+        # The README's input by reference lies in the temporary directory.
+        roots = ["--ref-root", tempfile.gettempdir()]
+        c.start_worker("w1", slots=2, extra=["--tasks", "mytasks", *roots])
         c.wait_workers()
         out = []
         for script in scripts:

@@ -13,6 +13,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -55,6 +56,27 @@ def web(data: Path) -> Iterator[str]:
     finally:
         proc.kill()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, data: Path, web: str) -> Iterator[Any]:
+    """Two one-slot workers that may read the data directory and the web server's URLs."""
+    from conftest import make_cluster
+
+    roots = ["--ref-root", str(data), "--ref-root", f"{web}/"]
+    c = make_cluster(tmp_path_factory.mktemp("refcluster"), worker_args=roots)
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def fresh_cluster(tmp_path: Path, data: Path) -> Iterator[Any]:
+    """A cluster of its own whose workers may read the data directory."""
+    from conftest import make_cluster
+
+    c = make_cluster(tmp_path, worker_args=["--ref-root", str(data)])
+    yield c
+    c.stop()
 
 
 def test_wordcount_by_file_path_is_exact(cluster, data):
@@ -152,7 +174,7 @@ def test_reference_job_resumes_after_server_sigkill(fresh_cluster, data):
     with c.client(timeout=60) as client:
         assert client.status(job)["total"] == 11
     for name in ("w1", "w2"):
-        c.start_worker(name, extra=["--tasks", "clusterd_test_tasks"])
+        c.start_worker(name, extra=["--tasks", "clusterd_test_tasks", "--ref-root", str(data)])
     c.wait_workers(["w1", "w2"], timeout=60)
     with c.client(timeout=120) as client:
         assert client.wait(job) == want
@@ -193,9 +215,10 @@ def test_protocol_transcript_replays(tmp_path):
         text=True,
     )
     (tmp_path / "cluster").mkdir()
-    cluster = make_cluster(tmp_path / "cluster")
+    port = int(proc.stdout.readline().split()[1])
+    roots = ["--ref-root", str(d), "--ref-root", f"http://127.0.0.1:{port}/"]
+    cluster = make_cluster(tmp_path / "cluster", worker_args=roots)
     try:
-        port = int(proc.stdout.readline().split()[1])
 
         def local(line: str) -> str:
             return line.replace("/tmp/cd4", str(d)).replace("127.0.0.1:8488", f"127.0.0.1:{port}")
@@ -232,3 +255,22 @@ def test_worker_ref_root_refuses_other_files(tmp_path, data):
             with pytest.raises(JobFailed) as e:
                 client.run_ref("wordcount", str(other), other.stat().st_size, 1, attempts=1)
     assert "not under a --ref-root" in e.value.error["message"]
+
+
+def test_a_worker_without_ref_root_reads_no_reference(tmp_path):
+    """A worker started without --ref-root refuses every input by reference, saying how to
+    allow them: by default a client cannot make workers read their own files."""
+    from clusterd.launch import LocalCluster
+
+    (tmp_path / "plain").mkdir()
+    words = tmp_path / "words.txt"
+    words.write_text("a b c\n")
+    with LocalCluster(tmp_path / "plain") as c:
+        c.start_server()
+        c.start_worker("w1")
+        c.wait_workers()
+        with c.client(timeout=60) as client:
+            with pytest.raises(JobFailed) as e:
+                client.run_ref("wordcount", str(words), words.stat().st_size, 1, attempts=1)
+    assert "reads no inputs by reference" in e.value.error["message"]
+    assert "--ref-root" in e.value.error["message"]

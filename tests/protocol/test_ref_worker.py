@@ -33,6 +33,7 @@ def worker():
     clock = Clock()
     pool = FakePool()
     factory = WorkerFactory(pool, "w1", ["wordcount", "sum"], 2, clock=clock)
+    factory.ref_roots = ("/data/", "http://h/")
     proto = factory.buildProtocol(None)
     tr = StringTransport()
     proto.makeConnection(tr)

@@ -161,7 +161,7 @@ def test_read_file_reads_its_range_and_checks_the_size(tmp_path):
 
 def test_ref_roots_confine_what_a_worker_reads(tmp_path):
     """With --ref-root, a file outside the roots (also through a symlink) or a URL outside the
-    listed prefixes is refused; without roots, anything is read."""
+    listed prefixes is refused; without roots, nothing is read."""
     from clusterd.worker.refs import permitted, ref_root
 
     inside = tmp_path / "data"
@@ -183,4 +183,6 @@ def test_ref_roots_confine_what_a_worker_reads(tmp_path):
     ):
         with pytest.raises(RefError, match="--ref-root"):
             permitted(bad, roots)
-    assert permitted(str(tmp_path / "secret.txt"), ()) == str((tmp_path / "secret.txt").resolve())
+    for ref in (str(tmp_path / "secret.txt"), str(inside / "a.txt"), "http://files.example/a"):
+        with pytest.raises(RefError, match="reads no inputs by reference"):
+            permitted(ref, ())
