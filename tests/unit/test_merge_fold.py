@@ -20,9 +20,8 @@ from clusterd.core.journal import JobEnded, MemoryJournal
 from clusterd.core.scheduler import Scheduler
 from clusterd.core.wire import ErrorCode
 from clusterd.tasks import Registry, Task, task
-from clusterd.tasks.decorator import task_of
 from clusterd.tasks.builtins import TASKS
-from clusterd.tasks.decorator import list_split
+from clusterd.tasks.decorator import list_split, task_of
 
 ALL = [t.name for t in TASKS]
 WORDS = ["a", "b", "the", "dog", "don't", "x_y", "ünï", "a1"]
