@@ -6,6 +6,11 @@ Run as ``python -m clusterd.worker.child [--tasks MODULE]...``. One request at a
 ``"retry": false`` when the task lists the exception in ``no_retry``). Task code that prints would corrupt
 the reply stream, so the real stdout is kept on a private descriptor and fd 1 goes to stderr,
 which the worker logs.
+
+A task whose ``run`` returns a generator streams its result: each part it yields is written at
+once as a line ``+<id> <part as JSON>`` (:func:`_write_parts`), and its reply says
+``"parts": K`` instead of carrying a result, so neither the child nor the worker ever holds the
+whole result.
 """
 
 from __future__ import annotations
@@ -15,13 +20,15 @@ import os
 import sys
 import time
 import traceback
+import types
 from typing import Any, BinaryIO
 
 from clusterd.core import jsoncodec
 
 
-def _run(registry: Any, msg: Any) -> tuple[dict[str, Any], bytes] | None:
-    """Run one request; the reply and its JSON line, encoded once."""
+def _run(registry: Any, msg: Any, replies: Any = None) -> tuple[dict[str, Any], bytes] | None:
+    """Run one request; the reply and its JSON line, encoded once. A generator's parts go to
+    ``replies`` as they are produced."""
     if not isinstance(msg, dict) or "id" not in msg:
         return None
     ticket = msg["id"]
@@ -32,6 +39,10 @@ def _run(registry: Any, msg: Any) -> tuple[dict[str, Any], bytes] | None:
             raise LookupError(f"this worker has no task named {msg.get('task')!r}")
         start = time.perf_counter()
         result = task.run(msg.get("input"))
+        if isinstance(result, types.GeneratorType) and replies is not None:
+            out = {"id": ticket, "ok": True, "parts": _write_parts(result, ticket, task, replies)}
+            out["t"] = time.perf_counter() - start
+            return out, jsoncodec.dumpb(out)
         out = {"id": ticket, "ok": True, "result": result, "t": time.perf_counter() - start}
         # Refuses NaN and unencodable results here, per task, as json.dumps does.
         return out, jsoncodec.dumpb(out)
@@ -41,6 +52,24 @@ def _run(registry: Any, msg: Any) -> tuple[dict[str, Any], bytes] | None:
         if task is not None and isinstance(e, task.no_retry):
             out["retry"] = False
         return out, jsoncodec.dumpb(out)
+
+
+def _write_parts(parts: Any, ticket: Any, task: Any, replies: BinaryIO) -> int:
+    """Write each part a generator yields as ``+<id> <json>`` the moment it is produced; how
+    many. A merge task's run must yield at least one part (a merge has no empty value); another
+    task's empty generator is the empty concatenation, one ``[]`` part."""
+    head = b"+" + jsoncodec.dumpb(ticket) + b" "
+    n = 0
+    for part in parts:
+        replies.write(head + jsoncodec.dumpb(part) + b"\n")  # refuses NaN, as a result does
+        replies.flush()
+        n += 1
+    if n == 0:
+        if task.merge is not None:
+            raise ValueError(f"task {task.name!r} merges parts but its run yielded none")
+        replies.write(head + b"[]\n")
+        n = 1
+    return n
 
 
 # A traceback is for a person to read: its last frames say where the task raised, so a deep
@@ -64,12 +93,12 @@ def serve(registry: Any, requests: BinaryIO, replies: BinaryIO) -> None:
         except ValueError:
             continue
         if isinstance(msg, list):
-            done = [r[1] for r in (_run(registry, m) for m in msg) if r is not None]
+            done = [r[1] for r in (_run(registry, m, replies) for m in msg) if r is not None]
             if not done:
                 continue
             line = b"[" + b",".join(done) + b"]"
         else:
-            one = _run(registry, msg)
+            one = _run(registry, msg, replies)
             if one is None:
                 continue
             line = one[1]

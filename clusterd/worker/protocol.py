@@ -23,6 +23,7 @@ from clusterd.core.wire import WireError, dumps, parse_json_object, parse_json_o
 from clusterd.endpoints import no_delay
 from clusterd.heartbeat import Heartbeat
 from clusterd.worker import registration
+from clusterd.worker.parts import PartStreams
 from clusterd.worker.pool import ChildDied, PoolService, RunResult
 
 __all__ = ["WorkerProtocol", "WorkerFactory"]
@@ -48,6 +49,7 @@ class WorkerProtocol(Protocol):
         self._answers: list[tuple[str, str, int]] = []  # batch: (verb, object, bytes) to send
         self._answer_call: Any = None  # the callLater(0) that sends them
         self.running: dict[Any, Deferred[Any]] = {}
+        self.parts = PartStreams(self._raw, lambda: self.server_max_line)  # generator results
         self.verbs: dict[str, Callable[[str], None]] = {
             "DO": self._on_do,
             "CANCEL": self._on_cancel,
@@ -127,13 +129,21 @@ class WorkerProtocol(Protocol):
                 "server sent DO for sub-task {ticket!r} already held; ignored", ticket=ticket
             )
             return
-        d = self.factory.pool.run(str(msg.get("task")), msg.get("input"))
+        pool = self.factory.pool
+        if getattr(pool, "streams_parts", False):  # its runs may yield parts (PoolService)
+            sink = self.parts.sink(ticket, msg.get("job"))
+            d = pool.run(str(msg.get("task")), msg.get("input"), on_part=sink)
+        else:
+            d = pool.run(str(msg.get("task")), msg.get("input"))
         self.running[ticket] = d
 
         def ok(run: Any) -> None:
             """Answer DONE with the result, streamed if too long for a line (ERROR ResultTooLarge if
             it cannot be)."""
             # A pool fires with a RunResult (value and run time) or, for simple pools, a value.
+            if isinstance(run, RunResult) and run.parts:
+                self._parts_done(ticket, msg)
+                return
             done = {"id": ticket, "job": msg.get("job")}
             if isinstance(run, RunResult):
                 done.update(result=run.value, t=run.seconds)
@@ -159,6 +169,7 @@ class WorkerProtocol(Protocol):
             """Answer ERROR with the failure's type and message, unless the server cancelled the
             run."""
             if f.check(CancelledError):
+                self.parts.drop(ticket)  # a stream it began ends; the server drops its pieces
                 return  # the server cancelled it: it expects no answer
             tb, retry = "", True
             if f.check(PoolService.TaskError):
@@ -192,7 +203,25 @@ class WorkerProtocol(Protocol):
         shortened to fit the server's line, with a note that it was."""
         room = self.server_max_line - 7  # "ERROR [" + body + "]"
         body, size = error_body(ticket, msg.get("job"), kind, message, room, traceback, retry)
+        if self.parts.streamed(ticket):  # its ERROR line, alone, ends the stream it began
+            self.parts.end(ticket, ("ERROR " + body).encode("utf-8", "backslashreplace") + b"\n")
+            return
         self._answer("ERROR", body, size)
+
+    def _parts_done(self, ticket: Any, msg: dict[str, Any]) -> None:
+        """A generator run answered after streaming its parts: ``.`` ends the stream, unless a
+        part was too long for the server's line (ResultTooLarge)."""
+        too_long = self.parts.oversized(ticket)
+        if too_long is None:
+            self.parts.end(ticket, b".\n")
+            return
+        self._error(
+            ticket,
+            msg,
+            "ResultTooLarge",
+            f"a part of the result needs a {too_long}-byte line; the server accepts "
+            f"{self.server_max_line}",
+        )
 
     def _stream_result(self, done: dict[str, Any]) -> bool:
         """A result too long for one line goes as ``DONE {..., "stream": true}``, ``+<piece>``
@@ -235,14 +264,27 @@ class WorkerProtocol(Protocol):
         if self.lost or self.transport.disconnecting:
             return
         lines = batch_lines(answers, self.server_max_line)
-        self.transport.write("\n".join(lines).encode("utf-8", "backslashreplace") + b"\n")
+        data = "\n".join(lines).encode("utf-8", "backslashreplace") + b"\n"
+        if self.parts.open is not None:
+            self.parts.hold(data)  # after the part stream on the wire ends
+        else:
+            self.transport.write(data)
 
     def send_line(self, line: str) -> None:
-        """Write one line, after any answers still batched."""
+        """Write one line, after any answers still batched (and after an open part stream,
+        unless it is a heartbeat)."""
         if self._answers:
             self._flush_answers()  # answers first, in the order they were made
+        data = line.encode("utf-8", "backslashreplace") + b"\n"
+        if self.parts.holds(line):
+            self.parts.hold(data)
+        else:
+            self._raw(data)
+
+    def _raw(self, data: bytes) -> None:
+        """Write bytes as they are, unless the connection is going."""
         if not self.lost and not self.transport.disconnecting:
-            self.transport.write(line.encode("utf-8", "backslashreplace") + b"\n")
+            self.transport.write(data)
 
     # -- graceful stop -------------------------------------------------------------------------
 
@@ -275,6 +317,7 @@ class WorkerProtocol(Protocol):
         self.lost = True
         self.heartbeat.stop()
         self._answers.clear()
+        self.parts.clear()
         if self._answer_call is not None and self._answer_call.active():
             self._answer_call.cancel()
         self._answer_call = None
