@@ -39,16 +39,14 @@ __all__ = ["ResultStream", "part_merge"]
 _HEARTBEAT = (b"PING", b"OK PONG")
 
 
-def part_merge(core: Any, msg: dict[str, Any]) -> Callable[[Any, Any], Any] | None:
-    """The merge of the task of the job a parts stream's ``DONE`` names, or None (not a parts
-    stream, the job is unknown, or its task does not merge: pieces are joined as usual)."""
+def part_merge(registry: Any, msg: dict[str, Any]) -> Callable[[Any, Any], Any] | None:
+    """The merge of the task a parts stream's ``DONE`` names (``"task"``), or None: not a parts
+    stream, or a task without merge (its pieces are then joined as usual). The worker names
+    the task the server sent it; one that names another only spoils its own result, as any
+    wrong result it sends would."""
     if msg.get("parts") is not True:
         return None
-    try:
-        job = core.get(msg.get("job"))
-    except (WireError, TypeError):
-        return None
-    task = core.registry.get(job.task)
+    task = registry.get(msg.get("task")) if isinstance(msg.get("task"), str) else None
     return None if task is None else task.merge
 
 

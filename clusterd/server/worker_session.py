@@ -266,7 +266,7 @@ class WorkerSession:
             if d is None:
                 core.late_result()
             limit = core.config.max_result_bytes
-            stream = ResultStream(d, msg.get("t"), limit, part_merge(core, msg), ticket)
+            stream = ResultStream(d, msg.get("t"), limit, part_merge(core.registry, msg), ticket)
             if not last:  # pieces can only follow the line's last answer
                 stream.failure = BadResult("BadResult", "a streamed DONE must come last")
                 stream.finish()

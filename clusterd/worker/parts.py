@@ -1,7 +1,7 @@
 """A generator run's parts, forwarded to the server as they are produced.
 
 A pool child writes each part a task's generator yields as soon as it is made; the worker passes
-it on as a ``+<part>`` line of ``DONE {"id":N,"job":J,"stream":true,"parts":true}``, with no
+it on as a ``+<part>`` line of ``DONE {"id":N,"job":J,"task":T,"stream":true,"parts":true}``, with no
 decoding (the part is the child's bytes), and ends the stream with ``.`` when the run answers
 (docs/PROTOCOL.md, "Results in parts"). The worker never holds a result whole.
 
@@ -50,11 +50,11 @@ class PartStreams:
         self.started: set[Any] = set()  # tickets whose stream began (on the wire or queued)
         self.too_long: dict[Any, int] = {}  # ticket -> the length of a part that cannot go
 
-    def sink(self, ticket: Any, job: Any) -> Callable[[bytes], None]:
-        """The ``on_part`` for ``ticket``'s run."""
-        return partial(self.part, ticket, job)
+    def sink(self, ticket: Any, job: Any, task: str) -> Callable[[bytes], None]:
+        """The ``on_part`` for ``ticket``'s run (of ``task``, for ``job``)."""
+        return partial(self.part, ticket, (job, task))
 
-    def part(self, ticket: Any, job: Any, body: bytes) -> None:
+    def part(self, ticket: Any, of: tuple[Any, str], body: bytes) -> None:
         """One part (encoded JSON) of ``ticket``'s run: on the wire now, or queued."""
         if ticket in self.too_long:
             return
@@ -64,7 +64,8 @@ class PartStreams:
         line = b"+" + body + b"\n"
         if ticket not in self.started:
             self.started.add(ticket)
-            header = "DONE " + dumps({"id": ticket, "job": job, "stream": True, "parts": True})
+            done = {"id": ticket, "job": of[0], "task": of[1], "stream": True, "parts": True}
+            header = "DONE " + dumps(done)
             if self.open is None:
                 self.open = ticket
                 self.write(header.encode("utf-8") + b"\n" + line)

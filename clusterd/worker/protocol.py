@@ -131,7 +131,7 @@ class WorkerProtocol(Protocol):
             return
         pool = self.factory.pool
         if getattr(pool, "streams_parts", False):  # its runs may yield parts (PoolService)
-            sink = self.parts.sink(ticket, msg.get("job"))
+            sink = self.parts.sink(ticket, msg.get("job"), str(msg.get("task")))
             d = pool.run(str(msg.get("task")), msg.get("input"), on_part=sink)
         else:
             d = pool.run(str(msg.get("task")), msg.get("input"))

@@ -102,7 +102,10 @@ def test_parts_go_out_as_produced_and_other_lines_wait_for_the_end(clock):
     _, _, part1, d1 = pool.calls[0]
     _, _, part2, d2 = pool.calls[1]
     part1(b'{"a":1}')
-    assert w.lines() == ['DONE {"id":1,"job":"j4","stream":true,"parts":true}', '+{"a":1}']
+    assert w.lines() == [
+        'DONE {"id":1,"job":"j4","task":"wc","stream":true,"parts":true}',
+        '+{"a":1}',
+    ]
     part2(b'{"c":1}')  # a second stream waits for the first
     d2.callback(RunResult(None, 0.1, 1))
     clock.advance(5)  # the heartbeat's PING is not held
@@ -112,7 +115,7 @@ def test_parts_go_out_as_produced_and_other_lines_wait_for_the_end(clock):
     d1.callback(RunResult(None, 0.2, 2))
     assert w.lines() == [
         ".",
-        'DONE {"id":2,"job":"j4","stream":true,"parts":true}',
+        'DONE {"id":2,"job":"j4","task":"wc","stream":true,"parts":true}',
         '+{"c":1}',
         ".",
     ]
@@ -130,7 +133,10 @@ def test_a_run_failing_mid_stream_ends_it_with_its_error_line(clock):
     p1(b'{"a":1}')
     d1.errback(PoolService.TaskError("OSError", "the disk went away"))
     lines = w.lines()
-    assert lines[:2] == ['DONE {"id":1,"job":"j1","stream":true,"parts":true}', '+{"a":1}']
+    assert lines[:2] == [
+        'DONE {"id":1,"job":"j1","task":"wc","stream":true,"parts":true}',
+        '+{"a":1}',
+    ]
     assert json.loads(lines[2][6:])["type"] == "OSError" and len(lines) == 3
     p2(b'{"b":1}')
     w.send('CANCEL {"id":2}\n')
