@@ -36,7 +36,7 @@ def test_readme_python_examples_run(tmp_path):
     blocks = python_blocks()
     modules = [b for b in blocks if b.startswith("# mytasks.py")]
     scripts = [b for b in blocks if not b.startswith("# mytasks.py")]
-    assert len(modules) == 1 and len(scripts) >= 3
+    assert len(modules) == 1 and len(scripts) >= 4
     (tmp_path / "mytasks.py").write_text(modules[0])
     env = {"PYTHONPATH": str(tmp_path)}
     (tmp_path / "cluster").mkdir()
@@ -56,7 +56,8 @@ def test_readme_python_examples_run(tmp_path):
             )
             assert run.returncode == 0, run.stderr
             out.append(run.stdout)
-    executor, blocking, deferred = out[:3]
+    executor, blocking, deferred, parts = out[:4]
+    assert parts.strip() == "[('a', 3), ('b', 3), ('c', 2)]"
     assert executor.splitlines()[:3] == ["9592", "[1, 4, 9]", "[[1, 4], [9]]"]
     assert "ZeroDivisionError: division by zero" in executor
     assert "return 1 / x" in executor

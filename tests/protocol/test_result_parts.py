@@ -4,7 +4,9 @@ into a per-attempt partial for a merge task (server side), end to end over iosim
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from test_worker_protocol import Client, Cluster, Worker, do_line
@@ -12,10 +14,13 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
 from clusterd.core import jsoncodec
+from clusterd.core.scheduler import Scheduler
 from clusterd.core.wire import ErrorCode
+from clusterd.server.protocol import ServerFactory
 from clusterd.tasks import Registry, Task
 from clusterd.tasks.builtins import TASKS
 from clusterd.tasks.decorator import list_split
+from clusterd.testing import LineConn
 from clusterd.worker.pool import PoolService, RunResult
 
 
@@ -199,3 +204,41 @@ def test_max_result_bytes_bounds_a_parts_stream():
         assert line.startswith("FAILED j1 ") and ErrorCode.RESULT_TOO_LARGE in line
     finally:
         cluster.close()
+
+
+def protocol_transcript() -> list[str]:
+    """The worker-by-hand transcript of docs/PROTOCOL.md, "Results in parts"."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md").read_text()
+    section = doc[doc.index("### Results in parts") :]
+    block = section[section.index("```\n") + 4 :]
+    return block[: block.index("```")].splitlines()
+
+
+def test_the_protocol_md_parts_transcript_replays(clock):
+    """The transcript in PROTOCOL.md, "Results in parts", replayed against a real server
+    protocol: each '>' line sent by the worker, each other line the server's next, and each
+    client's answer the one its comment shows."""
+    core = Scheduler(Registry(TASKS), clock, retry_base=0.0)
+    factory = ServerFactory(core)
+    worker = LineConn(factory, "10.0.0.9", 1)
+    assert worker.ask('REGISTER {"name":"me","tasks":["wordcount"],"slots":1}')[0].startswith(
+        "OK REGISTERED"
+    )
+    client = LineConn(factory, "10.0.0.8", 2)
+    client.send('RUN wordcount "the cat the dog" {"chunks":1}\n')
+    answers = []
+    for line in protocol_transcript():
+        if line.startswith("> "):
+            worker.send(line[2:] + "\n")
+        elif line.startswith("#"):
+            want = re.search(r"RESULT j\d \{[^}]*\}", line).group(0)
+            assert client.lines() == [want]
+            answers.append(want)
+            if want.startswith("RESULT j1"):
+                client.send('RUN wordcount "a b a" {"chunks":1}\n')
+        else:
+            clock.advance(0)  # a retry's backoff (0 s here)
+            assert worker.lines() == [line]
+    assert len(answers) == 2
+    worker.lose()
+    client.lose()
