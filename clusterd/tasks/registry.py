@@ -17,6 +17,8 @@ imports both, so every arrow in ``clusterd.tasks`` points one way (down to this 
 
 from __future__ import annotations
 
+import functools
+import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +65,22 @@ class Task:
     # merge may update its first argument (the accumulator, never used again) in place and
     # return it; it must not change its second.
     merge: Callable[[Any, Any], Any] | None = None
+
+    def run_whole(self, chunk: Any) -> Any:
+        """``run(chunk)`` as one value, for code that runs a task in-process (the fakes of
+        :mod:`clusterd.testing`): a generator run's parts merged (``merge``) or concatenated,
+        as the server makes them."""
+        out = self.run(chunk)
+        if not isinstance(out, types.GeneratorType):
+            return out
+        parts = list(out)
+        if self.merge is not None:
+            if not parts:
+                raise ValueError(f"task {self.name!r} merges parts but its run yielded none")
+            return functools.reduce(self.merge, parts)
+        if parts and isinstance(parts[0], str):
+            return "".join(parts)
+        return [x for p in parts for x in p]
 
     def describe(self) -> dict[str, Any]:
         """The task's entry in the TASKS reply: name, doc, input kind, and how it may be

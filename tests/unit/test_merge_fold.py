@@ -228,3 +228,25 @@ def test_task_decorator_takes_merge_and_tasks_shows_it():
 
 def TASKS_MERGING() -> list[str]:
     return [t.name for t in TASKS if t.merge is not None]
+
+
+def test_the_fakes_answer_a_generator_task_with_its_whole_result(clock):
+    """FakeWorker (clusterd.testing) answers a generator run with its parts merged (a merge
+    task) or concatenated (another task), as a real worker and server make them."""
+
+    def lines(chunk):
+        for x in chunk:
+            yield {str(x): 1}
+
+    def halves(chunk):
+        yield chunk[: len(chunk) // 2]
+        yield chunk[len(chunk) // 2 :]
+
+    merging = Task("m", list_split, lines, lambda rs: rs[0], merge=lambda a, b: {**a, **b})
+    joined = Task("j", list_split, halves, lambda rs: [x for r in rs for x in r])
+    core = Scheduler(Registry([merging, joined]), clock)
+    w = add(core, "w", slots=4, tasks=["m", "j"])
+    m = core.submit("m", [1, 2, 3], chunks=2)
+    j = core.submit("j", [1, 2, 3, 4, 5], chunks=2)
+    w.answer_all()
+    assert (m.result, j.result) == ({"1": 1, "2": 1, "3": 1}, [1, 2, 3, 4, 5])
