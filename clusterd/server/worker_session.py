@@ -107,6 +107,8 @@ class WorkerSession:
         }
         if info.get("batch") is True:
             registered["batch"] = True
+        if info.get("parts") is True:  # it may send results in parts (server/results.py)
+            registered["parts"] = True
         conn.replies.reply("OK REGISTERED " + dumps(registered))
         session = cls(conn, info)
         conn.swap(session)

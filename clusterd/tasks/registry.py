@@ -70,7 +70,10 @@ class Task:
         """``run(chunk)`` as one value, for code that runs a task in-process (the fakes of
         :mod:`clusterd.testing`): a generator run's parts merged (``merge``) or concatenated,
         as the server makes them."""
-        out = self.run(chunk)
+        return self.whole(self.run(chunk))
+
+    def whole(self, out: Any) -> Any:
+        """What ``run`` returned, as one value: a generator's parts merged or concatenated."""
         if not isinstance(out, types.GeneratorType):
             return out
         parts = list(out)

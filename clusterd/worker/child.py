@@ -7,10 +7,11 @@ Run as ``python -m clusterd.worker.child [--tasks MODULE]...``. One request at a
 the reply stream, so the real stdout is kept on a private descriptor and fd 1 goes to stderr,
 which the worker logs.
 
-A task whose ``run`` returns a generator streams its result: each part it yields is written at
-once as a line ``+<id> <part as JSON>`` (:func:`_write_parts`), and its reply says
-``"parts": K`` instead of carrying a result, so neither the child nor the worker ever holds the
-whole result.
+A task whose ``run`` returns a generator, in a request marked ``"parts": true``, streams its
+result: each part it yields is written at once as a line ``+<id> <part as JSON>``
+(:func:`_write_parts`), and its reply says ``"parts": K`` instead of carrying a result, so
+neither the child nor the worker ever holds the whole result. Unmarked (a server that does not
+take parts), the parts are made into one result (merged or concatenated) here.
 """
 
 from __future__ import annotations
@@ -39,7 +40,11 @@ def _run(registry: Any, msg: Any, replies: Any = None) -> tuple[dict[str, Any], 
             raise LookupError(f"this worker has no task named {msg.get('task')!r}")
         start = time.perf_counter()
         result = task.run(msg.get("input"))
-        if isinstance(result, types.GeneratorType) and replies is not None:
+        if isinstance(result, types.GeneratorType) and not (
+            replies is not None and msg.get("parts") is True
+        ):
+            result = task.whole(result)  # one value, for a server that takes no parts
+        if isinstance(result, types.GeneratorType):
             out = {"id": ticket, "ok": True, "parts": _write_parts(result, ticket, task, replies)}
             out["t"] = time.perf_counter() - start
             return out, jsoncodec.dumpb(out)

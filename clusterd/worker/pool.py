@@ -52,6 +52,9 @@ class _Child(ProcessProtocol):
         of tiny sub-tasks instead of one each)."""
         self.current = {ticket: d for ticket, _, _, d in batch}
         msgs = [{"id": ticket, "task": task, "input": value} for ticket, task, value, _ in batch]
+        for m in msgs:
+            if m["id"] in self.pool.part_sinks:
+                m["parts"] = True  # a generator's parts come as produced, not as one result
         self.transport.write(
             jsoncodec.dumpb(msgs[0] if len(msgs) == 1 else msgs, allow_nan=True) + b"\n"
         )

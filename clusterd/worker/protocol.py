@@ -46,6 +46,7 @@ class WorkerProtocol(Protocol):
         self.closing = False
         self.server_max_line = DEFAULT_MAX_LINE
         self.batch = False  # the server takes DONE/ERROR arrays (its OK REGISTERED says so)
+        self.parts_ok = False  # the server takes results in parts (its OK REGISTERED says so)
         self._answers: list[tuple[str, str, int]] = []  # batch: (verb, object, bytes) to send
         self._answer_call: Any = None  # the callLater(0) that sends them
         self.running: dict[Any, Deferred[Any]] = {}
@@ -130,7 +131,7 @@ class WorkerProtocol(Protocol):
             )
             return
         pool = self.factory.pool
-        if getattr(pool, "streams_parts", False):  # its runs may yield parts (PoolService)
+        if self.parts_ok and getattr(pool, "streams_parts", False):  # PoolService, new server
             sink = self.parts.sink(ticket, msg.get("job"), str(msg.get("task")))
             d = pool.run(str(msg.get("task")), msg.get("input"), on_part=sink)
         else:

@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from test_worker_protocol import Client, Cluster, Worker, do_line
+from test_worker_protocol import GREETING, Client, Cluster, Worker, do_line
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
@@ -70,6 +70,8 @@ class PartsPool:
         self.calls: list[tuple[str, object, object, Deferred]] = []
 
     def run(self, task, value, on_part=None):
+        if on_part is None and not self.manual:
+            return succeed(RunResult(REGISTRY.get(task).run_whole(value), 0.001))
         if self.manual:
             d = Deferred()
             self.calls.append((task, value, on_part, d))
@@ -96,12 +98,32 @@ def clock():
     assert c.getDelayedCalls() == []
 
 
+def register_parts(w: Worker) -> None:
+    """Register as with a server that takes results in parts (its OK REGISTERED says so)."""
+    w.send(GREETING)
+    assert '"parts":true' in w.lines()[0]
+    w.send('OK REGISTERED {"name":"w1","protocol":1,"parts":true}\n')
+
+
+def test_a_server_that_takes_no_parts_gets_one_done(clock):
+    """A worker whose server's OK REGISTERED does not say "parts" runs without on_part (the
+    child then answers one value) and answers one DONE."""
+    pool = PartsPool(manual=True)
+    w = Worker(pool, clock, tasks=["wc"])
+    w.register()
+    w.send(do_line(1, "wc", ["a"]))
+    [(_, _, on_part, d)] = pool.calls
+    assert on_part is None
+    d.callback(RunResult({"a": 1}, 0.1))
+    assert w.lines() == ['DONE {"id":1,"job":"j1","result":{"a":1},"t":0.1}']
+
+
 def test_parts_go_out_as_produced_and_other_lines_wait_for_the_end(clock):
     """Each part is a '+' line of a DONE stream the moment the pool hands it over; another
     run's answer waits for the stream's '.', while the heartbeat's PING passes through."""
     pool = PartsPool(manual=True)
     w = Worker(pool, clock, tasks=["wc", "sum"])
-    w.register()
+    register_parts(w)
     w.send(do_line(1, "wc", ["a b"], job="j4"))
     w.send(do_line(2, "wc", ["c"], job="j4", index=1))
     _, _, part1, d1 = pool.calls[0]
@@ -132,7 +154,7 @@ def test_a_run_failing_mid_stream_ends_it_with_its_error_line(clock):
     the answer ResultTooLarge."""
     pool = PartsPool(manual=True)
     w = Worker(pool, clock, tasks=["wc"])
-    w.register()
+    register_parts(w)
     w.send(do_line(1, "wc", ["a"]) + do_line(2, "wc", ["b"]) + do_line(3, "wc", ["c"]))
     (_, _, p1, d1), (_, _, p2, d2), (_, _, p3, d3) = pool.calls
     p1(b'{"a":1}')
@@ -221,9 +243,8 @@ def test_the_protocol_md_parts_transcript_replays(clock):
     core = Scheduler(Registry(TASKS), clock, retry_base=0.0)
     factory = ServerFactory(core)
     worker = LineConn(factory, "10.0.0.9", 1)
-    assert worker.ask('REGISTER {"name":"me","tasks":["wordcount"],"slots":1}')[0].startswith(
-        "OK REGISTERED"
-    )
+    [ok] = worker.ask('REGISTER {"name":"me","tasks":["wordcount"],"slots":1,"parts":true}')
+    assert ok.startswith("OK REGISTERED") and ok.endswith(',"parts":true}')
     client = LineConn(factory, "10.0.0.8", 2)
     client.send('RUN wordcount "the cat the dog" {"chunks":1}\n')
     answers = []
