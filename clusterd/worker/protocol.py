@@ -130,12 +130,7 @@ class WorkerProtocol(Protocol):
                 "server sent DO for sub-task {ticket!r} already held; ignored", ticket=ticket
             )
             return
-        pool = self.factory.pool
-        if self.parts_ok and getattr(pool, "streams_parts", False):  # PoolService, new server
-            sink = self.parts.sink(ticket, msg.get("job"), str(msg.get("task")))
-            d = pool.run(str(msg.get("task")), msg.get("input"), on_part=sink)
-        else:
-            d = pool.run(str(msg.get("task")), msg.get("input"))
+        d = self._start(ticket, msg)
         self.running[ticket] = d
 
         def ok(run: Any) -> None:
@@ -188,6 +183,15 @@ class WorkerProtocol(Protocol):
             self._maybe_idle()
 
         d.addCallbacks(ok, failed).addBoth(settled)
+
+    def _start(self, ticket: Any, msg: dict[str, Any]) -> Deferred[Any]:
+        """Run the DO in the pool; a generator run's parts go out as produced when the pool
+        and the server both take parts (worker/parts.py)."""
+        pool, task = self.factory.pool, str(msg.get("task"))
+        if self.parts_ok and getattr(pool, "streams_parts", False):
+            sink = self.parts.sink(ticket, msg.get("job"), task)
+            return pool.run(task, msg.get("input"), on_part=sink)
+        return pool.run(task, msg.get("input"))
 
     def _error(
         self,
