@@ -130,8 +130,7 @@ class WorkerProtocol(Protocol):
                 "server sent DO for sub-task {ticket!r} already held; ignored", ticket=ticket
             )
             return
-        d = self._start(ticket, msg)
-        self.running[ticket] = d
+        d = self.running[ticket] = self._start(ticket, msg)
 
         def ok(run: Any) -> None:
             """Answer DONE with the result, streamed if too long for a line (ERROR ResultTooLarge if
