@@ -135,7 +135,7 @@ class WorkerProtocol(Protocol):
         def ok(run: Any) -> None:
             """Answer DONE with the result, streamed if too long for a line (ERROR ResultTooLarge if
             it cannot be)."""
-            # A pool fires with a RunResult (value and run time) or, for simple pools, a value.
+            # A pool fires with a RunResult (value and run time, or parts sent) or a bare value.
             if isinstance(run, RunResult) and run.parts:
                 self._parts_done(ticket, msg)
                 return
@@ -163,9 +163,8 @@ class WorkerProtocol(Protocol):
         def failed(f: Failure) -> None:
             """Answer ERROR with the failure's type and message, unless the server cancelled the
             run."""
-            if f.check(CancelledError):
-                self.parts.drop(ticket)  # a stream it began ends; the server drops its pieces
-                return  # the server cancelled it: it expects no answer
+            if f.check(CancelledError):  # the server expects no answer; drops its pieces
+                return self.parts.drop(ticket)  # (a stream the run began ends with '.')
             tb, retry = "", True
             if f.check(PoolService.TaskError):
                 kind, message = f.value.type, f.value.message
