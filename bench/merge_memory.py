@@ -17,6 +17,7 @@ import os
 import random
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import clusterd
@@ -56,8 +57,10 @@ def one_run(text: str, chunks: int) -> tuple[float, float, float]:
         base_rss, cpu0 = peak_rss_mb(pid), cpu_seconds(pid)
         with c.client(timeout=300) as client:
             merges = any(t.get("merge") for t in client.tasks() if t["name"] == "wordcount")
+            start = time.perf_counter()
             answer = client.run("wordcount", text, chunks)
-        print(f"  server's wordcount merges: {merges}")
+            took = time.perf_counter() - start
+        print(f"  server's wordcount merges: {merges}; the run took {took:.2f} s")
         return peak_rss_mb(pid) - base_rss, cpu_seconds(pid) - cpu0, len(answer)
 
 
