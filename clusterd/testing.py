@@ -117,7 +117,7 @@ class FakeWorker:
 
     def answer(self, sub: Any, d: Deferred[Any]) -> None:
         """Fire ``d`` with what the real task returns for the sub-task's input."""
-        d.callback(self.registry.get(sub.task).run(sub.input))
+        d.callback(self.registry.get(sub.task).run_whole(sub.input))
 
     def answer_next(self) -> Any:
         """Answer the oldest unanswered sub-task with the real task's result, and return it."""
@@ -277,7 +277,7 @@ class LineWorker(LineConn):
         if msg in self.todo:
             self.todo.remove(msg)
         if result is None:
-            result = self.registry.get(msg["task"]).run(msg["input"])
+            result = self.registry.get(msg["task"]).run_whole(msg["input"])
         self.send(
             "DONE " + json.dumps({"id": msg["id"], "job": msg["job"], "result": result}) + "\n"
         )

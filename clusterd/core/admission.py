@@ -191,7 +191,8 @@ class Admission:
         timeout = options.get("timeout") or task.timeout or self.config.default_timeout
         attempts = options.get("attempts") or task.attempts or self.config.default_attempts
         opts = JobOptions(timeout, attempts)
-        job = Job(job_id, task.name, pieces, now, opts, tally, options.get("key"), not streamed)
+        key = options.get("key")
+        job = Job(job_id, task.name, pieces, now, opts, tally, key, not streamed, task.merge)
         self.remember(job)
         return job
 

@@ -160,7 +160,11 @@ class Endings:
         job stay responsive while, say, 64 sorted runs of a 200 MB input are merged."""
         task = self.registry.get(job.task)
         assert task is not None
-        results = job.ordered_results()
+        try:
+            results = job.ordered_results()  # raises the error of a merge that failed
+        except Exception:
+            self._combine_failed(Failure(), job)
+            return
         offload = self.owner.offload
         if offload is not None and (
             job.total >= OFFLOAD_SUBTASKS or job.input_size >= OFFLOAD_BYTES

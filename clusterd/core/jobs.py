@@ -10,7 +10,8 @@ The job owns these transitions (:meth:`dispatched`, :meth:`released`, :meth:`att
 and the timers (a retry's backoff) and only calls them.
 
 Each result is recorded exactly once: a duplicate or late result (the job already has it, or the
-job has ended) is ignored and counted. A job's waiters are told of its end only once the end is
+job has ended) is ignored and counted. Results are kept by index, or, for a task that declares
+``merge``, folded into one accumulator as they are recorded (:mod:`clusterd.core.folding`). A job's waiters are told of its end only once the end is
 durable (``settle``), so an answer a client saw is never lost by a crash.
 
 That is the one gate between the core and anything a client is shown: an id waits for
@@ -28,33 +29,12 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
+from clusterd.core.folding import Merge, results_for
+from clusterd.core.joboptions import JobOptions, Tally
 from clusterd.core.states import JobState
 from clusterd.core.waiters import Waiters
 
 __all__ = ["Job", "JobState", "JobOptions", "Tally"]
-
-
-_MISSING = object()
-
-
-class JobOptions:
-    """Per-job knobs, after defaults: sub-task timeout (None: none) and attempts per sub-task."""
-
-    __slots__ = ("timeout", "attempts")
-
-    def __init__(self, timeout: float | None, attempts: int) -> None:
-        self.timeout = timeout
-        self.attempts = attempts
-
-
-class Tally:
-    """Counts shared by every job of one scheduler, kept as jobs change so that admission
-    checks and STATS never walk the job table: sub-tasks queued over all jobs."""
-
-    __slots__ = ("queued",)
-
-    def __init__(self) -> None:
-        self.queued = 0
 
 
 class Job:
@@ -70,6 +50,7 @@ class Job:
         tally: Tally | None = None,
         key: str | None = None,
         sealed: bool = True,
+        merge: Merge | None = None,
     ) -> None:
         self.id = job_id
         self.tally = tally if tally is not None else Tally()
@@ -81,7 +62,7 @@ class Job:
         self.input_size = 0  # streamed jobs: items or characters received
         self.ref: dict[str, Any] | None = None  # an input by reference: its url, size, format
         self.options = options or JobOptions(None, 1)
-        self.results: list[Any] = [_MISSING] * self.total
+        self.results = results_for(self.total, merge)  # by index, or folded (merge)
         self.done = 0
         self.running = 0
         self.next_index = 0
@@ -139,7 +120,7 @@ class Job:
 
     def requeue(self, index: int, front: bool = True) -> bool:
         """Queue a sub-task again; False when that is pointless (ended, or already answered)."""
-        if self.state in JobState.FINAL or self.results[index] is not _MISSING:
+        if self.state in JobState.FINAL or self.results.has(index):
             return False
         self.requeued += 1
         self.tally.queued += 1
@@ -152,7 +133,7 @@ class Job:
     def add_chunks(self, chunks: list[Any]) -> None:
         """A streamed input grew by these sub-task inputs (queued after the others)."""
         self.chunks.extend(chunks)
-        self.results.extend([_MISSING] * len(chunks))
+        self.results.grow(len(chunks))
         self.total += len(chunks)
         if self.state not in JobState.FINAL:
             self.tally.queued += len(chunks)
@@ -163,19 +144,20 @@ class Job:
 
     def has_result(self, index: int) -> bool:
         """Whether sub-task ``index``'s result is in (or the job ended): another is a duplicate."""
-        return self.state in JobState.FINAL or self.results[index] is not _MISSING
+        return self.state in JobState.FINAL or self.results.has(index)
 
     def prefill(self, results: dict[int, Any]) -> None:
-        """Recovery: install results a journal already holds; queue only the missing ones."""
+        """Recovery: install results a journal already holds (a merge task folds them again);
+        queue only the missing ones."""
         before = self.queued
         for index, value in results.items():
-            if 0 <= index < self.total and self.results[index] is _MISSING:
-                self.results[index] = value
+            if 0 <= index < self.total and not self.results.has(index):
+                self.results.put(index, value)
                 self.chunks[index] = None
                 self.done += 1
                 self.recovered += 1
         self.next_index = self.total
-        self.retry = deque(i for i in range(self.total) if self.results[i] is _MISSING)
+        self.retry = deque(i for i in range(self.total) if not self.results.has(i))
         self.tally.queued += self.queued - before
         if self.done:
             self.state = JobState.RUNNING
@@ -220,7 +202,7 @@ class Job:
         self.total = ended.total
         self.state, self.finished, self.error = ended.state, ended.finished, ended.error
         self.result_json = ended.result_json
-        self.chunks, self.results = [], []
+        self.chunks, self.results = [], results_for(0, None)
         self.next_index = self.total
         if ended.state == JobState.DONE:
             self.done = self.total
@@ -230,10 +212,10 @@ class Job:
 
     def record(self, index: int, result: Any, worker: str, duration: float = 0.0) -> bool:
         """Store a sub-task's result; False (and counted) when it is a duplicate or too late."""
-        if self.state in JobState.FINAL or self.results[index] is not _MISSING:
+        if self.state in JobState.FINAL or self.results.has(index):
             self.duplicates += 1
             return False
-        self.results[index] = result
+        self.results.put(index, result)  # kept, or folded in and dropped (merge)
         self.chunks[index] = None  # its input is not needed again: memory goes as work is done
         self.done += 1
         self.ran_on[worker] += 1
@@ -244,11 +226,15 @@ class Job:
         return True
 
     def complete(self) -> bool:
-        """Whether all results are in, the input sealed and the job not ended: it can combine."""
-        return self.sealed and self.done == self.total and self.state not in JobState.FINAL
+        """Whether all results are in, the input sealed and the job not ended: it can combine.
+        A merge that raised completes the job at once: its combine fails with that error."""
+        if self.state in JobState.FINAL:
+            return False
+        return (self.sealed and self.done == self.total) or self.results.error is not None
 
     def ordered_results(self) -> list[Any]:
-        return list(self.results)
+        """What the task's combine takes: every result in order, or the one merged value."""
+        return self.results.ordered()
 
     def mean_duration(self) -> float | None:
         return self.durations_sum / self.durations_n if self.durations_n else None
@@ -277,7 +263,7 @@ class Job:
         self.finished = now
         # Inputs and partial results are no longer needed; keep only the answer.
         self.chunks = []
-        self.results = []
+        self.results = results_for(0, None)
         self.retry.clear()
         self.retrying.clear()
         self._notify()

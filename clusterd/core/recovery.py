@@ -41,10 +41,12 @@ class Restored:
 
 
 def restore(
-    rec: JobRecord, horizon: float, installed: Callable[[str], bool], split: Split, tally: Tally
+    rec: JobRecord, horizon: float, installed: Callable[[str], Any], split: Split, tally: Tally
 ) -> Restored | None:
-    """``rec`` as a job; None if it ended before ``horizon`` (expired). ``installed`` says
-    whether a task still exists; ``split`` splits an old-style (unstreamed) input again."""
+    """``rec`` as a job; None if it ended before ``horizon`` (expired). ``installed`` gives a
+    task by name (or says whether it exists; falsy when it is gone); ``split`` splits an
+    old-style (unstreamed) input again. A ``merge`` task's journaled results are folded again,
+    one by one, into a fresh accumulator (each was journaled as a ResultRecorded)."""
     a = rec.accepted
     opts = JobOptions(a.options.get("timeout"), a.options.get("attempts") or 1)
     if rec.ended is not None:
@@ -53,8 +55,11 @@ def restore(
         job = Job(a.job, a.task, [], a.submitted, opts, tally, a.key)
         job.restore_end(rec.ended)
         return Restored(job, ENDED)
+    merge = None
     try:
-        if not installed(a.task):
+        task = installed(a.task)
+        merge = getattr(task, "merge", None)
+        if not task:
             raise WireError(
                 ErrorCode.TASK_MISSING,
                 f"task {a.task!r} is no longer installed on this server",
@@ -74,7 +79,7 @@ def restore(
         code = e.code if isinstance(e, WireError) else ErrorCode.BAD_INPUT
         message = e.message if isinstance(e, WireError) else str(e)
         return Restored(job, FAILED, {"code": code, "message": message})
-    job = Job(a.job, a.task, pieces, a.submitted, opts, tally, a.key)
+    job = Job(a.job, a.task, pieces, a.submitted, opts, tally, a.key, merge=merge)
     job.ref = a.options.get("ref")
     job.prefill({i: json.loads(r) for i, r in rec.results.items()})
     return Restored(job, RESUME)

@@ -237,9 +237,7 @@ class Scheduler:
         horizon = self.clock.seconds() - self.config.retention
         expired, resumed = [], 0
         for rec in recovered.jobs:
-            back = restore(
-                rec, horizon, self.registry.__contains__, self._admission.split, self._tally
-            )
+            back = restore(rec, horizon, self.registry.get, self._admission.split, self._tally)
             if back is None:
                 expired.append(rec.accepted.job)
                 continue

@@ -35,7 +35,7 @@ from clusterd.core.wire import dumps, parse_json_object, parse_json_objects, par
 from clusterd.core.workers import IWorkerLink
 from clusterd.heartbeat import Heartbeat
 from clusterd.server.limits import LOG_NAMESPACE, MAX_WORKER_SLOTS
-from clusterd.server.results import ResultStream
+from clusterd.server.results import ResultStream, part_merge
 
 __all__ = ["WorkerSession", "parse_registration"]
 
@@ -107,6 +107,8 @@ class WorkerSession:
         }
         if info.get("batch") is True:
             registered["batch"] = True
+        if info.get("parts") is True:  # it may send results in parts (server/results.py)
+            registered["parts"] = True
         conn.replies.reply("OK REGISTERED " + dumps(registered))
         session = cls(conn, info)
         conn.swap(session)
@@ -204,7 +206,8 @@ class WorkerSession:
                 if stream.done:
                     self.result_stream = None
                 return
-            self.result_stream = None
+            if stream.done:  # else a heartbeat passed through an open stream
+                self.result_stream = None
         if isinstance(event, LineTooLong):
             why = f"a line of {event.size}+ bytes, over the {event.limit}-byte limit"
             if self.inflight:
@@ -264,7 +267,8 @@ class WorkerSession:
             # nobody waits for them) up to the '.' line.
             if d is None:
                 core.late_result()
-            stream = ResultStream(d, msg.get("t"), core.config.max_result_bytes)
+            limit = core.config.max_result_bytes
+            stream = ResultStream(d, msg.get("t"), limit, part_merge(core.registry, msg), ticket)
             if not last:  # pieces can only follow the line's last answer
                 stream.failure = BadResult("BadResult", "a streamed DONE must come last")
                 stream.finish()

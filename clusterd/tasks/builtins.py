@@ -61,6 +61,12 @@ def _sum_combine(results: list) -> int | float:
     return sum(results)
 
 
+def _add(a: int | float, b: int | float) -> int | float:
+    """sum's and primes' merge: addition (exact for integers; a float sum is the sequential
+    sum up to rounding, as the chunked sum always was)."""
+    return a + b
+
+
 # --- primes -----------------------------------------------------------------------------------
 
 
@@ -148,11 +154,24 @@ def _wordcount_ascii(text: str) -> dict[str, int]:
 
 
 def _wordcount_combine(results: list[dict[str, int]]) -> dict[str, int]:
-    total: Counter[str] = Counter()
-    for r in results:
-        total.update(r)
+    if len(results) == 1:  # the one merged value (the server folds wordcount's results)
+        total = results[0]
+    else:
+        total = Counter()
+        for r in results:
+            total.update(r)
     # Most frequent first, ties alphabetically: a stable, readable answer.
     return dict(sorted(total.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _wordcount_merge(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    """Add the counts of ``b`` into ``a`` and return it: the server's fold owns its accumulator
+    (``a``) and never uses it again, so folding a sub-task's counts costs their size, not the
+    accumulator's. ``b`` is left as it is."""
+    get = a.get
+    for word, n in b.items():
+        a[word] = get(word, 0) + n
+    return a
 
 
 # --- sort -------------------------------------------------------------------------------------
@@ -192,6 +211,7 @@ TASKS = [
         _sum_combine,
         "sum of a JSON array of numbers",
         stream="list",
+        merge=_add,
     ),
     Task(
         "primes",
@@ -199,6 +219,7 @@ TASKS = [
         _primes_run,
         _sum_combine,
         'count primes in [start, stop) by trial division: {"start":0,"stop":1000000}',
+        merge=_add,
     ),
     Task(
         "wordcount",
@@ -208,6 +229,7 @@ TASKS = [
         "count words (lower-cased) in a JSON string; most frequent first",
         input_kind="text",
         stream="text",
+        merge=_wordcount_merge,
     ),
     Task(
         "sort",

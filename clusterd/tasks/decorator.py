@@ -13,7 +13,9 @@ streamed (``stream="list"``) and is *elementwise* (``ClusterExecutor.map`` may g
 
 With ``split=`` or ``combine=`` the function is the task's ``run`` instead: it gets the whole
 chunk, as in a hand-written :class:`Task`; a missing ``split`` cuts a list into even slices,
-a missing ``combine`` concatenates lists. ``name=``, ``doc=``, ``stream=``, ``timeout=``,
+a missing ``combine`` concatenates lists. ``merge=`` (associative and commutative) lets the
+server fold results as they arrive; with it, a missing ``combine`` returns the one merged value
+(see :class:`~clusterd.tasks.registry.Task`). ``name=``, ``doc=``, ``stream=``, ``timeout=``,
 ``attempts=``, ``input_kind=`` and ``no_retry=`` are the :class:`Task` fields.
 
 The decorated function is returned unchanged (call it locally, test it), with the task as
@@ -29,7 +31,7 @@ from typing import Any, TypeVar
 from clusterd.tasks.builtins import even_slices
 from clusterd.tasks.registry import Task, TaskInputError
 
-__all__ = ["task", "task_of", "list_split", "concat"]
+__all__ = ["task", "task_of", "list_split", "concat", "merged"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 _UNSET: Any = object()
@@ -50,6 +52,11 @@ def concat(results: list[Any]) -> list[Any]:
     return out
 
 
+def merged(results: list[Any]) -> Any:
+    """The default combine of a ``merge`` task: the one merged value (None for no results)."""
+    return results[0] if results else None
+
+
 def _elementwise(fn: Callable[[Any], Any]) -> Callable[[Sequence[Any]], list[Any]]:
     def run(chunk: Sequence[Any]) -> list[Any]:
         """Run the decorated function on every element of the chunk."""
@@ -64,6 +71,7 @@ def task(
     name: str | None = None,
     split: Callable[[Any, int], Sequence[Any]] | None = None,
     combine: Callable[[list[Any]], Any] | None = None,
+    merge: Callable[[Any, Any], Any] | None = None,
     stream: str | None = _UNSET,
     doc: str | None = None,
     no_retry: type[BaseException] | tuple[type[BaseException], ...] = (),
@@ -72,17 +80,19 @@ def task(
     """Make ``fn`` a task, as ``@task`` or ``@task(...)`` (see the module's docstring)."""
 
     def wrap(f: F) -> F:
-        elementwise = split is None and combine is None
+        elementwise = split is None and combine is None and merge is None
+        joined = combine or (merged if merge is not None else concat)
         retry_not = no_retry if isinstance(no_retry, tuple) else (no_retry,)
         t = Task(
             name or f.__name__,
             split or list_split,
             _elementwise(f) if elementwise else f,
-            combine or concat,
+            joined,
             doc=doc if doc is not None else (f.__doc__ or "").strip().split("\n")[0],
             stream=("list" if elementwise else None) if stream is _UNSET else stream,
             no_retry=retry_not,
             elementwise=elementwise,
+            merge=merge,
             **fields,
         )
         f.clusterd_task = t  # type: ignore[attr-defined]

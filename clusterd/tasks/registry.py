@@ -2,7 +2,11 @@
 
 A task is three pure functions over JSON values: ``split`` (server: input and a chunk count to a
 list of chunk inputs), ``run`` (worker process: one chunk to one result) and ``combine`` (server:
-the chunk results, in chunk order, to the job's answer). Tasks come only from code the operator
+the chunk results, in chunk order, to the job's answer). A task may also declare ``merge(a, b)``,
+associative and commutative: the server then folds each result into one accumulator as it
+arrives instead of holding them all, and calls ``combine([accumulator])`` once at the end. A
+``run`` may be a generator: each part it yields is streamed as produced (merged, for a ``merge``
+task; concatenated, as a streamed result's pieces are, otherwise). Tasks come only from code the operator
 installed: the built-ins, the ``clusterd.tasks`` entry-point group, and modules named with
 ``--tasks`` (:mod:`clusterd.tasks.loading` gathers them). Nothing a peer sends can add a task or
 choose a module to import.
@@ -13,6 +17,8 @@ imports both, so every arrow in ``clusterd.tasks`` points one way (down to this 
 
 from __future__ import annotations
 
+import functools
+import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +59,31 @@ class Task:
     # element's result is at the same place in the answer, so ClusterExecutor.map may send
     # several inputs as one job (their concatenation) and cut the answer back.
     elementwise: bool = False
+    # ``merge(a, b) -> value``, associative AND commutative (results arrive in any order): the
+    # server folds results into one accumulator as they come (core/folding.py), and the answer
+    # is ``combine([accumulator])``, so combine must accept one merged value for all results.
+    # merge may update its first argument (the accumulator, never used again) in place and
+    # return it; it must not change its second.
+    merge: Callable[[Any, Any], Any] | None = None
+
+    def run_whole(self, chunk: Any) -> Any:
+        """``run(chunk)`` as one value, for code that runs a task in-process (the fakes of
+        :mod:`clusterd.testing`): a generator run's parts merged (``merge``) or concatenated,
+        as the server makes them."""
+        return self.whole(self.run(chunk))
+
+    def whole(self, out: Any) -> Any:
+        """What ``run`` returned, as one value: a generator's parts merged or concatenated."""
+        if not isinstance(out, types.GeneratorType):
+            return out
+        parts = list(out)
+        if self.merge is not None:
+            if not parts:
+                raise ValueError(f"task {self.name!r} merges parts but its run yielded none")
+            return functools.reduce(self.merge, parts)
+        if parts and isinstance(parts[0], str):
+            return "".join(parts)
+        return [x for p in parts for x in p]
 
     def describe(self) -> dict[str, Any]:
         """The task's entry in the TASKS reply: name, doc, input kind, and how it may be
@@ -62,6 +93,8 @@ class Task:
             out["stream"] = self.stream
         if self.elementwise:
             out["elementwise"] = True
+        if self.merge is not None:
+            out["merge"] = True
         return out
 
 

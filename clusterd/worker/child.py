@@ -6,6 +6,12 @@ Run as ``python -m clusterd.worker.child [--tasks MODULE]...``. One request at a
 ``"retry": false`` when the task lists the exception in ``no_retry``). Task code that prints would corrupt
 the reply stream, so the real stdout is kept on a private descriptor and fd 1 goes to stderr,
 which the worker logs.
+
+A task whose ``run`` returns a generator, in a request marked ``"parts": true``, streams its
+result: each part it yields is written at once as a line ``+<id> <part as JSON>``
+(:func:`_write_parts`), and its reply says ``"parts": K`` instead of carrying a result, so
+neither the child nor the worker ever holds the whole result. Unmarked (a server that does not
+take parts), the parts are made into one result (merged or concatenated) here.
 """
 
 from __future__ import annotations
@@ -15,14 +21,16 @@ import os
 import sys
 import time
 import traceback
+import types
 from typing import Any, BinaryIO
 
 from clusterd.core import jsoncodec
 from clusterd.core.refs import RefError, RefRange
 
 
-def _run(registry: Any, msg: Any) -> tuple[dict[str, Any], bytes] | None:
-    """Run one request; the reply and its JSON line, encoded once."""
+def _run(registry: Any, msg: Any, replies: Any = None) -> tuple[dict[str, Any], bytes] | None:
+    """Run one request; the reply and its JSON line, encoded once. A generator's parts go to
+    ``replies`` as they are produced."""
     if not isinstance(msg, dict) or "id" not in msg:
         return None
     ticket = msg["id"]
@@ -33,6 +41,14 @@ def _run(registry: Any, msg: Any) -> tuple[dict[str, Any], bytes] | None:
             raise LookupError(f"this worker has no task named {msg.get('task')!r}")
         start = time.perf_counter()
         result = task.run(_input(msg))
+        if isinstance(result, types.GeneratorType) and not (
+            replies is not None and msg.get("parts") is True
+        ):
+            result = task.whole(result)  # one value, for a server that takes no parts
+        if isinstance(result, types.GeneratorType):
+            out = {"id": ticket, "ok": True, "parts": _write_parts(result, ticket, task, replies)}
+            out["t"] = time.perf_counter() - start
+            return out, jsoncodec.dumpb(out)
         out = {"id": ticket, "ok": True, "result": result, "t": time.perf_counter() - start}
         # Refuses NaN and unencodable results here, per task, as json.dumps does.
         return out, jsoncodec.dumpb(out)
@@ -53,6 +69,24 @@ def _input(msg: dict[str, Any]) -> Any:
     from clusterd.worker.refs import read_file
 
     return read_file(RefRange.from_wire(msg["ref"]))
+
+
+def _write_parts(parts: Any, ticket: Any, task: Any, replies: BinaryIO) -> int:
+    """Write each part a generator yields as ``+<id> <json>`` the moment it is produced; how
+    many. A merge task's run must yield at least one part (a merge has no empty value); another
+    task's empty generator is the empty concatenation, one ``[]`` part."""
+    head = b"+" + jsoncodec.dumpb(ticket) + b" "
+    n = 0
+    for part in parts:
+        replies.write(head + jsoncodec.dumpb(part) + b"\n")  # refuses NaN, as a result does
+        replies.flush()
+        n += 1
+    if n == 0:
+        if task.merge is not None:
+            raise ValueError(f"task {task.name!r} merges parts but its run yielded none")
+        replies.write(head + b"[]\n")
+        n = 1
+    return n
 
 
 # A traceback is for a person to read: its last frames say where the task raised, so a deep
@@ -76,12 +110,12 @@ def serve(registry: Any, requests: BinaryIO, replies: BinaryIO) -> None:
         except ValueError:
             continue
         if isinstance(msg, list):
-            done = [r[1] for r in (_run(registry, m) for m in msg) if r is not None]
+            done = [r[1] for r in (_run(registry, m, replies) for m in msg) if r is not None]
             if not done:
                 continue
             line = b"[" + b",".join(done) + b"]"
         else:
-            one = _run(registry, msg)
+            one = _run(registry, msg, replies)
             if one is None:
                 continue
             line = one[1]

@@ -29,10 +29,12 @@ class ChildDied(Exception):
 
 
 class RunResult(NamedTuple):
-    """What a pool run fires with: the task's return value and the seconds it ran."""
+    """What a pool run fires with: the task's return value and the seconds it ran; ``parts``:
+    how many parts a generator run streamed to its ``on_part`` instead (value then None)."""
 
     value: Any
     seconds: float
+    parts: int = 0
 
 
 class _Child(ProcessProtocol):
@@ -51,6 +53,9 @@ class _Child(ProcessProtocol):
         of tiny sub-tasks instead of one each)."""
         self.current = {ticket: d for ticket, _, _, d in batch}
         msgs = [_message(ticket, task, value) for ticket, task, value, _ in batch]
+        for m in msgs:
+            if m["id"] in self.pool.part_sinks:
+                m["parts"] = True  # a generator's parts come as produced, not as one result
         self.transport.write(
             jsoncodec.dumpb(msgs[0] if len(msgs) == 1 else msgs, allow_nan=True) + b"\n"
         )
@@ -59,6 +64,9 @@ class _Child(ProcessProtocol):
         """Fire the Deferreds of the runs answered on these lines (a reply, or a batch of them)."""
         for line in self.framer.feed(data):
             if not isinstance(line, bytes) or not self.current:
+                continue
+            if line[:1] == b"+":  # a generator's part: "+<id> <json>", passed on as bytes
+                self.pool._part(line)
                 continue
             msg = jsoncodec.loads(line, allow_nan=True)
             replies = msg if isinstance(msg, list) else [msg]
@@ -69,7 +77,7 @@ class _Child(ProcessProtocol):
                 if d is None:
                     continue  # cancelled while in a batch: its answer is not wanted
                 if r.get("ok"):
-                    d.callback(RunResult(r.get("result"), r.get("t", 0.0)))
+                    d.callback(RunResult(r.get("result"), r.get("t", 0.0), r.get("parts", 0)))
                 else:
                     d.errback(_TaskError.from_reply(r))
 
@@ -147,8 +155,10 @@ class PoolService(Service):
         self.waiting: deque[tuple[int, str, Any, Deferred[Any]]] = deque()
         self.ticket = 0
         self.batch_max = 64
+        self.part_sinks: dict[int, Any] = {}  # ticket -> on_part, for runs that asked for parts
 
     TaskError = _TaskError
+    streams_parts = True  # run() takes on_part: a generator run's parts, as produced
 
     def startService(self) -> None:
         """Spawn one child per slot."""
@@ -167,12 +177,15 @@ class PoolService(Service):
         self.children.append(child)
         self._released(child)
 
-    def run(self, task: str, value: Any) -> Deferred[Any]:
+    def run(self, task: str, value: Any, on_part: Any = None) -> Deferred[Any]:
         """Run ``task`` on ``value`` in a child. Cancelling the Deferred drops a queued run, or
         kills the child running it (a new child takes its place): Python code cannot be
-        interrupted any other way."""
+        interrupted any other way. ``on_part(bytes)``: called with each part (encoded JSON) a
+        generator run yields, as the child produces it."""
         self.ticket += 1
         ticket = self.ticket
+        if on_part is not None:
+            self.part_sinks[ticket] = on_part
 
         def cancel(d: Deferred[Any]) -> None:
             """Drop the run if queued; else kill its child, or ignore its answer in a batch."""
@@ -192,11 +205,20 @@ class PoolService(Service):
                     return
 
         d: Deferred[Any] = Deferred(cancel)
+        if on_part is not None:
+            d.addBoth(_forget, self.part_sinks, ticket)
         if self.idle:
             self.idle.popleft().send([(ticket, task, value, d)])
         else:
             self.waiting.append((ticket, task, value, d))
         return d
+
+    def _part(self, line: bytes) -> None:
+        """A part line from a child: to its run's ``on_part`` (dropped if it asked for none)."""
+        ticket, _, body = line[1:].partition(b" ")
+        sink = self.part_sinks.get(int(ticket)) if ticket.isdigit() else None
+        if sink is not None:
+            sink(body)
 
     @property
     def busy(self) -> int:
@@ -249,3 +271,9 @@ class PoolService(Service):
         for c in children:
             if c.alive:
                 c.kill()
+
+
+def _forget(result: Any, sinks: dict[int, Any], ticket: int) -> Any:
+    """The run settled (or was cancelled): its parts, if any more come, go nowhere."""
+    sinks.pop(ticket, None)
+    return result

@@ -25,6 +25,7 @@ from clusterd.core.wire import WireError, dumps, parse_json_object, parse_json_o
 from clusterd.endpoints import no_delay
 from clusterd.heartbeat import Heartbeat
 from clusterd.worker import registration
+from clusterd.worker.parts import PartStreams
 from clusterd.worker.pool import ChildDied, PoolService, RunResult
 from clusterd.worker.refs import fetch_range, permitted
 
@@ -48,9 +49,11 @@ class WorkerProtocol(Protocol):
         self.closing = False
         self.server_max_line = DEFAULT_MAX_LINE
         self.batch = False  # the server takes DONE/ERROR arrays (its OK REGISTERED says so)
+        self.parts_ok = False  # the server takes results in parts (its OK REGISTERED says so)
         self._answers: list[tuple[str, str, int]] = []  # batch: (verb, object, bytes) to send
         self._answer_call: Any = None  # the callLater(0) that sends them
         self.running: dict[Any, Deferred[Any]] = {}
+        self.parts = PartStreams(self._raw, lambda: self.server_max_line)  # generator results
         self.verbs: dict[str, Callable[[str], None]] = {
             "DO": self._on_do,
             "CANCEL": self._on_cancel,
@@ -130,13 +133,15 @@ class WorkerProtocol(Protocol):
                 "server sent DO for sub-task {ticket!r} already held; ignored", ticket=ticket
             )
             return
-        d = self._start(msg)
-        self.running[ticket] = d
+        d = self.running[ticket] = self._start(ticket, msg)
 
         def ok(run: Any) -> None:
             """Answer DONE with the result, streamed if too long for a line (ERROR ResultTooLarge if
             it cannot be)."""
-            # A pool fires with a RunResult (value and run time) or, for simple pools, a value.
+            # A pool fires with a RunResult (value and run time, or parts sent) or a bare value.
+            if isinstance(run, RunResult) and run.parts:
+                self._parts_done(ticket, msg)
+                return
             done = {"id": ticket, "job": msg.get("job")}
             if isinstance(run, RunResult):
                 done.update(result=run.value, t=run.seconds)
@@ -161,8 +166,8 @@ class WorkerProtocol(Protocol):
         def failed(f: Failure) -> None:
             """Answer ERROR with the failure's type and message, unless the server cancelled the
             run."""
-            if f.check(CancelledError):
-                return  # the server cancelled it: it expects no answer
+            if f.check(CancelledError):  # the server expects no answer; drops its pieces
+                return self.parts.drop(ticket)  # (a stream the run began ends with '.')
             tb, retry = "", True
             if f.check(PoolService.TaskError):
                 kind, message = f.value.type, f.value.message
@@ -180,20 +185,25 @@ class WorkerProtocol(Protocol):
 
         d.addCallbacks(ok, failed).addBoth(settled)
 
-    def _start(self, msg: dict[str, Any]) -> Deferred[Any]:
-        """Run a DO: its ``input``, or the range its ``ref`` names: a file range the pool child
-        reads itself; a URL range this process fetches first (clusterd/worker/refs.py)."""
-        task = str(msg.get("task"))
+    def _start(self, ticket: Any, msg: dict[str, Any]) -> Deferred[Any]:
+        """Run a DO in the pool: its ``input``, or the range its ``ref`` names (a file range
+        the pool child reads itself; a URL range this process fetches first:
+        clusterd/worker/refs.py). A generator run's parts go out as produced when the pool and
+        the server both take parts (worker/parts.py)."""
+        pool, task = self.factory.pool, str(msg.get("task"))
+        kw: dict[str, Any] = {}
+        if self.parts_ok and getattr(pool, "streams_parts", False):
+            kw["on_part"] = self.parts.sink(ticket, msg.get("job"), task)
         if "ref" not in msg:
-            return self.factory.pool.run(task, msg.get("input"))
+            return pool.run(task, msg.get("input"), **kw)
         try:
             rng = RefRange.from_wire(msg["ref"])
             rng = replace(rng, ref=permitted(rng.ref, self.factory.ref_roots))
         except RefError as e:
             return fail(e)
         if not is_url(rng.ref):
-            return self.factory.pool.run(task, rng)
-        return fetch_range(rng).addCallback(lambda value: self.factory.pool.run(task, value))
+            return pool.run(task, rng, **kw)
+        return fetch_range(rng).addCallback(lambda value: pool.run(task, value, **kw))
 
     def _error(
         self,
@@ -210,7 +220,25 @@ class WorkerProtocol(Protocol):
         shortened to fit the server's line, with a note that it was."""
         room = self.server_max_line - 7  # "ERROR [" + body + "]"
         body, size = error_body(ticket, msg.get("job"), kind, message, room, traceback, retry)
+        if self.parts.streamed(ticket):  # its ERROR line, alone, ends the stream it began
+            self.parts.end(ticket, ("ERROR " + body).encode("utf-8", "backslashreplace") + b"\n")
+            return
         self._answer("ERROR", body, size)
+
+    def _parts_done(self, ticket: Any, msg: dict[str, Any]) -> None:
+        """A generator run answered after streaming its parts: ``.`` ends the stream, unless a
+        part was too long for the server's line (ResultTooLarge)."""
+        too_long = self.parts.oversized(ticket)
+        if too_long is None:
+            self.parts.end(ticket, b".\n")
+            return
+        self._error(
+            ticket,
+            msg,
+            "ResultTooLarge",
+            f"a part of the result needs a {too_long}-byte line; the server accepts "
+            f"{self.server_max_line}",
+        )
 
     def _stream_result(self, done: dict[str, Any]) -> bool:
         """A result too long for one line goes as ``DONE {..., "stream": true}``, ``+<piece>``
@@ -253,14 +281,27 @@ class WorkerProtocol(Protocol):
         if self.lost or self.transport.disconnecting:
             return
         lines = batch_lines(answers, self.server_max_line)
-        self.transport.write("\n".join(lines).encode("utf-8", "backslashreplace") + b"\n")
+        data = "\n".join(lines).encode("utf-8", "backslashreplace") + b"\n"
+        if self.parts.open is not None:
+            self.parts.hold(data)  # after the part stream on the wire ends
+        else:
+            self.transport.write(data)
 
     def send_line(self, line: str) -> None:
-        """Write one line, after any answers still batched."""
+        """Write one line, after any answers still batched (and after an open part stream,
+        unless it is a heartbeat)."""
         if self._answers:
             self._flush_answers()  # answers first, in the order they were made
+        data = line.encode("utf-8", "backslashreplace") + b"\n"
+        if self.parts.holds(line):
+            self.parts.hold(data)
+        else:
+            self._raw(data)
+
+    def _raw(self, data: bytes) -> None:
+        """Write bytes as they are, unless the connection is going."""
         if not self.lost and not self.transport.disconnecting:
-            self.transport.write(line.encode("utf-8", "backslashreplace") + b"\n")
+            self.transport.write(data)
 
     # -- graceful stop -------------------------------------------------------------------------
 
@@ -293,6 +334,7 @@ class WorkerProtocol(Protocol):
         self.lost = True
         self.heartbeat.stop()
         self._answers.clear()
+        self.parts.clear()
         if self._answer_call is not None and self._answer_call.active():
             self._answer_call.cancel()
         self._answer_call = None

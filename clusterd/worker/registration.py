@@ -50,6 +50,7 @@ def greeted(proto: Any, text: str) -> None:
         "protocol": PROTOCOL_VERSION,
         "max_line": f.max_line,
         "batch": True,
+        "parts": True,
     }
     proto.send_line("REGISTER " + dumps(registration))
 
@@ -62,6 +63,7 @@ def registered(proto: Any, rest: str) -> None:
     except WireError:
         info = None
     proto.batch = isinstance(info, dict) and info.get("batch") is True
+    proto.parts_ok = isinstance(info, dict) and info.get("parts") is True
     f = proto.factory
     f.registrations += 1
     f.rejections = 0

@@ -37,7 +37,7 @@ def test_readme_python_examples_run(tmp_path):
     blocks = python_blocks()
     modules = [b for b in blocks if b.startswith("# mytasks.py")]
     scripts = [b for b in blocks if not b.startswith("# mytasks.py")]
-    assert len(modules) == 1 and len(scripts) >= 4
+    assert len(modules) == 1 and len(scripts) >= 6
     (tmp_path / "mytasks.py").write_text(modules[0])
     env = {"PYTHONPATH": str(tmp_path)}
     (tmp_path / "cluster").mkdir()
@@ -59,7 +59,8 @@ def test_readme_python_examples_run(tmp_path):
             )
             assert run.returncode == 0, run.stderr
             out.append(run.stdout)
-    executor, blocking, deferred, asyncio_ = out[:4]
+    executor, blocking, deferred, asyncio_, by_ref, parts = out[:6]
+    assert parts.strip() == "[('a', 3), ('b', 3), ('c', 2)]"
     assert executor.splitlines()[:3] == ["9592", "[1, 4, 9]", "[[1, 4], [9]]"]
     assert "ZeroDivisionError: division by zero" in executor
     assert "return 1 / x" in executor
@@ -71,4 +72,4 @@ def test_readme_python_examples_run(tmp_path):
         "11",
         "ZeroDivisionError: division by zero",
     ]
-    assert out[4].strip() == "True"  # the input by reference
+    assert by_ref.strip() == "True"  # the input by reference

@@ -127,6 +127,7 @@ def test_greeting_is_answered_with_register(pool, clock):
             "protocol": PROTOCOL_VERSION,
             "max_line": DEFAULT_MAX_LINE,
             "batch": True,
+            "parts": True,
         },
     )
     assert not w.proto.registered

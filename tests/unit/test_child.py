@@ -155,3 +155,82 @@ def test_no_retry_exception_is_answered_retry_false():
     assert run_child({"id": 2, "task": "final", "input": 1}) == [
         {"id": 2, "ok": False, "type": "ZeroDivisionError", "message": "no 1", "retry": False}
     ]
+
+
+# -- generator runs: parts written as produced -----------------------------------------------
+
+
+def test_a_generator_runs_parts_are_written_as_produced():
+    """Each part a generator run yields is written (and flushed) as ``+<id> <json>`` before the
+    next is computed; the reply then says how many parts there were instead of a result."""
+    out = io.BytesIO()
+    seen: list[bytes] = []
+
+    def gen(n):
+        for i in range(n):
+            seen.append(out.getvalue())  # what the worker could already read
+            yield {"i": i}
+
+    reg = Registry([Task("g", lambda v, n: [v], gen, lambda rs: rs[0], merge=lambda a, b: a)])
+    serve(reg, io.BytesIO(b'{"id":5,"task":"g","input":3,"parts":true}\n'), out)
+    lines = out.getvalue().splitlines()
+    assert lines[:3] == [b'+5 {"i":0}', b'+5 {"i":1}', b'+5 {"i":2}']
+    assert seen[2].splitlines() == lines[:2]  # part 1 was out before part 2 was made
+    reply = json.loads(lines[3])
+    assert (reply["id"], reply["ok"], reply["parts"], "result" in reply) == (5, True, 3, False)
+
+
+def test_a_generator_failing_midway_or_empty_answers_an_error():
+    """A generator that raises after some parts answers ok: false; a merge task's generator
+    that yields nothing is an error, another task's is one empty-list part."""
+
+    def broken(v):
+        yield [1]
+        raise OSError("gone")
+
+    def empty(v):
+        yield from ()
+
+    reg = Registry(
+        [
+            Task("broken", lambda v, n: [v], broken, lambda rs: rs[0]),
+            Task("none", lambda v, n: [v], empty, lambda rs: rs[0], merge=lambda a, b: a),
+            Task("nolist", lambda v, n: [v], empty, lambda rs: rs[0]),
+        ]
+    )
+    data = b"".join(
+        json.dumps({"id": i, "task": t, "input": 0, "parts": True}).encode() + b"\n"
+        for i, t in enumerate(["broken", "none", "nolist"])
+    )
+    out = io.BytesIO()
+    serve(reg, io.BytesIO(data), out)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == b"+0 [1]"
+    assert json.loads(lines[1])["type"] == "OSError"
+    assert json.loads(lines[2])["type"] == "ValueError"
+    assert lines[3] == b"+2 []" and json.loads(lines[4])["parts"] == 1
+
+
+def test_a_generator_run_not_asked_for_parts_answers_one_value():
+    """Without ``"parts": true`` (a server that takes no parts) a generator run's parts are made
+    into one result in the child: merged for a merge task, concatenated otherwise."""
+
+    def gen(v):
+        yield {"a": 1}
+        yield {"a": 2, "b": 1}
+
+    def lists(v):
+        yield [1]
+        yield [2, 3]
+
+    merge = lambda a, b: {k: a.get(k, 0) + b.get(k, 0) for k in a.keys() | b.keys()}  # noqa: E731
+    reg = Registry(
+        [
+            Task("g", lambda v, n: [v], gen, lambda rs: rs[0], merge=merge),
+            Task("l", lambda v, n: [v], lists, lambda rs: rs[0]),
+        ]
+    )
+    out = io.BytesIO()
+    serve(reg, io.BytesIO(b'{"id":1,"task":"g","input":0}\n{"id":2,"task":"l","input":0}\n'), out)
+    first, second = (json.loads(line) for line in out.getvalue().splitlines())
+    assert (first["result"], second["result"]) == ({"a": 3, "b": 1}, [1, 2, 3])

@@ -116,7 +116,7 @@ def test_pool_sends_waiting_runs_to_a_child_as_one_batch():
     assert child.written[-1] == [{"id": t, "task": "sum", "input": [t]} for t in (2, 3, 4)]
     replies = [{"id": t, "ok": True, "result": t, "t": 0.001} for t in (2, 3, 4)]
     child.proto.outReceived(json.dumps(replies).encode() + b"\n")
-    assert [tuple(result_of(d)) for d in rest] == [
+    assert [tuple(result_of(d))[:2] for d in rest] == [
         (2, 0.001),
         (3, 0.001),
         (4, 0.001),

@@ -56,6 +56,7 @@ def test_builtin_names():
         "doc": "sum of a JSON array of numbers",
         "input": "json",
         "stream": "list",
+        "merge": True,
     }
     assert "stream" not in REGISTRY.get("primes").describe()
     assert REGISTRY.get("wordcount").stream == "text"

@@ -56,7 +56,45 @@ def _expand(n):
     return [f"item-{i:08d}" for i in range(n)]
 
 
+def _lines_split(value, chunks):
+    """{"lines": [...], "delay": s}: one sub-task per group of lines."""
+    lines, delay = value["lines"], value.get("delay", 0)
+    step = max(1, -(-len(lines) // chunks))
+    return [{"lines": lines[i : i + step], "delay": delay} for i in range(0, len(lines), step)]
+
+
+def _count_lines(chunk):
+    """A generator run: the word counts of each line, one part per line, as it is counted."""
+    for line in chunk["lines"]:
+        time.sleep(chunk["delay"])
+        counts = {}
+        for word in line.split():
+            counts[word] = counts.get(word, 0) + 1
+        yield counts
+
+
+def _add_counts(a, b):
+    for word, n in b.items():
+        a[word] = a.get(word, 0) + n
+    return a
+
+
+def _expand_parts(n):
+    """A generator run of a task without merge: n numbered strings, in parts of 1,000."""
+    for start in range(0, n, 1000):
+        yield [f"item-{i:08d}" for i in range(start, min(n, start + 1000))]
+
+
 TASKS = [
+    Task(
+        "wc_lines",
+        _lines_split,
+        _count_lines,
+        lambda r: dict(sorted(r[0].items())),
+        "word counts of lines, streamed in parts and merged",
+        merge=_add_counts,
+    ),
+    Task("expand_parts", lambda v, c: [v], _expand_parts, lambda r: r[0], "expand, in parts"),
     Task("fail", _split, _boom, lambda results: None, "always raises ValueError"),
     Task("pids", _split, _whoami, lambda results: sorted(set(results)), "pool process ids"),
     Task("record", _record_split, _record, sum, "count executions in a directory"),
