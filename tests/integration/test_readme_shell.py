@@ -1,6 +1,8 @@
 """The README's "Usage" shell lines run as written: its twistd server and worker commands, its
 ``nc`` conversation, and every ``clusterd`` command line, against the cluster those commands
-start (only the port is changed, to a free one, and the example job id to the one printed)."""
+start. Only the port (to a free one), the shared directory ``/shared`` (to a temporary one) and
+the example job id (to the one printed) are changed; its ``pip install .`` is this test run's
+own install."""
 
 from __future__ import annotations
 
@@ -89,9 +91,13 @@ def test_the_usage_section_runs_as_written(tmp_path):
     env["CLUSTERD_SERVER"] = f"tcp:127.0.0.1:{port}"
     procs: list[subprocess.Popen[bytes]] = []
 
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "corpus.txt").write_text("to be or not to be\n" * 500)
+
     def spawn(name: str, line: str, pattern: str) -> None:
         proc = subprocess.Popen(
-            line.replace("7420", str(port)),
+            line.replace("7420", str(port)).replace("/shared", str(shared)),
             shell=True,
             cwd=tmp_path,
             env=env,
@@ -130,6 +136,7 @@ def run_cli_lines(lines: list[str], cwd: Path, env: dict[str, str], port: int) -
     job = "j4"
     for line in lines:
         line = line.replace("127.0.0.1:7420", f"127.0.0.1:{port}").replace("j4", job)
+        line = line.replace("/shared", str(cwd / "shared"))
         if line == "clusterd top":
             outputs[line] = interrupt_top(line, cwd, env)
             continue
@@ -147,6 +154,8 @@ def run_cli_lines(lines: list[str], cwd: Path, env: dict[str, str], port: int) -
     )
     assert '"the":2000' in by_start["clusterd run wordcount --file big.txt --chunks 64"]
     assert '"the":140000' in by_start["clusterd run wordcount --file 200MB.txt"]
+    by_ref = next(v for k, v in outputs.items() if "--input-ref" in k)
+    assert '"to":1000' in by_ref and '"be":1000' in by_ref
     assert by_start["echo '[5,3,9,1]' | clusterd run sort"].strip() == "[1,3,5,9]"
     watched = next(v for k, v in outputs.items() if k.startswith("clusterd watch"))
     assert "[1,1,1,1]" in watched
