@@ -39,6 +39,8 @@ __all__ = [
     "OTHER_LINE",
     "line_kind",
     "piece_value",
+    "ByteCutter",
+    "text_input",
 ]
 
 STREAM_MARK = "@"  # in place of a JSON value: the value follows as piece lines
@@ -166,6 +168,71 @@ class Cutter:
         self._parts, self._held = ([rest] if rest else []), len(rest)
         self.cut += len(out)
         return out
+
+
+_ASCII_SPACE = re.compile(rb"[ \t\n\r\f\v]")
+
+
+def text_input(value: Any) -> Any:
+    """A sub-task input as task code takes it: a text stream's chunk (UTF-8 ``bytes``, checked
+    when it was cut) becomes the ``str`` a text task's ``run`` expects; anything else as is."""
+    return value.decode("utf-8") if isinstance(value, bytes | bytearray | memoryview) else value
+
+
+class ByteCutter:
+    """The :class:`Cutter` of text streams, on UTF-8 bytes: a chunk ends at the first ASCII
+    whitespace byte at or after ``target`` bytes (that byte starts the next chunk). UTF-8
+    continuation bytes are >= 0x80, so a cut never splits a character, and cutting only at
+    whitespace never splits a word. Each chunk is one ``bytes`` object (the held pieces joined
+    once), checked to be UTF-8 (``isascii`` first, the full check only for non-ASCII chunks);
+    ``feed`` and ``finish`` raise UnicodeDecodeError for a chunk that is not."""
+
+    kind = "text"
+
+    def __init__(self, target: int) -> None:
+        self.target = max(1, target)
+        self.size = 0  # bytes received
+        self.cut = 0  # sub-task inputs produced
+        self._parts: list[bytes] = []
+        self._held = 0
+
+    def feed(self, piece: bytes) -> list[bytes]:
+        """Take the next bytes of the text; the sub-task inputs they complete (often none)."""
+        if not piece:
+            return []
+        self.size += len(piece)
+        self._parts.append(piece)
+        self._held += len(piece)
+        if self._held < self.target:
+            return []
+        buf = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+        out, start, search = [], 0, self.target
+        while len(buf) - start >= self.target:
+            m = _ASCII_SPACE.search(buf, search)
+            if m is None:
+                break  # a word runs past the held text: wait for more
+            out.append(_utf8(buf[start : m.start()]))
+            start = m.start()
+            search = start + self.target
+        rest = buf[start:] if start else buf
+        self._parts, self._held = ([rest] if rest else []), len(rest)
+        self.cut += len(out)
+        return out
+
+    def finish(self) -> list[bytes]:
+        """The end of the text: what is held is the last chunk (one empty chunk for no text)."""
+        out: list[bytes] = []
+        if self._held or self.cut == 0:
+            out.append(_utf8(b"".join(self._parts)))
+        self._parts, self._held = [], 0
+        self.cut += len(out)
+        return out
+
+
+def _utf8(chunk: bytes) -> bytes:
+    if not chunk.isascii():
+        chunk.decode("utf-8")  # raises UnicodeDecodeError: the caller reports BAD_ENCODING
+    return chunk
 
 
 def _concat(parts: list[list[Any]]) -> list[Any]:

@@ -50,6 +50,7 @@ def greeted(proto: Any, text: str) -> None:
         "protocol": PROTOCOL_VERSION,
         "max_line": f.max_line,
         "batch": True,
+        "bytes": True,  # takes a text chunk as a binary DO (docs/PROTOCOL.md)
     }
     proto.send_line("REGISTER " + dumps(registration))
 
