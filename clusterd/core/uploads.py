@@ -104,10 +104,12 @@ class Upload:
             raise _bad_encoding(e) from None
 
     def end(self) -> None:
-        """The ``.`` line: the last sub-task is cut and the job sealed."""
-        self.ended = True
+        """The ``.`` line: the last sub-task is cut and the job sealed. The upload counts as
+        ended only once that worked: if cutting or queueing the last sub-task raises (bad
+        UTF-8, a limit), the caller abandons the job, which needs the upload still open."""
         if self.job.is_final:  # cancelled while arriving: that end is what SUBMIT reports,
             # once it is durable (a restart must not resume a job shown as cancelled).
+            self.ended = True
             job = self.job
             job.wait().addCallbacks(lambda _: job.mark_durable(), job.not_durable_failure)
             return
@@ -116,6 +118,7 @@ class Upload:
         except UnicodeDecodeError as e:
             raise _bad_encoding(e) from None
         self.scheduler.grow(self.job, last)
+        self.ended = True
         self.scheduler.seal(self.job)
 
     def abandon(self, code: str, message: str) -> None:

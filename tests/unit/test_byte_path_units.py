@@ -1,0 +1,192 @@
+"""The byte path's pure parts: frame framing, the byte cutter, the pool's binary hand-over,
+the child reading it, and text chunks journaled as BLOBs and restored as bytes."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import sqlite3
+
+import pytest
+from helpers import result_of
+
+from clusterd.core.framing import Frame, LineFramer, LineTooLong, frame_header
+from clusterd.core.journal import ChunksAdded, JobAccepted, JobSealed
+from clusterd.core.recovery import journaled_inputs
+from clusterd.core.streaming import ByteCutter, Cutter
+from clusterd.server.sqlite_journal import SqliteJournal
+from clusterd.tasks import Registry
+from clusterd.tasks.builtins import TASKS
+from clusterd.worker.child import serve
+from clusterd.worker.pool import PoolService
+
+STREAM = (
+    b'RUN wordcount @\n+"ab"\n$5\nhe\nlo\n$0\n\n$3\r\nxyz\r\n.\nPING\n$200\n'
+    + b"x" * 200
+    + b"\nPING\n"
+)
+
+
+def frame_all(chunks, limit=100):
+    f = LineFramer(limit, header=frame_header)
+    out = []
+    for c in chunks:
+        out += f.feed(c)
+    return out, f
+
+
+def test_frames_are_framed_the_same_however_the_bytes_are_split():
+    """A frame's n bytes (newlines and all) come out as one Frame whether they arrive in one
+    read, byte by byte, or split at random; an overlong frame is one LineTooLong, never held."""
+    whole, _ = frame_all([STREAM])
+    assert whole == [
+        b"RUN wordcount @",
+        b'+"ab"',
+        Frame(b"$5", b"he\nlo"),
+        Frame(b"$0", b""),
+        Frame(b"$3", b"xyz"),
+        b".",
+        b"PING",
+        LineTooLong(200, 100),
+        b"PING",
+    ]
+    rng = random.Random(13)
+    for _ in range(200):
+        cuts = sorted(rng.sample(range(1, len(STREAM)), rng.randint(1, 25)))
+        parts = [STREAM[a:b] for a, b in zip([0, *cuts], [*cuts, len(STREAM)], strict=True)]
+        assert frame_all(parts)[0] == whole
+    bytewise, framer = frame_all([bytes([b]) for b in STREAM])
+    assert bytewise == whole and framer.buffered == 0
+
+
+def test_a_framer_without_a_header_function_treats_dollar_lines_as_lines():
+    """Plain framing is unchanged: '$5' is just a line when frames are not on."""
+    assert LineFramer(100).feed(b"$5\nabc\n") == [b"$5", b"abc"]
+    assert frame_header(b"$12") == 12 and frame_header(b"$x") is None
+    assert frame_header(b"+$1") is None
+
+
+def test_byte_cutter_cuts_at_ascii_whitespace_as_the_text_cutter_does():
+    """On ASCII text the byte cutter gives the text cutter's chunks (as bytes); on any text its
+    chunks never split a character or a word, and join back to the input."""
+    rng = random.Random(5)
+    words = ["naïve", "日本語", "word", "a", "straße", "x" * 30]
+    text = " ".join(rng.choice(words) for _ in range(3000))
+    ascii_text = " ".join(rng.choice(["ab", "cde", "f" * 20]) for _ in range(3000))
+    for t in (text, ascii_text):
+        raw = t.encode()
+        bc, out = ByteCutter(97), []
+        for i in range(0, len(raw), 61):  # pieces split inside characters
+            out += bc.feed(raw[i : i + 61])
+        out += bc.finish()
+        assert b"".join(out) == raw
+        assert all(c.decode() for c in out)  # each chunk is whole UTF-8
+        assert all(len(c) >= 97 for c in out[:-1])
+        assert all(c[:1].isspace() for c in out[1:])
+    tc, ref = Cutter("text", 97), []
+    for i in range(0, len(ascii_text), 61):
+        ref += tc.feed(ascii_text[i : i + 61])
+    ref += tc.finish()
+    assert [c.decode() for c in out] == ref
+    assert ByteCutter(10).finish() == [b""]
+
+
+def test_byte_cutter_refuses_invalid_utf8():
+    """A chunk that is not UTF-8 raises UnicodeDecodeError (the server's BAD_ENCODING)."""
+    with pytest.raises(UnicodeDecodeError):
+        ByteCutter(4).feed(b"abc\xff def ")
+
+
+class _Transport:
+    def __init__(self, proto):
+        self.chunks: list[bytes] = []
+        proto.makeConnection(self)
+
+    def write(self, data):
+        self.chunks.append(data)
+
+    def writeSequence(self, seq):
+        self.chunks.extend(seq)
+
+
+class _Reactor:
+    def __init__(self):
+        self.transports = []
+
+    def spawnProcess(self, proto, *a, **k):
+        self.transports.append(_Transport(proto))
+
+
+def test_pool_hands_a_bytes_input_alone_and_raw_to_its_child():
+    """A bytes input goes to the child as a header with "bytes" and the same bytes object (no
+    copy, never inside a JSON batch); JSON inputs queued behind it go in a batch of their own."""
+    reactor = _Reactor()
+    pool = PoolService(1, [], reactor)
+    pool.startService()
+    [tr] = reactor.transports
+    text = "café au lait ".encode() * 3
+    pool.run("wordcount", text)
+    head, body, nl = tr.chunks
+    assert json.loads(head) == {"id": 1, "task": "wordcount", "bytes": len(text)}
+    assert body is text and nl == b"\n"
+    pool.run("sum", [1])
+    pool.run("wordcount", b"b c")
+    pool.run("sum", [2])
+    tr.chunks.clear()
+    child = pool.children[0]
+    child.outReceived(b'{"id":1,"ok":true,"result":{}}\n')  # the next message: "sum" alone
+    assert json.loads(b"".join(tr.chunks)) == {"id": 2, "task": "sum", "input": [1]}
+
+
+def test_child_reads_a_bytes_request_and_runs_the_task_on_the_decoded_text():
+    """The child reads n raw bytes after a "bytes" header, decodes them once, and the task gets
+    a str; bad UTF-8 is that run's error, and the next request is read correctly."""
+    registry = Registry(TASKS)
+    good = "Ünïcode words, words".encode()
+    data = (
+        json.dumps({"id": 1, "task": "wordcount", "bytes": len(good)}).encode()
+        + b"\n"
+        + good
+        + b"\n"
+        + b'{"id":2,"task":"wordcount","bytes":3}\n\xff\xfe\n\n'
+        + b'{"id":3,"task":"sum","input":[1,2]}\n'
+    )
+    out = io.BytesIO()
+    serve(registry, io.BytesIO(data), out)
+    replies = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert replies[0]["result"] == {"words": 2, "ünïcode": 1}
+    assert replies[1]["ok"] is False and "UTF-8" in replies[1]["message"]
+    assert replies[2]["result"] == 3
+
+
+def _accepted(job: str) -> JobAccepted:
+    return JobAccepted(job, 1, "wordcount", "", 0, {}, None, 1.0, streamed=True)
+
+
+def test_text_chunks_are_blobs_in_sqlite_and_restored_as_the_same_bytes(tmp_path):
+    """ChunksAdded with bytes is stored as BLOBs (no JSON) and restored byte for byte; a journal
+    written before the byte path (JSON text chunks) still restores its strings."""
+    path = str(tmp_path / "j.sqlite")
+    j = SqliteJournal(path, reactor=None)
+    chunks = ("naïve ".encode(), b"\xe6\x97\xa5 end", b"")
+    j._write(
+        [
+            _accepted("j1"),
+            ChunksAdded("j1", 0, chunks),
+            JobSealed("j1", 3),
+            _accepted("j2"),
+            ChunksAdded("j2", 0, ('"old text"', '" more"')),
+            JobSealed("j2", 2),
+        ]
+    )
+    result_of(j.close())
+    con = sqlite3.connect(path)
+    kinds = con.execute("SELECT job, typeof(input) FROM inputs ORDER BY job, idx").fetchall()
+    con.close()
+    assert kinds == [("j1", "blob")] * 3 + [("j2", "text")] * 2
+    j2 = SqliteJournal(path, reactor=None)
+    by_id = {r.accepted.job: r for r in j2.load().jobs}
+    result_of(j2.close())
+    assert journaled_inputs(by_id["j1"]) == list(chunks)
+    assert journaled_inputs(by_id["j2"]) == ["old text", " more"]
