@@ -11,8 +11,9 @@ import sqlite3
 import pytest
 from helpers import result_of
 
+from clusterd.core.errors import WireError
 from clusterd.core.framing import Frame, LineFramer, LineTooLong, frame_header
-from clusterd.core.journal import ChunksAdded, JobAccepted, JobSealed
+from clusterd.core.journal import ChunksAdded, JobAccepted, JobEnded, JobSealed
 from clusterd.core.recovery import journaled_inputs
 from clusterd.core.streaming import ByteCutter, Cutter
 from clusterd.server.sqlite_journal import SqliteJournal
@@ -164,9 +165,10 @@ def _accepted(job: str) -> JobAccepted:
     return JobAccepted(job, 1, "wordcount", "", 0, {}, None, 1.0, streamed=True)
 
 
-def test_text_chunks_are_blobs_in_sqlite_and_restored_as_the_same_bytes(tmp_path):
-    """ChunksAdded with bytes is stored as BLOBs (no JSON) and restored byte for byte; a journal
-    written before the byte path (JSON text chunks) still restores its strings."""
+def test_text_chunks_go_to_input_files_and_come_back_as_the_same_bytes(tmp_path):
+    """ChunksAdded with bytes is appended to the job's input file (the row keeps @offset:length,
+    no JSON) and restored byte for byte; BLOB rows and the JSON text chunks of older journals
+    still restore; a job's end removes its file."""
     path = str(tmp_path / "j.sqlite")
     j = SqliteJournal(path, reactor=None)
     chunks = ("naïve ".encode(), b"\xe6\x97\xa5 end", b"")
@@ -178,15 +180,43 @@ def test_text_chunks_are_blobs_in_sqlite_and_restored_as_the_same_bytes(tmp_path
             _accepted("j2"),
             ChunksAdded("j2", 0, ('"old text"', '" more"')),
             JobSealed("j2", 2),
+            _accepted("j3"),
+            JobSealed("j3", 1),
         ]
     )
     result_of(j.close())
     con = sqlite3.connect(path)
-    kinds = con.execute("SELECT job, typeof(input) FROM inputs ORDER BY job, idx").fetchall()
+    rows = con.execute("SELECT job, input FROM inputs ORDER BY job, idx").fetchall()
+    con.execute("INSERT INTO inputs VALUES ('j3', 0, ?)", (b"a blob chunk",))
+    con.commit()
     con.close()
-    assert kinds == [("j1", "blob")] * 3 + [("j2", "text")] * 2
+    assert [r[1] for r in rows[:3]] == ["@0:7", "@7:7", "@14:0"]
+    assert (tmp_path / "j.sqlite-inputs" / "j1.txt").read_bytes() == b"".join(chunks)
     j2 = SqliteJournal(path, reactor=None)
     by_id = {r.accepted.job: r for r in j2.load().jobs}
-    result_of(j2.close())
     assert journaled_inputs(by_id["j1"]) == list(chunks)
     assert journaled_inputs(by_id["j2"]) == ["old text", " more"]
+    assert journaled_inputs(by_id["j3"]) == [b"a blob chunk"]
+    j2._write([JobEnded("j1", "done", "{}", None, 3, 2.0)])
+    assert not (tmp_path / "j.sqlite-inputs" / "j1.txt").exists()
+    result_of(j2.close())
+
+
+def test_a_missing_input_file_fails_only_its_job_and_orphans_are_swept(tmp_path):
+    """An input file lost while the server was down fails its job (JOURNAL_ERROR) at recovery
+    instead of stopping the server; the file of a job that is not unfinished is removed at
+    start."""
+    path = str(tmp_path / "j.sqlite")
+    j = SqliteJournal(path, reactor=None)
+    j._write([_accepted("j1"), ChunksAdded("j1", 0, (b"abc",)), JobSealed("j1", 1)])
+    result_of(j.close())
+    inputs = tmp_path / "j.sqlite-inputs"
+    (inputs / "j1.txt").unlink()
+    (inputs / "j9.txt").write_bytes(b"left by a crash")
+    j2 = SqliteJournal(path, reactor=None)
+    [rec] = j2.load().jobs
+    result_of(j2.close())
+    with pytest.raises(WireError) as e:
+        journaled_inputs(rec)
+    assert e.value.code == "JOURNAL_ERROR"
+    assert not (inputs / "j9.txt").exists()
