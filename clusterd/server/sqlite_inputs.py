@@ -1,4 +1,5 @@
-"""The text chunks of streamed inputs, kept beside the SQLite journal in one file per job.
+"""The text chunks of streamed inputs (and big sub-task results), kept beside the SQLite
+journal in one file per job.
 
 Why not BLOBs in SQLite: a chunk stored in the database is written to the WAL page by page,
 copied again into the database file at the checkpoint, and at the job's end its pages are
@@ -6,7 +7,8 @@ freed, vacuumed and checkpointed once more: about 13 ms of the server's CPU per 
 (measured), several times everything else the byte path costs. Appended to a file, a chunk
 costs one ``write`` (and the ``fsync`` the commit needs anyway), and the job's end one
 ``unlink``. The database row keeps a reference, ``@<offset>:<length>``, that no JSON text can
-be mistaken for (JSON never starts with ``@``).
+be mistaken for (JSON never starts with ``@``). A sub-task result whose JSON is big (a word
+count's dict) goes the same way, for the same reason.
 
 Order makes it crash-safe: a batch appends its chunks, fsyncs the files (``sync=full``), and
 only then commits the rows that name them; a crash before the commit leaves unnamed bytes at a

@@ -63,6 +63,7 @@ class Forget:
         self.ids = ids
 
 
+BIG_RESULT = 16 * 1024  # characters of a result's JSON from which it goes to its job's file
 CUT_IN_INPUT = 2  # the jobs.streamed value of a job whose cut is its input column
 
 
@@ -209,6 +210,11 @@ def load_records(conn: sqlite3.Connection, files: Any = None) -> Recovered:
     for job_id, idx, result in conn.execute("SELECT job, idx, result FROM results"):
         rec = jobs.get(job_id)
         if rec is not None and rec.ended is None:
+            if result.startswith("@"):  # in the job's file (no JSON text starts with @)
+                data = None if files is None else files.read(job_id, result)
+                if data is None:
+                    continue  # lost with its file: that sub-task runs again
+                result = data.decode("utf-8", "surrogatepass")
             rec.results[idx] = result
     for job_id, idx, text in conn.execute("SELECT job, idx, input FROM inputs"):
         rec = jobs.get(job_id)
@@ -250,10 +256,7 @@ class _Batch:
             if ended and isinstance(rec, (ResultRecorded, ChunksAdded)) and rec.job in ended:
                 continue
             if isinstance(rec, ResultRecorded):
-                self.c.execute(
-                    "INSERT OR IGNORE INTO results VALUES (?, ?, ?)",
-                    (rec.job, rec.index, rec.result_json),
-                )
+                self._result(rec)
             elif isinstance(rec, JobAccepted):
                 self._accepted(rec)
             elif isinstance(rec, ChunksAdded):
@@ -284,6 +287,14 @@ class _Batch:
             self.c.execute(_INSERT_ACCEPTED_ENDED, row + _ended_row(end))
             self.merged.add(rec.job)
         self.max_seq = max(self.max_seq, rec.seq)
+
+    def _result(self, rec: ResultRecorded) -> None:
+        """A sub-task's result: a big one (a word count's dict) goes to its job's input file,
+        as text chunks do, rather than through WAL, checkpoint and vacuum."""
+        kept: str = rec.result_json
+        if self.files is not None and len(kept) >= BIG_RESULT:
+            kept = self.files.append(rec.job, kept.encode("utf-8", "surrogatepass"))
+        self.c.execute("INSERT OR IGNORE INTO results VALUES (?, ?, ?)", (rec.job, rec.index, kept))
 
     def _chunks(self, rec: ChunksAdded) -> None:
         """Sub-task inputs: JSON text in the row; a text chunk's bytes appended to its job's

@@ -171,3 +171,23 @@ def test_protocol_md_binary_do_transcript_replays(factory):
         for k, conn in conns.items():
             got[k] += conn.lines()
     assert got == want
+
+
+def test_a_limit_passed_by_the_last_cut_abandons_the_job_with_its_code():
+    """A limit passed only when '.' cuts the last sub-task (here --max-subtasks) ends the job
+    failed with that code and an ERR naming it, instead of leaving it open and never sealed."""
+    core = Scheduler(REGISTRY, Clock(), MemoryJournal(), max_subtasks=2)
+    factory = ServerFactory(core, settings=ConnectionSettings(max_line=4096))
+    c = LineConn(factory)
+    c.send(b'SUBMIT sum @ {"size":4,"chunks":2}\n+[1,2]\n+[3,4]\n+[5]\n.\nSTATUS j1\n')
+    err, status = c.lines()
+    assert err.startswith("ERR TOO_MANY_SUBTASKS ") and "Job j1 was abandoned" in err
+    assert json.loads(status[3:])["state"] == "failed"
+
+
+def test_client_stream_lines_send_bytes_pieces_as_frames_within_the_line_limit():
+    """run_stream/submit_stream send a bytes piece as $<n> frames, cut to fit max_line."""
+    from clusterd.client.pieces import stream_lines
+
+    lines = list(stream_lines("RUN", "wordcount", [b"abcdefghij", "xy"], {}, json.dumps, 5))
+    assert b"".join(lines) == b'RUN wordcount @\n$4\nabcd\n$4\nefgh\n$2\nij\n+"xy"\n.\n'

@@ -13,7 +13,7 @@ from helpers import result_of
 
 from clusterd.core.errors import WireError
 from clusterd.core.framing import Frame, LineFramer, LineTooLong, frame_header
-from clusterd.core.journal import ChunksAdded, JobAccepted, JobEnded, JobSealed
+from clusterd.core.journal import ChunksAdded, JobAccepted, JobEnded, JobSealed, ResultRecorded
 from clusterd.core.recovery import journaled_inputs
 from clusterd.core.streaming import ByteCutter, Cutter
 from clusterd.server.sqlite_journal import SqliteJournal
@@ -167,11 +167,12 @@ def _accepted(job: str) -> JobAccepted:
 
 def test_text_chunks_go_to_input_files_and_come_back_as_the_same_bytes(tmp_path):
     """ChunksAdded with bytes is appended to the job's input file (the row keeps @offset:length,
-    no JSON) and restored byte for byte; BLOB rows and the JSON text chunks of older journals
+    no JSON) and restored byte for byte, as is a big result's JSON; BLOB rows and the JSON text chunks of older journals
     still restore; a job's end removes its file."""
     path = str(tmp_path / "j.sqlite")
     j = SqliteJournal(path, reactor=None)
     chunks = ("naïve ".encode(), b"\xe6\x97\xa5 end", b"")
+    big = json.dumps({f"wörd{i}": i for i in range(3000)}, ensure_ascii=False)
     j._write(
         [
             _accepted("j1"),
@@ -182,6 +183,8 @@ def test_text_chunks_go_to_input_files_and_come_back_as_the_same_bytes(tmp_path)
             JobSealed("j2", 2),
             _accepted("j3"),
             JobSealed("j3", 1),
+            ResultRecorded("j1", 0, big),
+            ResultRecorded("j1", 1, "7"),
         ]
     )
     result_of(j.close())
@@ -191,12 +194,14 @@ def test_text_chunks_go_to_input_files_and_come_back_as_the_same_bytes(tmp_path)
     con.commit()
     con.close()
     assert [r[1] for r in rows[:3]] == ["@0:7", "@7:7", "@14:0"]
-    assert (tmp_path / "j.sqlite-inputs" / "j1.txt").read_bytes() == b"".join(chunks)
+    kept = (tmp_path / "j.sqlite-inputs" / "j1.txt").read_bytes()
+    assert kept == b"".join(chunks) + big.encode()
     j2 = SqliteJournal(path, reactor=None)
     by_id = {r.accepted.job: r for r in j2.load().jobs}
     assert journaled_inputs(by_id["j1"]) == list(chunks)
     assert journaled_inputs(by_id["j2"]) == ["old text", " more"]
     assert journaled_inputs(by_id["j3"]) == [b"a blob chunk"]
+    assert by_id["j1"].results == {0: big, 1: "7"}  # the big one kept in the file too
     j2._write([JobEnded("j1", "done", "{}", None, 3, 2.0)])
     assert not (tmp_path / "j.sqlite-inputs" / "j1.txt").exists()
     result_of(j2.close())
