@@ -82,10 +82,11 @@ class LineFramer:
     def feed(self, data: bytes) -> list[bytes | LineTooLong | Frame]:
         """Frame ``data``: the complete lines it ends, and a LineTooLong event for each overlong
         one; a partial line is held."""
-        if self.header is not None and (
-            self._frame is not None or self._nl or self.marker in data or self._parts
-        ):
-            return self._feed_framed(data)
+        if self.header is not None:
+            if self._frame is not None or self._nl or self.marker in data:
+                return self._feed_framed(data)
+            if self._parts and b"\n" in data:
+                return self._complete_held(data)
         if b"\n" not in data:
             return self._hold(data)
         first, *middle, tail = data.split(b"\n")
@@ -154,6 +155,17 @@ class LineFramer:
                 events.extend(lines)
             else:
                 self._start(lines[-1], n, events)
+        return events
+
+    def _complete_held(self, data: bytes) -> list[bytes | LineTooLong | Frame]:
+        """A read without the marker that ends a held partial line: only that line can be a
+        header (its marker came in an earlier read); the lines after it frame plainly."""
+        nl = data.find(b"\n") + 1
+        events = self._feed_framed(data[:nl])
+        if nl < len(data):
+            rest = data[nl:]
+            framed = self._frame is not None or self._nl
+            events.extend(self._feed_framed(rest) if framed else self.feed(rest))
         return events
 
     def feed_plain(self, data: bytes) -> list[bytes | LineTooLong]:

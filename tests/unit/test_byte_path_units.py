@@ -7,9 +7,10 @@ import io
 import json
 import random
 import sqlite3
+import time
 
 import pytest
-from helpers import result_of
+from helpers import QueueReactor, result_of
 
 from clusterd.core.errors import WireError
 from clusterd.core.framing import Frame, LineFramer, LineTooLong, frame_header
@@ -225,3 +226,46 @@ def test_a_missing_input_file_fails_only_its_job_and_orphans_are_swept(tmp_path)
         journaled_inputs(rec)
     assert e.value.code == "JOURNAL_ERROR"
     assert not (inputs / "j9.txt").exists()
+
+
+def test_a_header_split_over_reads_without_its_marker_is_still_a_header():
+    """A read that only ends a held partial line ('5\\n' after '$') still starts the frame, and
+    a zero-byte frame there is followed by plain lines."""
+    f = LineFramer(100, header=frame_header)
+    assert f.feed(b"PING\n$") == [b"PING"]
+    assert f.feed(b"0\n\nPING\nPO") == [Frame(b"$0", b""), b"PING"]
+    assert f.feed(b"NG\n$") == [b"PONG"]
+    assert f.feed(b"2\nab\nX\n") == [Frame(b"$2", b"ab"), b"X"]
+
+
+def test_an_input_file_that_cannot_be_written_breaks_the_journal_and_commits_nothing(tmp_path):
+    """A failed write of a text chunk to its input file is a failed write of the journal: its
+    batch fails with the OS's reason, the journal is broken for good, and the rows that would
+    have named the chunk were never committed."""
+    from twisted.python.failure import Failure
+
+    from clusterd.core.journal import JournalError
+
+    path = str(tmp_path / "j.sqlite")
+    (tmp_path / "j.sqlite-inputs").write_text("not a directory")
+    reactor = QueueReactor()
+    j = SqliteJournal(path, reactor, linger=0)
+    j.start()
+    ok = j.append(_accepted("j1"))
+    lost = j.append(ChunksAdded("j1", 0, (b"some text",)))
+    deadline = time.monotonic() + 10
+    while j.failure is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    closed = j.close()
+    j._thread.join(10)
+    reactor.run_calls()
+    result_of(closed)
+    out: list = []
+    lost.addBoth(out.append)
+    assert isinstance(out[0], Failure) and isinstance(out[0].value, JournalError)
+    assert "cannot be written" in str(j.failure)
+    ok.addErrback(lambda f: None)
+    reopened = SqliteJournal(path, QueueReactor())
+    assert all(not r.chunks for r in reopened.load().jobs)
+    result_of(reopened.close())
