@@ -193,31 +193,60 @@ class ByteCutter:
         self.target = max(1, target)
         self.size = 0  # bytes received
         self.cut = 0  # sub-task inputs produced
-        self._parts: list[bytes] = []
+        self._parts: list[bytes | memoryview] = []
         self._held = 0
+        self._scanned = 0  # held bytes already searched for a cut in vain
 
     def feed(self, piece: bytes) -> list[bytes]:
-        """Take the next bytes of the text; the sub-task inputs they complete (often none)."""
+        """Take the next bytes of the text; the sub-task inputs they complete (often none).
+        The held pieces are never joined just to search them: each chunk is made by one
+        ``join`` of the pieces it spans, and what follows its cut stays a memoryview."""
         if not piece:
             return []
         self.size += len(piece)
         self._parts.append(piece)
         self._held += len(piece)
-        if self._held < self.target:
-            return []
-        buf = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
-        out, start, search = [], 0, self.target
-        while len(buf) - start >= self.target:
-            m = _ASCII_SPACE.search(buf, search)
-            if m is None:
-                break  # a word runs past the held text: wait for more
-            out.append(_utf8(buf[start : m.start()]))
-            start = m.start()
-            search = start + self.target
-        rest = buf[start:] if start else buf
-        self._parts, self._held = ([rest] if rest else []), len(rest)
+        out: list[bytes] = []
+        while self._held >= self.target:
+            cut = self._find_cut(max(self.target, self._scanned))
+            if cut is None:
+                self._scanned = self._held  # a word runs past the held text: wait for more
+                break
+            out.append(_utf8(self._take(cut)))
         self.cut += len(out)
         return out
+
+    def _find_cut(self, offset: int) -> int | None:
+        """The offset (in the held bytes) of the first ASCII whitespace at or after ``offset``."""
+        base = 0
+        for part in self._parts:
+            if base + len(part) > offset:
+                m = _ASCII_SPACE.search(part, max(0, offset - base))
+                if m is not None:
+                    return base + m.start()
+            base += len(part)
+        return None
+
+    def _take(self, cut: int) -> bytes:
+        """Remove and return the first ``cut`` held bytes as one bytes object."""
+        taken: list[bytes | memoryview] = []
+        need = cut
+        parts = self._parts
+        while need:
+            part = parts[0]
+            if len(part) <= need:
+                taken.append(parts.pop(0))
+                need -= len(part)
+            else:
+                view = memoryview(part)
+                taken.append(view[:need])
+                parts[0] = view[need:]
+                need = 0
+        self._held -= cut
+        self._scanned = 0
+        if len(taken) == 1 and isinstance(taken[0], bytes):
+            return taken[0]
+        return b"".join(taken)
 
     def finish(self) -> list[bytes]:
         """The end of the text: what is held is the last chunk (one empty chunk for no text)."""
