@@ -79,7 +79,7 @@ def piece_value(line: bytes | str, what: str, max_depth: int) -> Any:
     return parse_json(text, what, max_depth)
 
 
-DEFAULT_TEXT_CHUNK = 1 << 20  # characters per sub-task when the client gives no size
+DEFAULT_TEXT_CHUNK = 1 << 20  # bytes of text per sub-task when the client gives no size
 DEFAULT_LIST_CHUNK = 10_000  # items per sub-task when the client gives no size
 # Never more per sub-task than this, whatever size/chunks say: a sub-task's DO line must stay
 # well within a worker's line limit (16 MiB by default), even for 4-byte UTF-8 or escapes.
