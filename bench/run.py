@@ -57,7 +57,11 @@ METRICS: dict[str, list[tuple[str, str, str | None]]] = {
     "W1b": [("jobs_per_s", "jobs/s", "high"), ("elapsed_s", "elapsed s", "low")],
     "W2": [("speedup", "speedup x", "high"), ("elapsed_s", "elapsed s", "low")],
     "W3": [("p50_ms", "p50 ms", "low"), ("p90_ms", "p90 ms", "low"), ("p99_ms", "p99 ms", "low")],
-    "W4": [("mb_per_s", "MB/s", "high"), ("elapsed_s", "elapsed s", "low")],
+    "W4": [
+        ("mb_per_s", "MB/s", "high"),
+        ("elapsed_s", "elapsed s", "low"),
+        ("server_cpu_ms_per_mb", "server CPU ms/MB", "low"),
+    ],
     "W4r": [
         ("mb_per_s", "MB/s", "high"),
         ("x_sequential", "x sequential W4", "high"),
@@ -65,6 +69,7 @@ METRICS: dict[str, list[tuple[str, str, str | None]]] = {
     ],
     "B1": [
         ("mb_per_s", "MB/s", "high"),
+        ("server_cpu_ms_per_mb", "server CPU ms/MB", "low"),
         ("ping_p50_ms", "PING p50 ms", "low"),
         ("ping_p99_ms", "PING p99 ms", "low"),
         ("ping_max_ms", "PING max ms", "low"),

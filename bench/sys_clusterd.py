@@ -292,9 +292,15 @@ class ClusterdSystem:
                 check("W4 warm-up", run_file(small)[0], {"a": 2, "b": 1, "c": 1})
 
             def once() -> Metrics:
+                cpu0 = cpu_seconds(cluster.server.pid)
                 counts, dt = run_file(data.path)
+                cpu = cpu_seconds(cluster.server.pid) - cpu0
                 check("W4 word counts", counts, data.answer)
-                return [("mb_per_s", data.mb / dt, "MB/s"), ("elapsed_s", dt, "s")]
+                return [
+                    ("mb_per_s", data.mb / dt, "MB/s"),
+                    ("elapsed_s", dt, "s"),
+                    ("server_cpu_ms_per_mb", cpu * 1e3 / data.mb, "ms"),
+                ]
 
             yield warm, once
 
@@ -349,11 +355,14 @@ class ClusterdSystem:
                 check("B1 warm-up", run_file(small)[0], {"a": 2, "b": 1, "c": 1})
 
             def once() -> Metrics:
+                cpu0 = cpu_seconds(pid)
                 with PingSampler(self._client(cluster)) as pings:
                     counts, dt = run_file(path)
+                cpu = cpu_seconds(pid) - cpu0
                 check("B1 word counts", counts, answer)
                 return [
                     ("mb_per_s", mb / dt, "MB/s"),
+                    ("server_cpu_ms_per_mb", cpu * 1e3 / mb, "ms"),
                     *pings.metrics(),
                     ("rss_peak_mb", (peak_rss_bytes(pid) - base) / 1e6, "MB"),
                     ("input_mb", mb, "MB"),
@@ -536,6 +545,13 @@ class PingSampler:
             ("ping_max_ms", pings[-1] * 1e3, "ms"),
             ("pings", len(self.samples), "count"),
         ]
+
+
+def cpu_seconds(pid: int) -> float:
+    """A process's CPU time so far (utime + stime from /proc/<pid>/stat), in seconds."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_bytes(pid: int) -> int:

@@ -41,6 +41,7 @@ from twisted.python.failure import Failure
 from clusterd.core.errors import WorkerLost
 from clusterd.core.journal import MemoryJournal
 from clusterd.core.scheduler import Scheduler
+from clusterd.core.streaming import text_input
 from clusterd.server.protocol import ConnectionSettings, ServerFactory
 from clusterd.tasks import Registry, Task
 
@@ -117,7 +118,7 @@ class FakeWorker:
 
     def answer(self, sub: Any, d: Deferred[Any]) -> None:
         """Fire ``d`` with what the real task returns for the sub-task's input."""
-        d.callback(self.registry.get(sub.task).run_whole(sub.input))
+        d.callback(self.registry.get(sub.task).run_whole(text_input(sub.input)))
 
     def answer_next(self) -> Any:
         """Answer the oldest unanswered sub-task with the real task's result, and return it."""

@@ -26,7 +26,7 @@ from clusterd.client.errors import (
     ServerTimeout,
 )
 from clusterd.client.executor import ClusterExecutor
-from clusterd.client.pieces import json_array_pieces, text_pieces
+from clusterd.client.pieces import byte_pieces, json_array_pieces, text_pieces
 from clusterd.client.verbs import ClientVerbs, job_line, jobs_line
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "json_array_pieces",
     "parse_address",
     "text_pieces",
+    "byte_pieces",
 ]
 
 _LAZY = {"Client", "ClientProtocol", "connect", "DEFAULT_TIMEOUT"}

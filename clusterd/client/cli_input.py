@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from clusterd import DEFAULT_PORT, __version__
-from clusterd.client.pieces import PIECE_BYTES, json_array_pieces, text_pieces
+from clusterd.client.pieces import PIECE_BYTES, byte_pieces, json_array_pieces
 
 __all__ = [
     "build_parser",
@@ -351,8 +351,8 @@ def open_stream(
             raise UsageError(f"cannot read {args.file}: {e.strerror}") from None
     fh = args.upload_source = _Counted(fh)
     args.upload_bytes = nbytes
-    if kind == "text":
-        return text_pieces(fh, piece_bytes), nbytes
+    if kind == "text":  # the file's bytes as $<n> frames, never decoded here
+        return byte_pieces(fh, piece_bytes), nbytes
     pieces = json_array_pieces(fh, piece_bytes)
     try:
         first = next(pieces, [])

@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterator
 from typing import IO, Any
 
-__all__ = ["text_pieces", "json_array_pieces", "stream_lines", "PIECE_BYTES"]
+__all__ = ["text_pieces", "byte_pieces", "json_array_pieces", "stream_lines", "PIECE_BYTES"]
 
 PIECE_BYTES = 1 << 20  # about this many bytes of input per piece line
 
@@ -34,6 +34,17 @@ def text_pieces(stream: IO[bytes], piece_bytes: int = PIECE_BYTES) -> Iterator[s
             yield text
         if not block:
             return
+
+
+def byte_pieces(stream: IO[bytes], piece_bytes: int = PIECE_BYTES) -> Iterator[bytes]:
+    """Successive blocks of a byte stream, never decoded: each is sent as a ``$<n>`` frame of
+    a text input, and the server checks the text is UTF-8 where it cuts it (a character split
+    between two blocks is whole again there)."""
+    while True:
+        block = stream.read(piece_bytes)
+        if not block:
+            return
+        yield block
 
 
 class _ArrayReader:
@@ -128,7 +139,7 @@ def stream_lines(
     max_line: int = 16 << 20,
 ) -> Iterator[bytes]:
     """The lines of a streamed ``RUN``/``SUBMIT``: the request with ``@``, one ``+`` line per
-    piece, and the ``.`` line. A piece too long for the server's ``max_line`` is halved until
+    piece (a ``bytes`` piece, raw text, as a ``$<n>`` frame instead), and the ``.`` line. A piece too long for the server's ``max_line`` is halved until
     its halves fit, so callers may hand over pieces of any size."""
     opts = {k: v for k, v in options.items() if v is not None}
     head = f"{verb} {task} @" + (" " + dumps(opts) if opts else "")
@@ -139,6 +150,11 @@ def stream_lines(
 
 
 def _piece_lines(piece: Any, dumps: Any, limit: int) -> Iterator[bytes]:
+    if isinstance(piece, bytes):  # "$<n>", n raw bytes, "\n"; cut anywhere, the server joins
+        for i in range(0, max(1, len(piece)), max(1, limit)):
+            part = piece[i : i + limit]
+            yield b"$%d\n" % len(part) + part + b"\n"
+        return
     line = dumps(piece).encode("utf-8")
     if len(line) <= limit or not isinstance(piece, (list, str)) or len(piece) < 2:
         yield b"+" + line + b"\n"  # (a single element too long is the server's to refuse)

@@ -17,11 +17,12 @@ from twisted.logger import Logger
 
 from clusterd.core.admission import Admission, default_chunks
 from clusterd.core.endings import Endings
+from clusterd.core.errors import ErrorCode, WireError
 from clusterd.core.jobs import Job, Tally
 from clusterd.core.journal import ChunksAdded, JobSealed
 from clusterd.core.refs import encode_ranges
 from clusterd.core.ring import Ring
-from clusterd.core.streaming import Cutter, chunk_target
+from clusterd.core.streaming import ByteCutter, Cutter, chunk_target
 from clusterd.core.table import JobTable
 from clusterd.core.uploads import Upload
 from clusterd.core.wire import dumps
@@ -164,19 +165,38 @@ class Intake:
         if chunks is None:
             chunks = self.default_chunks(task_name)
         target = chunk_target(task.stream, options.get("size"), chunks)
-        return job, Upload(self.sink, job, task, Cutter(task.stream, target))
+        cutter = ByteCutter(target) if task.stream == "text" else Cutter(task.stream, target)
+        return job, Upload(self.sink, job, task, cutter)
 
     def grow(self, job: Job, inputs: list[Any]) -> None:
         """Add sub-task inputs cut from a streamed job's input: checked by the task's split,
-        journaled, and queued at once. Raises WireError (the caller abandons the job)."""
-        pieces = self._admission.cut(job, inputs, self._tally.queued)
+        journaled, and queued at once. Raises WireError (the caller abandons the job).
+        A text stream's inputs are UTF-8 ``bytes`` (checked as they were cut): they skip the
+        task's split and JSON, and the journal keeps them as they are (BLOBs)."""
+        if inputs and isinstance(inputs[0], bytes):
+            pieces = self._cut_bytes(job, inputs)
+        else:
+            pieces = self._admission.cut(job, inputs, self._tally.queued)
         start = job.total
         job.add_chunks(pieces)
         if self.owner.journal.durable:
-            record = ChunksAdded(job.id, start, tuple(dumps(p) for p in pieces))
+            kept = tuple(p if isinstance(p, bytes) else dumps(p) for p in pieces)
+            record = ChunksAdded(job.id, start, kept)
             self._endings.append(record, job)
         self._ring.add(job)
         self._pump()
+
+    def _cut_bytes(self, job: Job, inputs: list[bytes]) -> list[bytes]:
+        """The limits :meth:`Admission.cut` checks, for text chunks already cut and checked."""
+        adm = self._admission
+        if job.total + len(inputs) > adm.config.max_subtasks:
+            raise WireError(
+                ErrorCode.TOO_MANY_SUBTASKS,
+                f"the input splits into more than {adm.config.max_subtasks} sub-tasks, "
+                "the most this server allows per job; give a larger 'size' or fewer 'chunks'.",
+            )
+        adm.check_queue(self._tally.queued, len(inputs))
+        return inputs
 
     def seal(self, job: Job) -> None:
         """A streamed job's input is complete: record that, then the job may finish."""

@@ -57,11 +57,12 @@ class JobAccepted:
 
 @dataclass(frozen=True)
 class ChunksAdded:
-    """Sub-task inputs ``start``, ``start+1``, ... of a streamed job, encoded."""
+    """Sub-task inputs ``start``, ``start+1``, ... of a streamed job: each JSON text (``str``),
+    or a text stream's chunk kept as its UTF-8 ``bytes`` (a BLOB in SQLite; no JSON)."""
 
     job: str
     start: int
-    inputs_json: tuple[str, ...]
+    inputs_json: tuple[str | bytes, ...]
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,8 @@ class JobRecord:
     accepted: JobAccepted
     results: dict[int, str] = field(default_factory=dict)
     ended: JobEnded | None = None
-    chunks: dict[int, str] = field(default_factory=dict)  # streamed jobs: encoded inputs
+    # streamed jobs: encoded inputs (JSON text, or a text chunk's bytes)
+    chunks: dict[int, str | bytes] = field(default_factory=dict)
     sealed: int | None = None  # streamed jobs: the total, once the input was complete
 
 

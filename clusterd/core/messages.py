@@ -2,7 +2,7 @@
 
 Shared by the server's worker session and the worker, so both sides agree byte for byte on how
 a message is measured against a peer's ``max_line`` and how a batch of them is grouped into
-``VERB [obj,obj,...]`` lines (docs/PROTOCOL.md §5). Pure: imports only ``jsontext``.
+``VERB [obj,obj,...]`` lines (docs/PROTOCOL.md §5). Pure: imports only ``jsontext`` and ``streaming``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from clusterd.core.jsontext import dumps
+from clusterd.core.streaming import text_input
 
 __all__ = [
     "byte_size",
@@ -22,6 +23,8 @@ __all__ = [
     "batch_lines",
     "answer_ticket",
     "is_answer",
+    "do_bytes_header",
+    "do_header_size",
 ]
 
 # A worker's DONE/ERROR that cannot be parsed: its ticket id, if the line starts as workers write
@@ -43,7 +46,8 @@ def line_size(verb: str, size: int, batch: bool) -> int:
 
 def do_body(ticket: int, sub: Any) -> str:
     """The JSON object of a ``DO`` line for sub-task ``sub`` under ``ticket``; an input by
-    reference goes as ``"ref"`` (the range to read) instead of ``"input"``."""
+    reference goes as ``"ref"`` (the range to read) instead of ``"input"``; a text chunk held
+    as bytes goes as a JSON string, to a worker that takes no binary DO."""
     ref = getattr(sub, "ref", None)
     if ref is not None:
         return dumps(
@@ -63,9 +67,28 @@ def do_body(ticket: int, sub: Any) -> str:
             "index": sub.index,
             "task": sub.task,
             "attempt": sub.attempt,
-            "input": sub.input,
+            "input": text_input(sub.input),
         }
     )
+
+
+def do_bytes_header(ticket: int, sub: Any) -> bytes:
+    """The header line of a binary ``DO``, with its ``\n``: the sub-task's fields and
+    ``"bytes": n``, last, where the input would be; the input's n raw bytes and a ``\n`` follow."""
+    head = {"id": ticket, "job": sub.job, "index": sub.index, "task": sub.task}
+    head["attempt"] = sub.attempt
+    head["bytes"] = len(sub.input)
+    return b"DO " + dumps(head).encode("utf-8") + b"\n"
+
+
+_DO_BYTES = re.compile(rb'DO \{.*"bytes":(\d{1,15})\}\r?')
+
+
+def do_header_size(line: bytes) -> int | None:
+    """The raw bytes that follow a binary ``DO`` header line, None for any other line (the
+    worker's framer asks this of the lines that hold ``"bytes":``)."""
+    m = _DO_BYTES.fullmatch(line) if line[:4] == b"DO {" else None
+    return None if m is None else int(m.group(1))
 
 
 def done_body(done: dict[str, Any]) -> str:

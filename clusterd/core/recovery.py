@@ -85,6 +85,14 @@ def restore(
     return Restored(job, RESUME)
 
 
+def _chunk(kept: str | bytes) -> Any:
+    """One journaled sub-task input: a text chunk's bytes as they are (BLOB), else JSON text
+    (every chunk of journals written before the byte path)."""
+    if isinstance(kept, bytes | bytearray | memoryview):
+        return bytes(kept)
+    return json.loads(kept)
+
+
 def journaled_inputs(rec: JobRecord) -> list[Any]:
     """A streamed job's sub-task inputs, as journaled: the input itself was never held."""
     if rec.sealed is None:
@@ -93,7 +101,7 @@ def journaled_inputs(rec: JobRecord) -> list[Any]:
             "the server stopped before this job's streamed input was complete; submit it again",
         )
     try:
-        return [json.loads(rec.chunks[i]) for i in range(rec.sealed)]
+        return [_chunk(rec.chunks[i]) for i in range(rec.sealed)]
     except KeyError as e:
         raise WireError(
             ErrorCode.JOURNAL_ERROR, f"the journal lacks sub-task input {e.args[0]}"

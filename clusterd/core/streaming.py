@@ -39,6 +39,8 @@ __all__ = [
     "OTHER_LINE",
     "line_kind",
     "piece_value",
+    "ByteCutter",
+    "text_input",
 ]
 
 STREAM_MARK = "@"  # in place of a JSON value: the value follows as piece lines
@@ -77,7 +79,7 @@ def piece_value(line: bytes | str, what: str, max_depth: int) -> Any:
     return parse_json(text, what, max_depth)
 
 
-DEFAULT_TEXT_CHUNK = 1 << 20  # characters per sub-task when the client gives no size
+DEFAULT_TEXT_CHUNK = 1 << 20  # bytes of text per sub-task when the client gives no size
 DEFAULT_LIST_CHUNK = 10_000  # items per sub-task when the client gives no size
 # Never more per sub-task than this, whatever size/chunks say: a sub-task's DO line must stay
 # well within a worker's line limit (16 MiB by default), even for 4-byte UTF-8 or escapes.
@@ -166,6 +168,100 @@ class Cutter:
         self._parts, self._held = ([rest] if rest else []), len(rest)
         self.cut += len(out)
         return out
+
+
+_ASCII_SPACE = re.compile(rb"[ \t\n\r\f\v]")
+
+
+def text_input(value: Any) -> Any:
+    """A sub-task input as task code takes it: a text stream's chunk (UTF-8 ``bytes``, checked
+    when it was cut) becomes the ``str`` a text task's ``run`` expects; anything else as is."""
+    return value.decode("utf-8") if isinstance(value, bytes | bytearray | memoryview) else value
+
+
+class ByteCutter:
+    """The :class:`Cutter` of text streams, on UTF-8 bytes: a chunk ends at the first ASCII
+    whitespace byte at or after ``target`` bytes (that byte starts the next chunk). UTF-8
+    continuation bytes are >= 0x80, so a cut never splits a character, and cutting only at
+    whitespace never splits a word. Each chunk is one ``bytes`` object (the held pieces joined
+    once), checked to be UTF-8 (``isascii`` first, the full check only for non-ASCII chunks);
+    ``feed`` and ``finish`` raise UnicodeDecodeError for a chunk that is not."""
+
+    kind = "text"
+
+    def __init__(self, target: int) -> None:
+        self.target = max(1, target)
+        self.size = 0  # bytes received
+        self.cut = 0  # sub-task inputs produced
+        self._parts: list[bytes | memoryview] = []
+        self._held = 0
+        self._scanned = 0  # held bytes already searched for a cut in vain
+
+    def feed(self, piece: bytes) -> list[bytes]:
+        """Take the next bytes of the text; the sub-task inputs they complete (often none).
+        The held pieces are never joined just to search them: each chunk is made by one
+        ``join`` of the pieces it spans, and what follows its cut stays a memoryview."""
+        if not piece:
+            return []
+        self.size += len(piece)
+        self._parts.append(piece)
+        self._held += len(piece)
+        out: list[bytes] = []
+        while self._held >= self.target:
+            cut = self._find_cut(max(self.target, self._scanned))
+            if cut is None:
+                self._scanned = self._held  # a word runs past the held text: wait for more
+                break
+            out.append(_utf8(self._take(cut)))
+        self.cut += len(out)
+        return out
+
+    def _find_cut(self, offset: int) -> int | None:
+        """The offset (in the held bytes) of the first ASCII whitespace at or after ``offset``."""
+        base = 0
+        for part in self._parts:
+            if base + len(part) > offset:
+                m = _ASCII_SPACE.search(part, max(0, offset - base))
+                if m is not None:
+                    return base + m.start()
+            base += len(part)
+        return None
+
+    def _take(self, cut: int) -> bytes:
+        """Remove and return the first ``cut`` held bytes as one bytes object."""
+        taken: list[bytes | memoryview] = []
+        need = cut
+        parts = self._parts
+        while need:
+            part = parts[0]
+            if len(part) <= need:
+                taken.append(parts.pop(0))
+                need -= len(part)
+            else:
+                view = memoryview(part)
+                taken.append(view[:need])
+                parts[0] = view[need:]
+                need = 0
+        self._held -= cut
+        self._scanned = 0
+        if len(taken) == 1 and isinstance(taken[0], bytes):
+            return taken[0]
+        return b"".join(taken)
+
+    def finish(self) -> list[bytes]:
+        """The end of the text: what is held is the last chunk (one empty chunk for no text)."""
+        out: list[bytes] = []
+        if self._held or self.cut == 0:
+            out.append(_utf8(b"".join(self._parts)))
+        self._parts, self._held = [], 0
+        self.cut += len(out)
+        return out
+
+
+def _utf8(chunk: bytes) -> bytes:
+    if not chunk.isascii():
+        chunk.decode("utf-8")  # raises UnicodeDecodeError: the caller reports BAD_ENCODING
+    return chunk
 
 
 def _concat(parts: list[list[Any]]) -> list[Any]:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from zope.interface import Attribute, Interface
 
 from clusterd.core.errors import ErrorCode, WireError
-from clusterd.core.streaming import Cutter
+from clusterd.core.streaming import ByteCutter, Cutter
 
 if TYPE_CHECKING:
     from clusterd.core.jobs import Job
@@ -45,7 +45,9 @@ class Upload:
     """One streamed input in progress: feeds its pieces to the cutter and the resulting sub-task
     inputs to the scheduler."""
 
-    def __init__(self, scheduler: IUploadSink, job: Job, task: Task, cutter: Cutter) -> None:
+    def __init__(
+        self, scheduler: IUploadSink, job: Job, task: Task, cutter: Cutter | ByteCutter
+    ) -> None:
         self.scheduler = scheduler
         self.job = job
         self.task = task
@@ -55,7 +57,8 @@ class Upload:
         self.ended = False
 
     def feed(self, piece: Any, size: int) -> None:
-        """One piece (``size``: its line's length in bytes). Raises WireError when the piece
+        """One piece (``size``: its line's length in bytes): a JSON value, or the raw bytes of
+        a ``$<n>`` frame. Raises WireError when the piece
         is of the wrong type, breaks the task's input rules, or passes a limit; the caller then
         abandons the upload."""
         self.pieces += 1
@@ -69,26 +72,60 @@ class Upload:
             )
         if self.job.is_final:  # cancelled while arriving: read the rest, keep nothing
             return
-        try:
-            inputs = self.cutter.feed(piece)
-        except TypeError as e:
-            raise WireError(ErrorCode.BAD_INPUT, f"piece {self.pieces}: {e}.") from None
+        if isinstance(self.cutter, ByteCutter):
+            inputs = self._feed_text(piece)
+        else:
+            try:
+                inputs = self.cutter.feed(piece)
+            except TypeError as e:
+                raise WireError(ErrorCode.BAD_INPUT, f"piece {self.pieces}: {e}.") from None
         self.job.input_size = self.cutter.size
         if inputs:
             self.scheduler.grow(self.job, inputs)
 
+    def _feed_text(self, piece: Any) -> list[bytes]:
+        """A text stream's piece to the byte cutter: a frame's bytes as they came, a JSON
+        string encoded to UTF-8, so one cutter serves both."""
+        if isinstance(piece, str):
+            try:
+                piece = piece.encode("utf-8")
+            except UnicodeEncodeError:
+                raise WireError(
+                    ErrorCode.BAD_INPUT, f"piece {self.pieces} holds a lone surrogate, not text."
+                ) from None
+        elif not isinstance(piece, bytes):
+            raise WireError(
+                ErrorCode.BAD_INPUT,
+                f"piece {self.pieces}: each piece of this input must be a JSON string.",
+            )
+        try:
+            return self.cutter.feed(piece)
+        except UnicodeDecodeError as e:
+            raise _bad_encoding(e) from None
+
     def end(self) -> None:
-        """The ``.`` line: the last sub-task is cut and the job sealed."""
-        self.ended = True
+        """The ``.`` line: the last sub-task is cut and the job sealed. The upload counts as
+        ended only once that worked: if cutting or queueing the last sub-task raises (bad
+        UTF-8, a limit), the caller abandons the job, which needs the upload still open."""
         if self.job.is_final:  # cancelled while arriving: that end is what SUBMIT reports,
             # once it is durable (a restart must not resume a job shown as cancelled).
+            self.ended = True
             job = self.job
             job.wait().addCallbacks(lambda _: job.mark_durable(), job.not_durable_failure)
             return
-        self.scheduler.grow(self.job, self.cutter.finish())
+        try:
+            last = self.cutter.finish()
+        except UnicodeDecodeError as e:
+            raise _bad_encoding(e) from None
+        self.scheduler.grow(self.job, last)
+        self.ended = True
         self.scheduler.seal(self.job)
 
     def abandon(self, code: str, message: str) -> None:
         """End the upload early: the scheduler fails the job with ``code`` and ``message``."""
         self.ended = True
         self.scheduler.abandon(self.job, code, message)
+
+
+def _bad_encoding(e: UnicodeDecodeError) -> WireError:
+    return WireError(ErrorCode.BAD_ENCODING, f"the streamed text is not valid UTF-8 ({e.reason}).")

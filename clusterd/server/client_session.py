@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 
 from clusterd import PROTOCOL_VERSION
 from clusterd.core.errors import ErrorCode, WireError
-from clusterd.core.framing import LineTooLong
+from clusterd.core.framing import Frame, LineTooLong
 from clusterd.core.jobs import Job
 from clusterd.core.replies import format_error, progress_line
 from clusterd.core.streaming import STREAM_MARK
@@ -34,6 +34,8 @@ from clusterd.server.limits import JOBS_DEFAULT_LIMIT, LOG_NAMESPACE, OFFLOAD_LI
 from clusterd.server.replies import PendingReply
 from clusterd.server.streams import InputStream
 from clusterd.server.worker_session import WorkerSession, parse_registration
+
+FRAME_OUTSIDE = "a $<n> frame belongs inside a streamed input (after RUN/SUBMIT <task> @); dropped."
 
 __all__ = ["ClientSession"]
 
@@ -122,6 +124,9 @@ class ClientSession:
             self.stream = None
         if isinstance(event, LineTooLong):
             self._too_long(event)
+            return
+        if isinstance(event, Frame):
+            self.replies.reply(format_error(ErrorCode.BAD_REQUEST, FRAME_OUTSIDE))
             return
         request = None
         try:

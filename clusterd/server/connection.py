@@ -37,7 +37,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from clusterd.core.errors import ErrorCode
-from clusterd.core.framing import DEFAULT_MAX_LINE, LineFramer, LineTooLong
+from clusterd.core.framing import DEFAULT_MAX_LINE, LineFramer, LineTooLong, frame_header
 from clusterd.core.replies import format_error
 from clusterd.core.scheduler import Scheduler
 from clusterd.core.wire import format_greeting
@@ -94,7 +94,8 @@ class ServerProtocol(Protocol):
         self.settings = settings or ConnectionSettings(max_line=max_line)
         self.max_line = self.settings.max_line
         self.clock = clock or core.clock
-        self.framer = LineFramer(self.max_line)
+        # "$<n>" frames: the raw bytes of a streamed text input (docs/PROTOCOL.md).
+        self.framer = LineFramer(self.max_line, header=frame_header)
         self.replies = ReplyQueue(self, self.max_line)
         self.auth = AuthGate(self)
         self.session: Session = ClientSession(self)
@@ -133,8 +134,10 @@ class ServerProtocol(Protocol):
         return self.phase is Phase.GONE
 
     def swap(self, session: Session) -> None:
-        """The peer changed role (REGISTER): later lines go to ``session``."""
+        """The peer changed role (REGISTER): later lines go to ``session``. Workers send no
+        ``$<n>`` frames, so their lines are framed as plain lines."""
         self._retired, self.session = self.session, session
+        self.framer.header = None
 
     # -- connection ----------------------------------------------------------------------------
 

@@ -52,6 +52,7 @@ from zope.interface import implementer
 from clusterd.core.journal import IJournal, JournalError, Recovered
 from clusterd.server.group_commit import FIRE_PER_TURN, GroupCommitWriter
 from clusterd.server.journal_guard import FileGuard
+from clusterd.server.sqlite_inputs import InputFiles
 from clusterd.server.sqlite_schema import (
     Forget,
     check_schema,
@@ -99,6 +100,7 @@ class SqliteJournal(GroupCommitWriter):
         self._guard = FileGuard(self.path)
         self.lock_path = self._guard.lock_path
         self._conn = self._open()
+        self.inputs = InputFiles(self.path, sync=sync == "full")  # text chunks (sqlite_inputs)
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -132,9 +134,11 @@ class SqliteJournal(GroupCommitWriter):
     def load(self) -> Recovered:
         """Read everything back (at startup, before the writer thread runs)."""
         try:
-            return load_records(self._conn)
+            recovered = load_records(self._conn, self.inputs)
         except (sqlite3.DatabaseError, ValueError, TypeError) as e:
             raise JournalError(f"cannot read journal {self.path}: {e}") from e
+        self.inputs.sweep({r.accepted.job for r in recovered.jobs if r.ended is None})
+        return recovered
 
     def forget(self, job_ids: list[str]) -> None:
         """Queue the deletion of these ended jobs' rows as a record nobody waits for
@@ -151,13 +155,16 @@ class SqliteJournal(GroupCommitWriter):
         c = self._conn
         c.execute("BEGIN")
         try:
-            deleted = write_records(c, records)
+            deleted = write_records(c, records, self.inputs)
+            self.inputs.flush()  # the chunks are durable before the rows naming them commit
             self._guard.verify()  # never commit into a file no restart will read
             c.execute("COMMIT")
         except BaseException:
             # A failed COMMIT may have rolled back already: rollback_quietly.
             rollback_quietly(c)
+            self.inputs.ended.clear()  # those ends did not commit: their files stay
             raise
+        self.inputs.committed()  # the input files of jobs this batch ended go
         wal = self._guard.verify()  # deleted during the commit: not durable either
         self.commits += 1
         self.records += len(records)
@@ -205,5 +212,6 @@ class SqliteJournal(GroupCommitWriter):
         self.log.critical("{failure}", failure=str(failure))
 
     def _shut(self) -> None:
+        self.inputs.close()
         self._conn.close()
         self._guard.release_lock()

@@ -63,6 +63,7 @@ class Forget:
         self.ids = ids
 
 
+BIG_RESULT = 16 * 1024  # characters of a result's JSON from which it goes to its job's file
 CUT_IN_INPUT = 2  # the jobs.streamed value of a job whose cut is its input column
 
 
@@ -175,8 +176,9 @@ def prove_writable(conn: sqlite3.Connection) -> None:
 # -- loading ---------------------------------------------------------------------------------
 
 
-def load_records(conn: sqlite3.Connection) -> Recovered:
-    """Every job the file holds, with the results and inputs of unfinished ones."""
+def load_records(conn: sqlite3.Connection, files: Any = None) -> Recovered:
+    """Every job the file holds, with the results and inputs of unfinished ones (a text
+    chunk kept in an input file is read back from ``files`` as its bytes)."""
     jobs: dict[str, JobRecord] = {}
     max_seq = 0
     for row in conn.execute(
@@ -208,10 +210,20 @@ def load_records(conn: sqlite3.Connection) -> Recovered:
     for job_id, idx, result in conn.execute("SELECT job, idx, result FROM results"):
         rec = jobs.get(job_id)
         if rec is not None and rec.ended is None:
+            if result.startswith("@"):  # in the job's file (no JSON text starts with @)
+                data = None if files is None else files.read(job_id, result)
+                if data is None:
+                    continue  # lost with its file: that sub-task runs again
+                result = data.decode("utf-8", "surrogatepass")
             rec.results[idx] = result
     for job_id, idx, text in conn.execute("SELECT job, idx, input FROM inputs"):
         rec = jobs.get(job_id)
         if rec is not None and rec.ended is None:
+            if isinstance(text, str) and text.startswith("@"):
+                data = None if files is None else files.read(job_id, text)
+                if data is None:
+                    continue  # missing: recovery fails the job (JOURNAL_ERROR), nothing else
+                text = data
             rec.chunks[idx] = text
     row = conn.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
     next_seq = max(max_seq + 1, int(row[0]) if row else 1)
@@ -227,9 +239,10 @@ class _Batch:
     A job that ends in this transaction needs no result or input rows (its end deletes them),
     and one accepted in it too is written as one finished row."""
 
-    def __init__(self, conn: sqlite3.Connection, records: list[Any]) -> None:
+    def __init__(self, conn: sqlite3.Connection, records: list[Any], files: Any = None) -> None:
         self.c = conn
         self.records = records
+        self.files = files  # InputFiles: where text chunks go (None: BLOBs in the table)
         self.ended = {rec.job: rec for rec in records if isinstance(rec, JobEnded)}
         self.merged: set[str] = set()
         self.deleted = False
@@ -243,17 +256,11 @@ class _Batch:
             if ended and isinstance(rec, (ResultRecorded, ChunksAdded)) and rec.job in ended:
                 continue
             if isinstance(rec, ResultRecorded):
-                self.c.execute(
-                    "INSERT OR IGNORE INTO results VALUES (?, ?, ?)",
-                    (rec.job, rec.index, rec.result_json),
-                )
+                self._result(rec)
             elif isinstance(rec, JobAccepted):
                 self._accepted(rec)
             elif isinstance(rec, ChunksAdded):
-                self.c.executemany(
-                    _INSERT_INPUT,
-                    [(rec.job, i, t) for i, t in enumerate(rec.inputs_json, rec.start)],
-                )
+                self._chunks(rec)
             elif isinstance(rec, JobSealed):
                 self.c.execute("UPDATE jobs SET sealed=? WHERE id=?", (rec.total, rec.job))
             elif isinstance(rec, JobEnded):
@@ -281,6 +288,25 @@ class _Batch:
             self.merged.add(rec.job)
         self.max_seq = max(self.max_seq, rec.seq)
 
+    def _result(self, rec: ResultRecorded) -> None:
+        """A sub-task's result: a big one (a word count's dict) goes to its job's input file,
+        as text chunks do, rather than through WAL, checkpoint and vacuum."""
+        kept: str = rec.result_json
+        if self.files is not None and len(kept) >= BIG_RESULT:
+            kept = self.files.append(rec.job, kept.encode("utf-8", "surrogatepass"))
+        self.c.execute("INSERT OR IGNORE INTO results VALUES (?, ?, ?)", (rec.job, rec.index, kept))
+
+    def _chunks(self, rec: ChunksAdded) -> None:
+        """Sub-task inputs: JSON text in the row; a text chunk's bytes appended to its job's
+        input file (the row names where), or a BLOB when there are no input files."""
+        files = self.files
+        rows = []
+        for i, kept in enumerate(rec.inputs_json, rec.start):
+            if files is not None and isinstance(kept, bytes):
+                kept = files.append(rec.job, kept)
+            rows.append((rec.job, i, kept))
+        self.c.executemany(_INSERT_INPUT, rows)
+
     def _ended(self, rec: JobEnded) -> None:
         if rec.job in self.merged:
             return  # written with its acceptance (a new job has no other rows)
@@ -298,9 +324,15 @@ class _Batch:
         self.c.execute("DELETE FROM inputs WHERE job=?", (job_id,))
 
 
-def write_records(conn: sqlite3.Connection, records: list[Any]) -> bool:
+def write_records(conn: sqlite3.Connection, records: list[Any], files: Any = None) -> bool:
     """Execute ``records``' statements inside the caller's transaction; True if rows were
-    deleted (worth giving pages back afterwards)."""
-    batch = _Batch(conn, records)
+    deleted (worth giving pages back afterwards). With ``files`` (InputFiles), text chunks go
+    to input files, and the jobs this batch ends or forgets are noted in ``files.ended``."""
+    batch = _Batch(conn, records, files)
     batch.run()
+    if files is not None:
+        files.ended.update(batch.ended)
+        for rec in records:
+            if isinstance(rec, Forget):
+                files.ended.update(rec.ids)
     return batch.deleted

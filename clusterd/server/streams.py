@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from clusterd.core.framing import LineTooLong
+from clusterd.core.framing import Frame, LineTooLong
 from clusterd.core.streaming import END_LINE, OTHER_LINE, line_kind, piece_value
 from clusterd.core.wire import ErrorCode, WireError, format_error, refusal_line
 
@@ -68,7 +68,7 @@ class InputStream:
         stream.failed = True
         return stream
 
-    def line(self, event: bytes | LineTooLong) -> bool:
+    def line(self, event: bytes | LineTooLong | Frame) -> bool:
         """Handle one line; False when it is not part of the stream (the stream was left
         without its ``.``: it is refused, and the caller handles the line as a request)."""
         if isinstance(event, LineTooLong):
@@ -76,6 +76,10 @@ class InputStream:
                 ErrorCode.LINE_TOO_LONG,
                 f"a piece is longer than {event.limit} bytes; send smaller pieces.",
             )
+            return True
+        if isinstance(event, Frame):  # "$<n>" and n raw bytes of text: no JSON to parse
+            if not self.failed and self.upload is not None:
+                self._feed(event.data, len(event.data))
             return True
         kind = line_kind(event)
         if kind == END_LINE:
@@ -93,12 +97,21 @@ class InputStream:
             return True
         try:
             piece = piece_value(event, f"piece {self.upload.pieces + 1}", self.max_depth)
-            self.upload.feed(piece, len(event.strip()))
         except WireError as e:
             self.fail(e.code, e.message)
             return True
-        self._throttle()
+        self._feed(piece, len(event.strip()))
         return True
+
+    def _feed(self, piece: Any, size: int) -> None:
+        """One piece to the upload, then flow control."""
+        assert self.upload is not None
+        try:
+            self.upload.feed(piece, size)
+        except WireError as e:
+            self.fail(e.code, e.message)
+            return
+        self._throttle()
 
     def finish(self) -> None:
         """The ``.`` line."""

@@ -26,6 +26,7 @@ from clusterd.core.messages import (
     batch_lines,
     byte_size,
     do_body,
+    do_bytes_header,
     is_answer,
     line_size,
 )
@@ -80,6 +81,7 @@ class WorkerSession:
         max_line = info.get("max_line")
         self.max_line = max_line if type(max_line) is int and max_line > 0 else DEFAULT_MAX_LINE
         self.batch = info.get("batch") is True  # takes DO arrays and may answer with arrays
+        self.binary = info.get("bytes") is True  # takes a text chunk as a binary DO
         self.inflight: dict[int, Deferred[Any]] = {}
         self.next_ticket = 0
         self.outbox: dict[int, tuple[str, int]] = {}  # batch: ticket -> (DO object, bytes)
@@ -122,6 +124,8 @@ class WorkerSession:
         """Send one sub-task; raises (and sends nothing) if it is longer than this worker
         accepts. A batch worker's DO objects wait in the outbox until the end of the reactor
         turn, then go out as one ``DO [...]`` line (or a few, within its max_line)."""
+        if self.binary and isinstance(sub.input, bytes):
+            return self._send_bytes(sub)
         body = do_body(self.next_ticket + 1, sub)
         size = byte_size(body)
         length = line_size("DO", size, self.batch)
@@ -139,6 +143,25 @@ class WorkerSession:
                 self._flush_call = self.conn.clock.callLater(0, self.flush)
         else:
             self.conn.write("DO " + body)
+        return d
+
+    def _send_bytes(self, sub: SubTask) -> Deferred[Any]:
+        """A text chunk as a binary DO: the header line, the chunk's bytes as they were cut
+        (never copied into a line) and ``\n`` (docs/PROTOCOL.md, "Binary DO"). Never batched:
+        the outbox goes first, so the worker sees the DOs in the order they were sent."""
+        if len(sub.input) > self.max_line:
+            raise ValueError(
+                f"its DO has {len(sub.input)} bytes of input; "
+                f"worker {self.name} accepts {self.max_line}"
+            )
+        self.next_ticket += 1
+        ticket = self.next_ticket
+        d: Deferred[Any] = Deferred(lambda _: self._cancel_ticket(ticket))
+        self.inflight[ticket] = d
+        self.flush()
+        transport = self.conn.transport
+        if transport is not None and not transport.disconnecting:
+            transport.writeSequence([do_bytes_header(ticket, sub), sub.input, b"\n"])
         return d
 
     def close(self) -> None:

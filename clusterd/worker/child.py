@@ -1,7 +1,8 @@
 """A pool child: reads JSON requests on stdin, runs the named task, writes JSON replies.
 
 Run as ``python -m clusterd.worker.child [--tasks MODULE]...``. One request at a time:
-``{"id": N, "task": NAME, "input": ...}`` in, ``{"id": N, "ok": true, "result": ...}`` or
+``{"id": N, "task": NAME, "input": ...}`` in (or ``{"id": N, "task": NAME, "bytes": n}``, then
+n raw bytes of UTF-8 text and ``\n``: a text chunk, decoded here once), ``{"id": N, "ok": true, "result": ...}`` or
 ``{"id": N, "ok": false, "type": ..., "message": ..., "traceback": ...}`` out (plus
 ``"retry": false`` when the task lists the exception in ``no_retry``). Task code that prints would corrupt
 the reply stream, so the real stdout is kept on a private descriptor and fd 1 goes to stderr,
@@ -39,6 +40,8 @@ def _run(registry: Any, msg: Any, replies: Any = None) -> tuple[dict[str, Any], 
         task = registry.get(msg.get("task"))
         if task is None:
             raise LookupError(f"this worker has no task named {msg.get('task')!r}")
+        if "bad" in msg:
+            raise UnicodeError(msg["bad"])
         start = time.perf_counter()
         result = task.run(_input(msg))
         if isinstance(result, types.GeneratorType) and not (
@@ -102,6 +105,21 @@ def _format(e: BaseException) -> str:
     return text
 
 
+def _read_bytes(msg: Any, requests: BinaryIO) -> None:
+    """A request with ``"bytes": n`` is followed by n raw bytes of UTF-8 text and ``\n``: they
+    are read, decoded once, and become its input (task code gets a ``str``, as ever)."""
+    n = msg.get("bytes") if isinstance(msg, dict) else None
+    if type(n) is not int or n < 0:
+        return
+    data = requests.read(n)
+    requests.read(1)  # the "\n" after the bytes
+    try:
+        msg["input"] = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        msg["input"] = None
+        msg["bad"] = f"the input is not valid UTF-8 ({e.reason})"
+
+
 def serve(registry: Any, requests: BinaryIO, replies: BinaryIO) -> None:
     """One request, or a JSON array of them (a batch), per line; one reply line for each line."""
     for raw in requests:
@@ -109,6 +127,7 @@ def serve(registry: Any, requests: BinaryIO, replies: BinaryIO) -> None:
             msg = jsoncodec.loads(raw, allow_nan=True)
         except ValueError:
             continue
+        _read_bytes(msg, requests)
         if isinstance(msg, list):
             done = [r[1] for r in (_run(registry, m, replies) for m in msg) if r is not None]
             if not done:

@@ -52,6 +52,13 @@ class _Child(ProcessProtocol):
         """Hand the child one run, or several as one message (one pipe round trip for a batch
         of tiny sub-tasks instead of one each)."""
         self.current = {ticket: d for ticket, _, _, d in batch}
+        if isinstance(batch[0][2], bytes):  # a text chunk, alone: header, raw bytes, "\n"
+            ticket, task, value, _ = batch[0]
+            head = {"id": ticket, "task": task, "bytes": len(value)}
+            if ticket in self.pool.part_sinks:
+                head["parts"] = True
+            self.transport.writeSequence([jsoncodec.dumpb(head) + b"\n", value, b"\n"])
+            return
         msgs = [_message(ticket, task, value) for ticket, task, value, _ in batch]
         for m in msgs:
             if m["id"] in self.pool.part_sinks:
@@ -231,9 +238,19 @@ class PoolService(Service):
         if self.waiting:
             # Share what waits among the children, at most batch_max per message.
             n = max(1, min(self.batch_max, len(self.waiting) // self.slots))
-            child.send([self.waiting.popleft() for _ in range(n)])
+            child.send(self._take(n))
         else:
             self.idle.append(child)
+
+    def _take(self, n: int) -> list[tuple[int, str, Any, Deferred[Any]]]:
+        """Up to ``n`` waiting runs for one message; a text chunk (bytes) goes alone, since
+        its bytes follow their header raw instead of inside a JSON batch."""
+        batch = [self.waiting.popleft()]
+        while len(batch) < n and self.waiting and not isinstance(batch[0][2], bytes):
+            if isinstance(self.waiting[0][2], bytes):
+                break
+            batch.append(self.waiting.popleft())
+        return batch
 
     def _child_ended(self, child: _Child, reason: Failure) -> None:
         if child in self.idle:

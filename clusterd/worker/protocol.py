@@ -17,8 +17,15 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from clusterd.core.framing import DEFAULT_MAX_LINE, LineFramer, LineTooLong
-from clusterd.core.messages import batch_lines, byte_size, done_body, error_body, line_size
+from clusterd.core.framing import DEFAULT_MAX_LINE, Frame, LineFramer, LineTooLong
+from clusterd.core.messages import (
+    batch_lines,
+    byte_size,
+    do_header_size,
+    done_body,
+    error_body,
+    line_size,
+)
 from clusterd.core.refs import RefError, RefRange, is_url
 from clusterd.core.streaming import END, piece_lines
 from clusterd.core.wire import WireError, dumps, parse_json_object, parse_json_objects
@@ -40,7 +47,8 @@ class WorkerProtocol(Protocol):
 
     def __init__(self, factory: WorkerFactory) -> None:
         self.factory = factory
-        self.framer = LineFramer(factory.max_line)
+        # A binary DO's header holds '"bytes":' (docs/PROTOCOL.md, "Binary DO").
+        self.framer = LineFramer(factory.max_line, header=do_header_size, marker=b'"bytes":')
         self.registered = False
         self.greeted = False
         self.lost = False
@@ -83,6 +91,9 @@ class WorkerProtocol(Protocol):
             if isinstance(event, LineTooLong):
                 self.log.error("server sent a line over {limit} bytes; ignored", limit=event.limit)
                 continue
+            if isinstance(event, Frame):
+                self._on_do_bytes(event)
+                continue
             try:
                 self._line(event.decode("utf-8"))
             except (WireError, UnicodeDecodeError) as e:
@@ -109,6 +120,20 @@ class WorkerProtocol(Protocol):
                 bad += 1
         if bad:
             raise WireError("BAD_REQUEST", "DO without an id")
+
+    def _on_do_bytes(self, frame: Frame) -> None:
+        """A binary DO: its header's fields, and its input the raw bytes that followed, handed
+        to the pool as they came (the child decodes them once)."""
+        try:
+            msg = parse_json_object(frame.header[3:].decode("utf-8"), "DO")
+        except (WireError, UnicodeDecodeError) as e:
+            self.log.error("bad line from server: {error}", error=str(e))
+            return
+        if not isinstance(msg.get("id"), (int, str)):
+            self.log.error("bad line from server: {error}", error="DO without an id")
+            return
+        msg["input"] = frame.data
+        self._do(msg)
 
     def _on_cancel(self, rest: str) -> None:
         ticket = parse_json_object(rest, "CANCEL").get("id")

@@ -51,6 +51,7 @@ def greeted(proto: Any, text: str) -> None:
         "max_line": f.max_line,
         "batch": True,
         "parts": True,
+        "bytes": True,  # takes a text chunk as a binary DO (docs/PROTOCOL.md)
     }
     proto.send_line("REGISTER " + dumps(registration))
 

@@ -113,7 +113,7 @@ def clock():
 
 def test_greeting_is_answered_with_register(pool, clock):
     """The server's greeting makes the worker send REGISTER with its name, tasks, slots,
-    protocol, the longest line it accepts, and that it takes batches."""
+    protocol, the longest line it accepts, and that it takes batches and binary DOs."""
     w = Worker(pool, clock, name="node-7", tasks=["sum", "primes"], slots=3)
     assert w.tr.value() == b""  # the worker speaks only after the server's greeting
     w.send(GREETING)
@@ -128,6 +128,7 @@ def test_greeting_is_answered_with_register(pool, clock):
             "max_line": DEFAULT_MAX_LINE,
             "batch": True,
             "parts": True,
+            "bytes": True,
         },
     )
     assert not w.proto.registered

@@ -710,7 +710,11 @@ def test_a_journal_deleted_or_replaced_while_running_breaks_it(tmp_path, what):
 
 
 def _size(path: str) -> int:
-    return sum(os.path.getsize(p) for p in (path, path + "-wal") if os.path.exists(p))
+    """The journal's bytes on disk: the file, its WAL, and its jobs' input files (big results)."""
+    files = [path, path + "-wal"]
+    if os.path.isdir(path + "-inputs"):
+        files += [os.path.join(path + "-inputs", n) for n in os.listdir(path + "-inputs")]
+    return sum(os.path.getsize(p) for p in files if os.path.exists(p))
 
 
 def test_a_finished_jobs_space_is_given_back_to_the_file_system(tmp_path):
