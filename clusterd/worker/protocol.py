@@ -9,10 +9,9 @@ and ClientService reconnects), which catches half-open connections TCP never rep
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -26,15 +25,13 @@ from clusterd.core.messages import (
     error_body,
     line_size,
 )
-from clusterd.core.refs import RefError, RefRange, is_url
-from clusterd.core.streaming import END, piece_lines
+from clusterd.core.streaming import END
 from clusterd.core.wire import WireError, dumps, parse_json_object, parse_json_objects
 from clusterd.endpoints import no_delay
 from clusterd.heartbeat import Heartbeat
-from clusterd.worker import registration
+from clusterd.worker import registration, runs
 from clusterd.worker.parts import PartStreams
-from clusterd.worker.pool import ChildDied, PoolService, RunResult
-from clusterd.worker.refs import fetch_range, permitted
+from clusterd.worker.pool import PoolService, RunResult
 
 __all__ = ["WorkerProtocol", "WorkerFactory"]
 
@@ -193,15 +190,7 @@ class WorkerProtocol(Protocol):
             run."""
             if f.check(CancelledError):  # the server expects no answer; drops its pieces
                 return self.parts.drop(ticket)  # (a stream the run began ends with '.')
-            tb, retry = "", True
-            if f.check(PoolService.TaskError):
-                kind, message = f.value.type, f.value.message
-                tb, retry = f.value.traceback, f.value.retry
-            elif f.check(ChildDied):
-                kind, message = "ChildDied", str(f.value)
-            else:
-                kind, message = type(f.value).__name__, str(f.value)
-            self._error(ticket, msg, kind, message, tb, retry)
+            self._error(ticket, msg, *runs.failure_fields(f))
 
         def settled(_: Any) -> None:
             """The run is over: forget it, and finish a drain if it was the last."""
@@ -211,24 +200,13 @@ class WorkerProtocol(Protocol):
         d.addCallbacks(ok, failed).addBoth(settled)
 
     def _start(self, ticket: Any, msg: dict[str, Any]) -> Deferred[Any]:
-        """Run a DO in the pool: its ``input``, or the range its ``ref`` names (a file range
-        the pool child reads itself; a URL range this process fetches first:
-        clusterd/worker/refs.py). A generator run's parts go out as produced when the pool and
-        the server both take parts (worker/parts.py)."""
-        pool, task = self.factory.pool, str(msg.get("task"))
-        kw: dict[str, Any] = {}
+        """Run a DO in the pool (worker/runs.py); a generator's parts go out as produced when
+        the pool and the server both take parts (worker/parts.py)."""
+        pool = self.factory.pool
+        sink = None
         if self.parts_ok and getattr(pool, "streams_parts", False):
-            kw["on_part"] = self.parts.sink(ticket, msg.get("job"), task)
-        if "ref" not in msg:
-            return pool.run(task, msg.get("input"), **kw)
-        try:
-            rng = RefRange.from_wire(msg["ref"])
-            rng = replace(rng, ref=permitted(rng.ref, self.factory.ref_roots))
-        except RefError as e:
-            return fail(e)
-        if not is_url(rng.ref):
-            return pool.run(task, rng, **kw)
-        return fetch_range(rng).addCallback(lambda value: pool.run(task, value, **kw))
+            sink = self.parts.sink(ticket, msg.get("job"), str(msg.get("task")))
+        return runs.start(pool, msg, self.factory.ref_roots, sink)
 
     def _error(
         self,
@@ -271,11 +249,7 @@ class WorkerProtocol(Protocol):
         False when it cannot be cut that way (a number, or one element longer than a line):
         the caller then reports ResultTooLarge."""
         value = done.pop("result", None)
-        pieces = piece_lines(value, dumps(value), self.server_max_line, dumps)
-        try:
-            lines = None if pieces is None else list(pieces)
-        except ValueError:
-            lines = None
+        lines = runs.result_lines(value, self.server_max_line)
         if lines is None:
             done["result"] = value
             return False

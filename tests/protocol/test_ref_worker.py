@@ -18,7 +18,7 @@ from twisted.web.http_headers import Headers
 
 from clusterd.core.refs import RefError, RefRange
 from clusterd.core.wire import format_greeting
-from clusterd.worker import protocol as worker_protocol
+from clusterd.worker import runs as worker_runs
 from clusterd.worker.protocol import WorkerFactory
 from clusterd.worker.refs import fetch_range
 
@@ -78,7 +78,7 @@ def test_url_ref_is_fetched_then_run(worker, monkeypatch):
         fetched.append(rng)
         return succeed("some words")
 
-    monkeypatch.setattr(worker_protocol, "fetch_range", fake_fetch)
+    monkeypatch.setattr(worker_runs, "fetch_range", fake_fetch)
     rng = RefRange("http://h/a.txt", 100, 0, 50, "text")
     proto.dataReceived(_do(rng.wire()))
     assert fetched == [rng]
