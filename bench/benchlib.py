@@ -69,7 +69,7 @@ class Sizes:
     w4_vocab: int = 5_000
     b1_bytes: int = 200_000_000  # B1: the W4 text repeated to this size, streamed
     m1_n: int = 100_000
-    s1_workers: int = 1_000
+    s1_workers: int = 10_000
     s1_w1_n: int = 20_000
     scale_ns: tuple[int, ...] = (2_000, 20_000, 200_000)
     # Seconds of measured work allowed per (system, workload) before further repeats are
@@ -185,6 +185,15 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """A process's CPU time so far (utime + stime from /proc/PID/stat), in seconds: the
+    server's own cost of a workload, which the other sessions on a shared machine do not
+    inflate the way they inflate wall time."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def git_commit() -> str | None:

@@ -54,9 +54,18 @@ METRICS: dict[str, list[tuple[str, str, str | None]]] = {
         ("subtasks_per_s", "sub-tasks/s", "high"),
         ("submit_to_result_s", "submit->result s", "low"),
     ],
-    "W1b": [("jobs_per_s", "jobs/s", "high"), ("elapsed_s", "elapsed s", "low")],
+    "W1b": [
+        ("jobs_per_s", "jobs/s", "high"),
+        ("elapsed_s", "elapsed s", "low"),
+        ("server_cpu_us_per_job", "server CPU us/job", "low"),
+    ],
     "W2": [("speedup", "speedup x", "high"), ("elapsed_s", "elapsed s", "low")],
-    "W3": [("p50_ms", "p50 ms", "low"), ("p90_ms", "p90 ms", "low"), ("p99_ms", "p99 ms", "low")],
+    "W3": [
+        ("p50_ms", "p50 ms", "low"),
+        ("p90_ms", "p90 ms", "low"),
+        ("p99_ms", "p99 ms", "low"),
+        ("server_cpu_us_per_job", "server CPU us/job", "low"),
+    ],
     "W4": [("mb_per_s", "MB/s", "high"), ("elapsed_s", "elapsed s", "low")],
     "B1": [
         ("mb_per_s", "MB/s", "high"),
@@ -90,8 +99,8 @@ TARGETS: dict[tuple[str, str], tuple[str, float]] = {
     ("W4", "mb_per_s"): (">=", 55),
     ("M1", "bytes_per_queued_subtask"): ("<=", 300),
     ("B1", "ping_p99_ms"): ("<=", 10),
-    ("S1", "register_s"): ("<=", 5),
-    ("S1", "ping_p99_ms"): ("<=", 10),
+    ("S1", "register_s"): ("<=", 10),  # at 10,000 workers (issue 13)
+    ("S1", "ping_p99_ms"): ("<=", 20),
     ("S1", "kib_per_worker"): ("<=", 20),
     ("Scale", "ratio"): ("<=", 1.3),
 }

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import secrets
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from benchlib import (
     Sizes,
     TextInput,
     check,
+    cpu_seconds,
     inc_answer,
     latency_metrics,
     percentile,
@@ -68,6 +70,7 @@ class ClusterdSystem:
         self.sizes = sizes
         self.note = note
         self._n = 0
+        self.current: LocalCluster | None = None
         secret_dir = root / "secrets"
         secret_dir.mkdir(parents=True, exist_ok=True)
         self.client_secret_file = secret_dir / "client.secret"
@@ -108,6 +111,7 @@ class ClusterdSystem:
             client_secret=self.client_secret,
             start_timeout=60,
         )
+        self.current = cluster  # the newest cluster, for tools that attach to its processes
         try:
             cluster.start_server()
             for i in range(1, workers + 1):
@@ -198,8 +202,14 @@ class ClusterdSystem:
                     return run_jobs(k) * jobs / k
 
                 def once() -> Metrics:
+                    cpu0 = cpu_seconds(cluster.server.pid)
                     dt = run_jobs(jobs)
-                    return [("jobs_per_s", jobs / dt, "jobs/s"), ("elapsed_s", dt, "s")]
+                    cpu = cpu_seconds(cluster.server.pid) - cpu0
+                    return [
+                        ("jobs_per_s", jobs / dt, "jobs/s"),
+                        ("elapsed_s", dt, "s"),
+                        ("server_cpu_us_per_job", cpu / jobs * 1e6, "us"),
+                    ]
 
                 yield warm, once
             finally:
@@ -244,7 +254,13 @@ class ClusterdSystem:
                     one()
 
             def once() -> Metrics:
-                return latency_metrics([one() for _ in range(runs)])
+                cpu0 = cpu_seconds(cluster.server.pid)
+                samples = [one() for _ in range(runs)]
+                cpu = cpu_seconds(cluster.server.pid) - cpu0
+                return [
+                    *latency_metrics(samples),
+                    ("server_cpu_us_per_job", cpu / runs * 1e6, "us"),
+                ]
 
             yield warm, once
 
@@ -363,10 +379,13 @@ class ClusterdSystem:
     @contextmanager
     def s1(self) -> Iterator[tuple[Callable, Callable]]:
         count, n = self.sizes.s1_workers, self.sizes.s1_w1_n
-        limits = ["--max-connections", "4096", "--max-connections-per-ip", "4096"]
+        room = str(max(4096, count + 256))  # the fake workers, the clients, and some spare
+        limits = ["--max-connections", room, "--max-connections-per-ip", room]
+        nofile = raise_nofile(count + 1024)  # inherited by the server and fakeworkers.py
         self.note(
-            f"S1 {self.name}: server started with {' '.join(limits)} (defaults 1024 and 64); "
-            f"{count} fake workers from bench/fakeworkers.py in one asyncio process"
+            f"S1 {self.name}: server started with {' '.join(limits)} (defaults 1024 and 64), "
+            f"open-file limit {nofile}; {count:,} fake workers from bench/fakeworkers.py in "
+            f"{fake_procs(count)} asyncio process(es)"
         )
 
         def warm() -> None:
@@ -399,6 +418,8 @@ class ClusterdSystem:
                     str(self.worker_secret_file),
                     "--max-seconds",
                     "600",
+                    "--procs",
+                    str(fake_procs(count)),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -413,9 +434,9 @@ class ClusterdSystem:
                             "fakeworkers exited early:\n"
                             + (cluster.workdir / "fakeworkers.log").read_text()[-2000:]
                         )
-                    return len(c.workers()) >= count
+                    return c.stats()["workers"] >= count  # O(1), unlike WORKERS
 
-                wait_for(all_registered, 120, f"{count} fake workers to register", 0.02)
+                wait_for(all_registered, 300, f"{count} fake workers to register", 0.05)
                 register_s = time.perf_counter() - t0
                 time.sleep(1.0)
                 after = rss_bytes(pid)
@@ -507,6 +528,24 @@ class PingSampler:
             ("ping_max_ms", pings[-1] * 1e3, "ms"),
             ("pings", len(self.samples), "count"),
         ]
+
+
+def fake_procs(count: int) -> int:
+    """How many fakeworkers.py processes share ``count`` connections: one per 5,000, so the
+    load tool itself keeps up with the server (it answers every DO at once)."""
+    return max(1, -(-count // 5000))
+
+
+def raise_nofile(want: int) -> int:
+    """Raise this process's open-file limit (soft, up to the hard limit) to ``want``, for the
+    bench only: the server and the fake workers started from here inherit it. Returns the
+    limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft
 
 
 def peak_rss_bytes(pid: int) -> int:
