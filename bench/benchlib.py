@@ -71,7 +71,7 @@ class Sizes:
     m1_n: int = 100_000
     s1_workers: int = 10_000
     s1_w1_n: int = 20_000
-    scale_ns: tuple[int, ...] = (2_000, 20_000, 200_000)
+    scale_ns: tuple[int, ...] = (2_000, 20_000, 200_000, 2_000_000)
     # Seconds of measured work allowed per (system, workload) before further repeats are
     # dropped (the drop is reported). None: no limit.
     budget: float | None = 40.0
@@ -96,7 +96,7 @@ SMOKE = Sizes(
     m1_n=2_000,
     s1_workers=20,
     s1_w1_n=200,
-    scale_ns=(100, 1_000, 2_000),
+    scale_ns=(100, 1_000, 2_000, 4_000),
     budget=None,
     max_run=None,
 )

@@ -486,7 +486,9 @@ class ClusterdSystem:
         top = max(self.sizes.scale_ns)
         if top <= DEFAULT_MAX_SUBTASKS:
             return self.standard("scale")
-        return self.cluster("scale", server_extra=["--max-subtasks", str(top)])
+        # The largest job needs room per job and in the queue over all jobs (default 1,000,000).
+        room = ["--max-subtasks", str(top), "--max-queued", str(max(top, 1_000_000))]
+        return self.cluster("scale", server_extra=room)
 
 
 class PingSampler:

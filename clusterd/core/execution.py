@@ -58,6 +58,7 @@ class Execution:
         self.endings = endings
         self.backoffs = backoffs
         self.pump: Callable[..., None] = lambda only=None: None  # set by the scheduler
+        self.freed: Callable[[WorkerHandle], None] = lambda worker: None  # likewise
         self.busy = 0  # sub-tasks dispatched and not answered, over all workers
         self.stream = TaskStream()  # recent sub-task runs, for the dashboard
 
@@ -99,6 +100,8 @@ class Execution:
         disp.job.released(disp)
         disp.worker.busy -= 1
         self.busy -= 1
+        if disp.worker.busy < disp.worker.slots:
+            self.freed(disp.worker)
         disp.worker.dispatches.pop(disp, None)
         return now
 

@@ -105,6 +105,7 @@ class Scheduler:
             self._ring, self._workers, self._limit, self._exec.send, next_turn, self.config
         )
         self._pump = self._exec.pump = self._dispatcher.pump
+        self._exec.freed = self._workers.freed
         self.task_stream = self._exec.stream  # recent sub-task runs (the dashboard's)
         parts = (self._admission, ends, self._ring, self._table, self._tally, self._workers)
         self._intake = Intake(self, *parts, self._pump)
