@@ -69,6 +69,7 @@ class Sizes:
     w4_vocab: int = 5_000
     b1_bytes: int = 200_000_000  # B1: the W4 text repeated to this size, streamed
     m1_n: int = 100_000
+    m1_big_n: int = 2_000_000  # M1 again at the Scale workload's largest job
     s1_workers: int = 10_000
     s1_w1_n: int = 20_000
     scale_ns: tuple[int, ...] = (2_000, 20_000, 200_000, 2_000_000)
@@ -94,6 +95,7 @@ SMOKE = Sizes(
     w4_vocab=500,
     b1_bytes=1_200_000,  # over the CLI's 1 MiB streaming threshold
     m1_n=2_000,
+    m1_big_n=4_000,
     s1_workers=20,
     s1_w1_n=200,
     scale_ns=(100, 1_000, 2_000, 4_000),

@@ -90,6 +90,7 @@ class ClusterdSystem:
         workers: int = 2,
         server_extra: list[str] | None = None,
         worker_extra: list[str] | None = None,
+        listen: str | None = None,
     ) -> Iterator[LocalCluster]:
         self._n += 1
         workdir = self.root / f"{self.name}-{self._n:02d}-{label}"
@@ -113,7 +114,7 @@ class ClusterdSystem:
         )
         self.current = cluster  # the newest cluster, for tools that attach to its processes
         try:
-            cluster.start_server()
+            cluster.start_server(listen=listen)
             for i in range(1, workers + 1):
                 cluster.start_worker(
                     f"w{i}",
@@ -350,31 +351,41 @@ class ClusterdSystem:
 
     @contextmanager
     def m1(self) -> Iterator[tuple[Callable, Callable]]:
-        n = self.sizes.m1_n
-
         def warm() -> None:
             pass
 
         def once() -> Metrics:
-            # A fresh server each time: RSS does not shrink, so a second job would reuse memory.
-            with self.cluster("m1", workers=0) as cluster, self._client(cluster) as c:
-                pid = cluster.server.pid
-                c.submit("inc", {"n": 10}, chunks=10)  # warm the submit path; stays queued
-                time.sleep(0.5)
-                before = rss_bytes(pid)
-                job = c.submit("inc", {"n": n}, chunks=n)
-                wait_for(
-                    lambda: c.status(job).get("queued") == n, 120, f"{n} sub-tasks to be queued"
-                )
-                time.sleep(0.5)
-                after = rss_bytes(pid)
+            small = self._m1_once(self.sizes.m1_n)
+            big = self._m1_once(self.sizes.m1_big_n)
             return [
-                ("bytes_per_queued_subtask", (after - before) / n, "B"),
-                ("rss_before_mib", before / 2**20, "MiB"),
-                ("rss_after_mib", after / 2**20, "MiB"),
+                ("bytes_per_queued_subtask", small[0], "B"),
+                ("bytes_per_queued_subtask_big", big[0], "B"),
+                ("rss_before_mib", small[1] / 2**20, "MiB"),
+                ("rss_after_mib", small[2] / 2**20, "MiB"),
+                ("rss_after_big_mib", big[2] / 2**20, "MiB"),
             ]
 
         yield warm, once
+
+    def _m1_once(self, n: int) -> tuple[float, int, int]:
+        """RSS growth per queued sub-task of one job of ``n`` (no workers, so all stay queued):
+        (bytes per sub-task, RSS before, RSS after)."""
+        # A fresh server each time: RSS does not shrink, so a second job would reuse memory.
+        room = ["--max-subtasks", str(n), "--max-queued", str(max(n + 10, 1_000_000))]
+        extra = room if n > DEFAULT_MAX_SUBTASKS else []
+        with (
+            self.cluster("m1", workers=0, server_extra=extra) as cluster,
+            self._client(cluster) as c,
+        ):
+            pid = cluster.server.pid
+            c.submit("inc", {"n": 10}, chunks=10)  # warm the submit path; stays queued
+            time.sleep(0.5)
+            before = rss_bytes(pid)
+            job = c.submit("inc", {"n": n}, chunks=n)
+            wait_for(lambda: c.status(job).get("queued") == n, 300, f"{n} sub-tasks to be queued")
+            time.sleep(0.5)
+            after = rss_bytes(pid)
+        return (after - before) / n, before, after
 
     @contextmanager
     def s1(self) -> Iterator[tuple[Callable, Callable]]:
@@ -392,7 +403,10 @@ class ClusterdSystem:
             pass
 
         def once() -> Metrics:
-            with self.cluster("s1", workers=0, server_extra=limits) as cluster:
+            # A listen backlog that holds every handshake in flight (Twisted's default is 50;
+            # a connect beyond it waits for a SYN retransmission, a second or more).
+            listen = f"tcp:{{port}}:interface=127.0.0.1:backlog={S1_BACKLOG}"
+            with self.cluster("s1", workers=0, server_extra=limits, listen=listen) as cluster:
                 return self._s1_once(cluster, count, n)
 
         yield warm, once
@@ -405,6 +419,7 @@ class ClusterdSystem:
             time.sleep(0.5)
             before = rss_bytes(pid)
             log = open(cluster.workdir / "fakeworkers.log", "wb")
+            cpu0 = cpu_seconds(pid)
             t0 = time.perf_counter()
             fake = subprocess.Popen(
                 [
@@ -420,6 +435,8 @@ class ClusterdSystem:
                     "600",
                     "--procs",
                     str(fake_procs(count)),
+                    "--concurrency",
+                    str(S1_BACKLOG // 2 // fake_procs(count)),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -438,12 +455,13 @@ class ClusterdSystem:
 
                 wait_for(all_registered, 300, f"{count} fake workers to register", 0.05)
                 register_s = time.perf_counter() - t0
+                register_cpu = cpu_seconds(pid) - cpu0
                 time.sleep(1.0)
                 after = rss_bytes(pid)
                 with PingSampler(self._client(cluster)) as sampler:
-                    t1 = time.perf_counter()
+                    t1, cpu1 = time.perf_counter(), cpu_seconds(pid)
                     total = c.run("inc", {"n": n}, chunks=n)
-                    dt = time.perf_counter() - t1
+                    dt, w1_cpu = time.perf_counter() - t1, cpu_seconds(pid) - cpu1
                 pings = sampler.samples
                 check(f"S1 W1 inc n={n}", total, inc_answer(n))
                 lost = c.stats().get("workers_lost", 0)
@@ -459,7 +477,9 @@ class ClusterdSystem:
         pings.sort()
         return [
             ("register_s", register_s, "s"),
+            ("register_server_cpu_us", register_cpu / count * 1e6, "us"),
             ("subtasks_per_s", n / dt, "sub-tasks/s"),
+            ("w1_server_cpu_us", w1_cpu / n * 1e6, "us"),
             ("kib_per_worker", (after - before) / count / 1024, "KiB"),
             ("ping_p50_ms", percentile(pings, 50) * 1e3, "ms"),
             ("ping_p99_ms", percentile(pings, 99) * 1e3, "ms"),
@@ -487,7 +507,7 @@ class ClusterdSystem:
         if top <= DEFAULT_MAX_SUBTASKS:
             return self.standard("scale")
         # The largest job needs room per job and in the queue over all jobs (default 1,000,000).
-        room = ["--max-subtasks", str(top), "--max-queued", str(max(top, 1_000_000))]
+        room = ["--max-subtasks", str(top), "--max-queued", str(max(top + 1000, 1_000_000))]
         return self.cluster("scale", server_extra=room)
 
 
@@ -530,6 +550,9 @@ class PingSampler:
             ("ping_max_ms", pings[-1] * 1e3, "ms"),
             ("pings", len(self.samples), "count"),
         ]
+
+
+S1_BACKLOG = 512  # the S1 server's listen backlog; fakeworkers.py keeps half that in flight
 
 
 def fake_procs(count: int) -> int:
