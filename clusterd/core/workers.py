@@ -141,6 +141,8 @@ class WorkerRegistry:
         # and leaves when a pass finds it full. A full dispatch pass reads this, not every
         # worker: O(workers freed since the last pass), not O(workers), per new job.
         self.idle: dict[WorkerHandle, None] = {}
+        self._order: dict[WorkerHandle, int] = {}  # registration order, for ties in a pass
+        self._registered = 0
 
     def __len__(self) -> int:
         return len(self.by_name)
@@ -160,6 +162,8 @@ class WorkerRegistry:
         """Count a new registration (the caller removed any old one of that name first)."""
         self.by_name[handle.name] = handle
         self.idle[handle] = None
+        self._order[handle] = self._registered
+        self._registered += 1
         self.slots += handle.slots
         for task in handle.tasks:
             self.task_slots[task] += handle.slots
@@ -170,14 +174,16 @@ class WorkerRegistry:
         self.idle[handle] = None
 
     def with_free_slots(self) -> list[WorkerHandle]:
-        """The connected workers with a free slot, in the order they came free; the others
-        leave the idle index (they enter it again when a slot of theirs frees)."""
+        """The connected workers with a free slot, in the order they registered (as a scan of
+        every worker would give them); the others leave the idle index (they enter it again
+        when a slot of theirs frees)."""
         out = []
         for handle in list(self.idle):
             if handle.free > 0 and self.current(handle):
                 out.append(handle)
             else:
                 del self.idle[handle]
+        out.sort(key=self._order.__getitem__)
         return out
 
     def remove(self, handle: WorkerHandle) -> None:
@@ -185,6 +191,7 @@ class WorkerRegistry:
         self.idle.pop(handle, None)
         if not self.current(handle):
             return
+        self._order.pop(handle, None)
         del self.by_name[handle.name]
         self.slots -= handle.slots
         for task in handle.tasks:
