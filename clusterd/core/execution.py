@@ -200,9 +200,15 @@ class Execution:
         that has answered nothing for that long (it answers PING but never a DO, say) is
         wedged: it is dropped, and everything it held runs elsewhere. On a worker that does
         answer, just the stalled sub-task fails its attempt (retried, like a timeout). Looks
-        at each worker's oldest sub-tasks only: O(workers). Returns how many were taken back."""
+        at each worker's oldest sub-tasks only: O(workers). Returns how many were taken back.
+        No deadline is under ``stall_min``, so a worker whose oldest sub-task is younger is
+        skipped without the policy's call (10,000 busy workers: a few ms, not 20-30 ms)."""
         now, taken = self.clock.seconds(), 0
+        young = now - self.policy.config.stall_min
         for worker in workers:
+            held = worker.dispatches
+            if not held or next(iter(held)).started > young:
+                continue
             found = self.policy.stalled_on(worker, now)
             if found is None:
                 continue

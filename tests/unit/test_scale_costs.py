@@ -48,3 +48,32 @@ def test_a_worker_that_registers_is_offered_work_and_one_that_leaves_is_forgotte
     handle = core._workers.get("a")
     core.remove_worker(handle)
     assert handle not in core._workers.idle
+
+
+def test_the_stall_check_skips_workers_whose_oldest_subtask_is_younger_than_stall_min():
+    """check_stalls asks the retry policy only about workers holding a sub-task older than
+    stall_min (no deadline is shorter), so a second's check over many busy workers stays cheap;
+    a sub-task past its deadline is still taken back."""
+    clock, held = Clock(), []
+
+    def runner(sub):
+        d = Deferred()
+        held.append(d)
+        return d
+
+    core = Scheduler(Registry(TASKS), clock, stall_min=60.0, stall_factor=1.0)
+    for k in range(50):
+        core.add_worker(f"w{k}", ["sum"], 1, runner)
+    core.submit("sum", [1], 1)
+    clock.advance(0)
+    held.pop().callback(1)  # the task's mean run time is now known (0 s)
+    core.submit("sum", list(range(50)), 50)
+    clock.advance(0)
+    asked = []
+    policy = core._exec.policy
+    real = policy.stalled_on
+    policy.stalled_on = lambda worker, now: asked.append(worker) or real(worker, now)
+    clock.advance(30)
+    assert core.check_stalls() == 0 and asked == []
+    clock.advance(31)
+    assert core.check_stalls() > 0 and len(asked) == 50
