@@ -70,9 +70,10 @@ class Sizes:
     w4_vocab: int = 5_000
     b1_bytes: int = 200_000_000  # B1: the W4 text repeated to this size, streamed
     m1_n: int = 100_000
-    s1_workers: int = 1_000
+    m1_big_n: int = 2_000_000  # M1 again at the Scale workload's largest job
+    s1_workers: int = 10_000
     s1_w1_n: int = 20_000
-    scale_ns: tuple[int, ...] = (2_000, 20_000, 200_000)
+    scale_ns: tuple[int, ...] = (2_000, 20_000, 200_000, 2_000_000)
     # Seconds of measured work allowed per (system, workload) before further repeats are
     # dropped (the drop is reported). None: no limit.
     budget: float | None = 40.0
@@ -95,9 +96,10 @@ SMOKE = Sizes(
     w4_vocab=500,
     b1_bytes=1_200_000,  # over the CLI's 1 MiB streaming threshold
     m1_n=2_000,
+    m1_big_n=4_000,
     s1_workers=20,
     s1_w1_n=200,
-    scale_ns=(100, 1_000, 2_000),
+    scale_ns=(100, 1_000, 2_000, 4_000),
     budget=None,
     max_run=None,
 )
@@ -186,6 +188,15 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """A process's CPU time so far (utime + stime from /proc/PID/stat), in seconds: the
+    server's own cost of a workload, which the other sessions on a shared machine do not
+    inflate the way they inflate wall time."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def git_commit() -> str | None:

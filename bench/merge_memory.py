@@ -13,20 +13,16 @@ To compare with another checkout, run it with that checkout first on PYTHONPATH.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+from benchlib import cpu_seconds
+
 import clusterd
 from clusterd.launch import LocalCluster
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_mb(pid: int) -> float:

@@ -54,9 +54,18 @@ METRICS: dict[str, list[tuple[str, str, str | None]]] = {
         ("subtasks_per_s", "sub-tasks/s", "high"),
         ("submit_to_result_s", "submit->result s", "low"),
     ],
-    "W1b": [("jobs_per_s", "jobs/s", "high"), ("elapsed_s", "elapsed s", "low")],
+    "W1b": [
+        ("jobs_per_s", "jobs/s", "high"),
+        ("elapsed_s", "elapsed s", "low"),
+        ("server_cpu_us_per_job", "server CPU us/job", "low"),
+    ],
     "W2": [("speedup", "speedup x", "high"), ("elapsed_s", "elapsed s", "low")],
-    "W3": [("p50_ms", "p50 ms", "low"), ("p90_ms", "p90 ms", "low"), ("p99_ms", "p99 ms", "low")],
+    "W3": [
+        ("p50_ms", "p50 ms", "low"),
+        ("p90_ms", "p90 ms", "low"),
+        ("p99_ms", "p99 ms", "low"),
+        ("server_cpu_us_per_job", "server CPU us/job", "low"),
+    ],
     "W4": [
         ("mb_per_s", "MB/s", "high"),
         ("elapsed_s", "elapsed s", "low"),
@@ -78,12 +87,15 @@ METRICS: dict[str, list[tuple[str, str, str | None]]] = {
     ],
     "M1": [
         ("bytes_per_queued_subtask", "B/queued sub-task", "low"),
+        ("bytes_per_queued_subtask_big", "B/queued sub-task, big job", "low"),
         ("rss_before_mib", "RSS before MiB", None),
         ("rss_after_mib", "RSS after MiB", None),
     ],
     "S1": [
         ("register_s", "register all s", "low"),
+        ("register_server_cpu_us", "server CPU us/registration", "low"),
         ("subtasks_per_s", "W1 sub-tasks/s", "high"),
+        ("w1_server_cpu_us", "W1 server CPU us/sub-task", "low"),
         ("kib_per_worker", "KiB/worker", "low"),
         ("ping_p50_ms", "PING p50 ms", "low"),
         ("ping_p99_ms", "PING p99 ms", "low"),
@@ -100,9 +112,10 @@ TARGETS: dict[tuple[str, str], tuple[str, float]] = {
     ("W4", "mb_per_s"): (">=", 55),
     ("W4r", "x_sequential"): (">=", 1.7),
     ("M1", "bytes_per_queued_subtask"): ("<=", 300),
+    ("M1", "bytes_per_queued_subtask_big"): ("<=", 300),
     ("B1", "ping_p99_ms"): ("<=", 10),
-    ("S1", "register_s"): ("<=", 5),
-    ("S1", "ping_p99_ms"): ("<=", 10),
+    ("S1", "register_s"): ("<=", 10),  # at 10,000 workers (issue 13)
+    ("S1", "ping_p99_ms"): ("<=", 20),
     ("S1", "kib_per_worker"): ("<=", 20),
     ("Scale", "ratio"): ("<=", 1.3),
 }
@@ -277,7 +290,7 @@ class Bench:
             f"  sizes: W1 {s.w1_n:,} sub-tasks; W1b {s.w1b_jobs:,} jobs (<= {s.w1b_window} in "
             f"flight); W2 primes < {s.w2_stop:,} in {s.w2_chunks} ranges; W3 {s.w3_runs:,} RUNs "
             f"after {s.w3_warmup} warm-ups; W4 {s.w4_bytes / 1e6:g} MB in {s.w4_chunks} chunks; "
-            f"M1 {s.m1_n:,} queued; S1 {s.s1_workers:,} fake workers, W1 of {s.s1_w1_n:,}; "
+            f"M1 {s.m1_n:,} and {s.m1_big_n:,} queued; S1 {s.s1_workers:,} fake workers, W1 of {s.s1_w1_n:,}; "
             f"Scale {', '.join(f'{n:,}' for n in s.scale_ns)}",
             flush=True,
         )

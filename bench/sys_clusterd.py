@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import secrets
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from benchlib import (
     Sizes,
     TextInput,
     check,
+    cpu_seconds,
     inc_answer,
     latency_metrics,
     percentile,
@@ -68,6 +70,7 @@ class ClusterdSystem:
         self.sizes = sizes
         self.note = note
         self._n = 0
+        self.current: LocalCluster | None = None
         secret_dir = root / "secrets"
         secret_dir.mkdir(parents=True, exist_ok=True)
         self.client_secret_file = secret_dir / "client.secret"
@@ -87,6 +90,7 @@ class ClusterdSystem:
         workers: int = 2,
         server_extra: list[str] | None = None,
         worker_extra: list[str] | None = None,
+        listen: str | None = None,
     ) -> Iterator[LocalCluster]:
         self._n += 1
         workdir = self.root / f"{self.name}-{self._n:02d}-{label}"
@@ -108,8 +112,9 @@ class ClusterdSystem:
             client_secret=self.client_secret,
             start_timeout=60,
         )
+        self.current = cluster  # the newest cluster, for tools that attach to its processes
         try:
-            cluster.start_server()
+            cluster.start_server(listen=listen)
             for i in range(1, workers + 1):
                 cluster.start_worker(
                     f"w{i}",
@@ -198,8 +203,14 @@ class ClusterdSystem:
                     return run_jobs(k) * jobs / k
 
                 def once() -> Metrics:
+                    cpu0 = cpu_seconds(cluster.server.pid)
                     dt = run_jobs(jobs)
-                    return [("jobs_per_s", jobs / dt, "jobs/s"), ("elapsed_s", dt, "s")]
+                    cpu = cpu_seconds(cluster.server.pid) - cpu0
+                    return [
+                        ("jobs_per_s", jobs / dt, "jobs/s"),
+                        ("elapsed_s", dt, "s"),
+                        ("server_cpu_us_per_job", cpu / jobs * 1e6, "us"),
+                    ]
 
                 yield warm, once
             finally:
@@ -244,7 +255,13 @@ class ClusterdSystem:
                     one()
 
             def once() -> Metrics:
-                return latency_metrics([one() for _ in range(runs)])
+                cpu0 = cpu_seconds(cluster.server.pid)
+                samples = [one() for _ in range(runs)]
+                cpu = cpu_seconds(cluster.server.pid) - cpu0
+                return [
+                    *latency_metrics(samples),
+                    ("server_cpu_us_per_job", cpu / runs * 1e6, "us"),
+                ]
 
             yield warm, once
 
@@ -372,46 +389,62 @@ class ClusterdSystem:
 
     @contextmanager
     def m1(self) -> Iterator[tuple[Callable, Callable]]:
-        n = self.sizes.m1_n
-
         def warm() -> None:
             pass
 
         def once() -> Metrics:
-            # A fresh server each time: RSS does not shrink, so a second job would reuse memory.
-            with self.cluster("m1", workers=0) as cluster, self._client(cluster) as c:
-                pid = cluster.server.pid
-                c.submit("inc", {"n": 10}, chunks=10)  # warm the submit path; stays queued
-                time.sleep(0.5)
-                before = rss_bytes(pid)
-                job = c.submit("inc", {"n": n}, chunks=n)
-                wait_for(
-                    lambda: c.status(job).get("queued") == n, 120, f"{n} sub-tasks to be queued"
-                )
-                time.sleep(0.5)
-                after = rss_bytes(pid)
+            small = self._m1_once(self.sizes.m1_n)
+            big = self._m1_once(self.sizes.m1_big_n)
             return [
-                ("bytes_per_queued_subtask", (after - before) / n, "B"),
-                ("rss_before_mib", before / 2**20, "MiB"),
-                ("rss_after_mib", after / 2**20, "MiB"),
+                ("bytes_per_queued_subtask", small[0], "B"),
+                ("bytes_per_queued_subtask_big", big[0], "B"),
+                ("rss_before_mib", small[1] / 2**20, "MiB"),
+                ("rss_after_mib", small[2] / 2**20, "MiB"),
+                ("rss_after_big_mib", big[2] / 2**20, "MiB"),
             ]
 
         yield warm, once
 
+    def _m1_once(self, n: int) -> tuple[float, int, int]:
+        """RSS growth per queued sub-task of one job of ``n`` (no workers, so all stay queued):
+        (bytes per sub-task, RSS before, RSS after)."""
+        # A fresh server each time: RSS does not shrink, so a second job would reuse memory.
+        room = ["--max-subtasks", str(n), "--max-queued", str(max(n + 10, 1_000_000))]
+        extra = room if n > DEFAULT_MAX_SUBTASKS else []
+        with (
+            self.cluster("m1", workers=0, server_extra=extra) as cluster,
+            self._client(cluster) as c,
+        ):
+            pid = cluster.server.pid
+            c.submit("inc", {"n": 10}, chunks=10)  # warm the submit path; stays queued
+            time.sleep(0.5)
+            before = rss_bytes(pid)
+            job = c.submit("inc", {"n": n}, chunks=n)
+            wait_for(lambda: c.status(job).get("queued") == n, 300, f"{n} sub-tasks to be queued")
+            time.sleep(0.5)
+            after = rss_bytes(pid)
+        return (after - before) / n, before, after
+
     @contextmanager
     def s1(self) -> Iterator[tuple[Callable, Callable]]:
         count, n = self.sizes.s1_workers, self.sizes.s1_w1_n
-        limits = ["--max-connections", "4096", "--max-connections-per-ip", "4096"]
+        room = str(max(4096, count + 256))  # the fake workers, the clients, and some spare
+        limits = ["--max-connections", room, "--max-connections-per-ip", room]
+        nofile = raise_nofile(count + 1024)  # inherited by the server and fakeworkers.py
         self.note(
-            f"S1 {self.name}: server started with {' '.join(limits)} (defaults 1024 and 64); "
-            f"{count} fake workers from bench/fakeworkers.py in one asyncio process"
+            f"S1 {self.name}: server started with {' '.join(limits)} (defaults 1024 and 64), "
+            f"open-file limit {nofile}; {count:,} fake workers from bench/fakeworkers.py in "
+            f"{fake_procs(count)} asyncio process(es)"
         )
 
         def warm() -> None:
             pass
 
         def once() -> Metrics:
-            with self.cluster("s1", workers=0, server_extra=limits) as cluster:
+            # A listen backlog that holds every handshake in flight (Twisted's default is 50;
+            # a connect beyond it waits for a SYN retransmission, a second or more).
+            listen = f"tcp:{{port}}:interface=127.0.0.1:backlog={S1_BACKLOG}"
+            with self.cluster("s1", workers=0, server_extra=limits, listen=listen) as cluster:
                 return self._s1_once(cluster, count, n)
 
         yield warm, once
@@ -424,6 +457,7 @@ class ClusterdSystem:
             time.sleep(0.5)
             before = rss_bytes(pid)
             log = open(cluster.workdir / "fakeworkers.log", "wb")
+            cpu0 = cpu_seconds(pid)
             t0 = time.perf_counter()
             fake = subprocess.Popen(
                 [
@@ -437,6 +471,10 @@ class ClusterdSystem:
                     str(self.worker_secret_file),
                     "--max-seconds",
                     "600",
+                    "--procs",
+                    str(fake_procs(count)),
+                    "--concurrency",
+                    str(S1_BACKLOG // 2 // fake_procs(count)),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -451,16 +489,17 @@ class ClusterdSystem:
                             "fakeworkers exited early:\n"
                             + (cluster.workdir / "fakeworkers.log").read_text()[-2000:]
                         )
-                    return len(c.workers()) >= count
+                    return c.stats()["workers"] >= count  # O(1), unlike WORKERS
 
-                wait_for(all_registered, 120, f"{count} fake workers to register", 0.02)
+                wait_for(all_registered, 300, f"{count} fake workers to register", 0.05)
                 register_s = time.perf_counter() - t0
+                register_cpu = cpu_seconds(pid) - cpu0
                 time.sleep(1.0)
                 after = rss_bytes(pid)
                 with PingSampler(self._client(cluster)) as sampler:
-                    t1 = time.perf_counter()
+                    t1, cpu1 = time.perf_counter(), cpu_seconds(pid)
                     total = c.run("inc", {"n": n}, chunks=n)
-                    dt = time.perf_counter() - t1
+                    dt, w1_cpu = time.perf_counter() - t1, cpu_seconds(pid) - cpu1
                 pings = sampler.samples
                 check(f"S1 W1 inc n={n}", total, inc_answer(n))
                 lost = c.stats().get("workers_lost", 0)
@@ -476,7 +515,9 @@ class ClusterdSystem:
         pings.sort()
         return [
             ("register_s", register_s, "s"),
+            ("register_server_cpu_us", register_cpu / count * 1e6, "us"),
             ("subtasks_per_s", n / dt, "sub-tasks/s"),
+            ("w1_server_cpu_us", w1_cpu / n * 1e6, "us"),
             ("kib_per_worker", (after - before) / count / 1024, "KiB"),
             ("ping_p50_ms", percentile(pings, 50) * 1e3, "ms"),
             ("ping_p99_ms", percentile(pings, 99) * 1e3, "ms"),
@@ -503,7 +544,9 @@ class ClusterdSystem:
         top = max(self.sizes.scale_ns)
         if top <= DEFAULT_MAX_SUBTASKS:
             return self.standard("scale")
-        return self.cluster("scale", server_extra=["--max-subtasks", str(top)])
+        # The largest job needs room per job and in the queue over all jobs (default 1,000,000).
+        room = ["--max-subtasks", str(top), "--max-queued", str(max(top + 1000, 1_000_000))]
+        return self.cluster("scale", server_extra=room)
 
 
 class PingSampler:
@@ -547,11 +590,25 @@ class PingSampler:
         ]
 
 
-def cpu_seconds(pid: int) -> float:
-    """A process's CPU time so far (utime + stime from /proc/<pid>/stat), in seconds."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+S1_BACKLOG = 512  # the S1 server's listen backlog; fakeworkers.py keeps half that in flight
+
+
+def fake_procs(count: int) -> int:
+    """How many fakeworkers.py processes share ``count`` connections: one per 5,000, so the
+    load tool itself keeps up with the server (it answers every DO at once)."""
+    return max(1, -(-count // 5000))
+
+
+def raise_nofile(want: int) -> int:
+    """Raise this process's open-file limit (soft, up to the hard limit) to ``want``, for the
+    bench only: the server and the fake workers started from here inherit it. Returns the
+    limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft
 
 
 def peak_rss_bytes(pid: int) -> int:

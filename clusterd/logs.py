@@ -68,18 +68,20 @@ def observer() -> ILogObserver:
         _out_file(_chosen.get("logfile"), _chosen.get("nodaemon", True)),
         _chosen.get("format", "text"),
         _chosen.get("level", "info"),
+        batch=True,
     )
 
 
-def make_observer(out: IO[str], fmt: str, level: str) -> ILogObserver:
-    """Events at ``level`` or above, written to ``out`` as ``fmt`` (``text`` or ``json``)."""
+def make_observer(out: IO[str], fmt: str, level: str, batch: bool = False) -> ILogObserver:
+    """Events at ``level`` or above, written to ``out`` as ``fmt`` (``text`` or ``json``);
+    ``batch``: text lines are written in batches on the reactor (server/fastlog.py)."""
     if fmt == "json":
         inner: ILogObserver = FileLogObserver(out, json_line)
     else:
         from clusterd.server.fastlog import speed_up_text_logs
 
         inner = textFileLogObserver(out)
-        speed_up_text_logs(LogPublisher(inner))
+        speed_up_text_logs(LogPublisher(inner), batch=batch)
     predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
     return FilteringLogObserver(inner, [predicate])
 

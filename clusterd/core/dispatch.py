@@ -127,7 +127,7 @@ class Dispatcher:
         it stopped, without a rescan, unless another full pass was asked for meanwhile. Slots
         freed by answers meanwhile are not the pass's: those answers' refills cover them."""
         if self._pass is None:
-            workers = [w for w in self.workers if w.free > 0]
+            workers = self.workers.with_free_slots()
             workers.sort(key=lambda w: w.busy / w.slots)
             self._pass = deque([w, w.free] for w in workers)
         queue = self._pass

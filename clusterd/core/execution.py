@@ -59,6 +59,7 @@ class Execution:
         self.endings = endings
         self.backoffs = backoffs
         self.pump: Callable[..., None] = lambda only=None: None  # set by the scheduler
+        self.freed: Callable[[WorkerHandle], None] = lambda worker: None  # likewise
         self.busy = 0  # sub-tasks dispatched and not answered, over all workers
         self.stream = TaskStream()  # recent sub-task runs, for the dashboard
 
@@ -104,6 +105,8 @@ class Execution:
         disp.job.released(disp)
         disp.worker.busy -= 1
         self.busy -= 1
+        if disp.worker.busy < disp.worker.slots:
+            self.freed(disp.worker)
         disp.worker.dispatches.pop(disp, None)
         return now
 
@@ -202,9 +205,15 @@ class Execution:
         that has answered nothing for that long (it answers PING but never a DO, say) is
         wedged: it is dropped, and everything it held runs elsewhere. On a worker that does
         answer, just the stalled sub-task fails its attempt (retried, like a timeout). Looks
-        at each worker's oldest sub-tasks only: O(workers). Returns how many were taken back."""
+        at each worker's oldest sub-tasks only: O(workers). Returns how many were taken back.
+        No deadline is under ``stall_min``, so a worker whose oldest sub-task is younger is
+        skipped without the policy's call (10,000 busy workers: a few ms, not 20-30 ms)."""
         now, taken = self.clock.seconds(), 0
+        young = now - self.policy.config.stall_min
         for worker in workers:
+            held = worker.dispatches
+            if not held or next(iter(held)).started > young:
+                continue
             found = self.policy.stalled_on(worker, now)
             if found is None:
                 continue

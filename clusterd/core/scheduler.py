@@ -38,17 +38,8 @@ from clusterd.core.uploads import IUploadSink, Upload
 from clusterd.core.workers import SubTask, TimedResult, WorkerHandle, WorkerRegistry
 from clusterd.tasks.registry import Registry
 
-__all__ = [
-    "Scheduler",
-    "SchedulerConfig",
-    "SubTask",
-    "TaskFailed",
-    "WorkerLost",
-    "WorkerHandle",
-    "TimedResult",
-    "OFFLOAD_SUBTASKS",
-    "OFFLOAD_BYTES",
-]
+__all__ = ["Scheduler", "SchedulerConfig", "SubTask", "TaskFailed", "WorkerLost", "WorkerHandle"]
+__all__ += ["TimedResult", "OFFLOAD_SUBTASKS", "OFFLOAD_BYTES"]
 
 Offload = Callable[..., Deferred[Any]]
 NextTurn = Callable[[Callable[[], None]], Any]
@@ -114,9 +105,12 @@ class Scheduler:
             self._ring, self._workers, self._limit, self._exec.send, next_turn, self.config
         )
         self._pump = self._exec.pump = self._dispatcher.pump
+        self._exec.freed = self._workers.freed
         self.task_stream = self._exec.stream  # recent sub-task runs (the dashboard's)
         parts = (self._admission, ends, self._ring, self._table, self._tally, self._workers)
         self._intake = Intake(self, *parts, self._pump)
+        for part in (self, ends, self._exec, self._intake):  # one Logger.__get__ each, not per line
+            part.log = part.log
 
     @property
     def _seq_index(self) -> list[int] | None:

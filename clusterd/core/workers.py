@@ -140,6 +140,12 @@ class WorkerRegistry:
         self.slots = 0  # over all connected workers
         self.task_slots: Counter[str] = Counter()  # task -> slots of workers that run it
         self.task_workers: Counter[str] = Counter()  # task -> workers that run it
+        # Workers that may have free slots: each enters when it registers or a slot of it frees,
+        # and leaves when a pass finds it full. A full dispatch pass reads this, not every
+        # worker: O(workers freed since the last pass), not O(workers), per new job.
+        self.idle: dict[WorkerHandle, None] = {}
+        self._order: dict[WorkerHandle, int] = {}  # registration order, for ties in a pass
+        self._registered = 0
 
     def __len__(self) -> int:
         return len(self.by_name)
@@ -158,15 +164,37 @@ class WorkerRegistry:
     def add(self, handle: WorkerHandle) -> None:
         """Count a new registration (the caller removed any old one of that name first)."""
         self.by_name[handle.name] = handle
+        self.idle[handle] = None
+        self._order[handle] = self._registered
+        self._registered += 1
         self.slots += handle.slots
         for task in handle.tasks:
             self.task_slots[task] += handle.slots
             self.task_workers[task] += 1
 
+    def freed(self, handle: WorkerHandle) -> None:
+        """A slot of ``handle`` came free (a sub-task of it ended): a full pass looks at it."""
+        self.idle[handle] = None
+
+    def with_free_slots(self) -> list[WorkerHandle]:
+        """The connected workers with a free slot, in the order they registered (as a scan of
+        every worker would give them); the others leave the idle index (they enter it again
+        when a slot of theirs frees)."""
+        out = []
+        for handle in list(self.idle):
+            if handle.free > 0 and self.current(handle):
+                out.append(handle)
+            else:
+                del self.idle[handle]
+        out.sort(key=self._order.__getitem__)
+        return out
+
     def remove(self, handle: WorkerHandle) -> None:
         """Stop counting ``handle`` (if it is still the registration under its name)."""
+        self.idle.pop(handle, None)
         if not self.current(handle):
             return
+        self._order.pop(handle, None)
         del self.by_name[handle.name]
         self.slots -= handle.slots
         for task in handle.tasks:

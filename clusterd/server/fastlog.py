@@ -12,6 +12,7 @@ any error, goes to Twisted's own formatter, so nothing can be lost or rendered d
 
 from __future__ import annotations
 
+import atexit
 import string
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +26,7 @@ from twisted.logger import (
     timeFormatRFC3339,
 )
 
-__all__ = ["FastClassicFormat", "speed_up_text_logs"]
+__all__ = ["BatchedOutput", "FastClassicFormat", "speed_up_text_logs"]
 
 _parse = string.Formatter().parse
 
@@ -119,8 +120,77 @@ def _time_format(observer: FileLogObserver) -> tuple[bool, str | None]:
     return False, None
 
 
-def speed_up_text_logs(publisher: LogPublisher = globalLogPublisher) -> int:
-    """Give each of ``publisher``'s text file observers the fast formatter; returns how many."""
+class BatchedOutput:
+    """A log file's writer that writes the lines of one moment together.
+
+    ``FileLogObserver`` writes and flushes every line: a ``write`` system call per line, which was
+    the biggest single cost of a short job in the server (two lines per job, 14% of its CPU in
+    W1b). This holds the lines and writes them at most ``delay`` seconds later, in one call,
+    through ``clock.callLater``; it writes at once when the reactor is not running (start-up,
+    shut-down, tests), when the held text passes ``limit`` characters, and for an event at
+    ``warn`` or above (see :meth:`urgent`). The cost: the info lines of the last ``delay``
+    seconds are lost if the process is killed with SIGKILL (the journal, not the log, is what
+    recovery reads)."""
+
+    def __init__(self, out: Any, clock: Any, delay: float = 0.05, limit: int = 1 << 16) -> None:
+        self.out = out
+        self.clock = clock
+        self.delay = delay
+        self.limit = limit
+        self._held: list[Any] = []
+        self._size = 0
+        self._timer: Any = None
+        self._urgent = False
+
+    def urgent(self) -> None:
+        """The next line is written at once (and everything held before it)."""
+        self._urgent = True
+
+    def write(self, text: Any) -> None:
+        self._held.append(text)
+        self._size += len(text)
+
+    def flush(self) -> None:
+        """Called by the observer after every line: write now, or make sure a write is due."""
+        if self._urgent or self._size >= self.limit or not getattr(self.clock, "running", True):
+            self.flush_now()
+        elif self._timer is None:
+            self._timer = self.clock.callLater(self.delay, self._due)
+
+    def _due(self) -> None:
+        self._timer = None
+        self.flush_now()
+
+    def flush_now(self) -> None:
+        """Write and flush everything held."""
+        self._urgent = False
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if not self._held:
+            return
+        held, self._held, self._size = self._held, [], 0
+        self.out.write(held[0][:0].join(held))
+        self.out.flush()
+
+
+class _UrgentFirst:
+    """A formatter that marks ``warn`` and worse events urgent on the output, then formats."""
+
+    def __init__(self, formatter: Callable[[Any], str | None], output: BatchedOutput) -> None:
+        self.formatter = formatter
+        self.output = output
+
+    def __call__(self, event: Any) -> str | None:
+        level = event.get("log_level")
+        if level is None or level >= LogLevel.warn:
+            self.output.urgent()
+        return self.formatter(event)
+
+
+def speed_up_text_logs(publisher: LogPublisher = globalLogPublisher, batch: bool = False) -> int:
+    """Give each of ``publisher``'s text file observers the fast formatter; returns how many.
+    With ``batch``, their lines are also written in batches on the reactor (:class:`BatchedOutput`)."""
     n = 0
     for observer in list(getattr(publisher, "_observers", ())):
         if not isinstance(observer, FileLogObserver):
@@ -128,5 +198,20 @@ def speed_up_text_logs(publisher: LogPublisher = globalLogPublisher) -> int:
         ok, time_format = _time_format(observer)
         if ok:
             observer.formatEvent = FastClassicFormat(time_format, observer.formatEvent)
+            if batch:
+                _batch(observer)
             n += 1
     return n
+
+
+def _batch(observer: FileLogObserver) -> None:
+    from twisted.internet import reactor
+
+    out = getattr(observer, "_outFile", None)
+    if out is None or isinstance(out, BatchedOutput):
+        return
+    batched = BatchedOutput(out, reactor)
+    observer._outFile = batched
+    observer.formatEvent = _UrgentFirst(observer.formatEvent, batched)
+    reactor.addSystemEventTrigger("after", "shutdown", batched.flush_now)
+    atexit.register(batched.flush_now)

@@ -301,6 +301,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         from twisted.internet import reactor  # noqa: PLC0415 - only when twistd runs us
 
     from clusterd.endpoints import listening_service
+    from clusterd.server.gcpolicy import GcPolicy
     from clusterd.server.protocol import ConnectionSettings, ServerFactory
     from clusterd.server.service import ServerService, build_core, journal_opener
 
@@ -313,6 +314,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         metrics = Metrics(core)
         opener = metrics.journal_opener(opener)
     ServerService(core, open_journal=opener).setServiceParent(top)
+    GcPolicy(reactor).setServiceParent(top)  # short GC pauses with a big heap (gcpolicy.py)
     settings = ConnectionSettings(
         max_line=options["max-line"],
         max_client_jobs=options["max-client-jobs"],

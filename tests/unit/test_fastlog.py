@@ -103,3 +103,65 @@ def test_speed_up_finds_the_time_format_by_probing_not_by_closures():
     assert speed_up_text_logs(publisher) == 1
     publisher(event("job {job_id} done", job_id="j2"))
     assert out.getvalue() == "- [clusterd.core.scheduler.Scheduler#info] job j2 done\n"
+
+
+class _RunningClock:
+    """A task.Clock that says the reactor is running."""
+
+    def __init__(self):
+        from twisted.internet.task import Clock
+
+        self.clock = Clock()
+        self.running = True
+
+    def callLater(self, *a, **kw):
+        return self.clock.callLater(*a, **kw)
+
+
+def _batched_observer(clock):
+    from clusterd.server.fastlog import BatchedOutput, _UrgentFirst
+
+    out = io.StringIO()
+    observer = textFileLogObserver(out)
+    batched = BatchedOutput(out, clock, delay=0.05, limit=300)
+    observer._outFile = batched
+    observer.formatEvent = _UrgentFirst(observer.formatEvent, batched)
+    return out, observer, batched
+
+
+def test_batched_output_writes_info_lines_together_within_the_delay():
+    """Info lines are held and written together at most `delay` seconds later, in one write."""
+    clock = _RunningClock()
+    out, observer, _ = _batched_observer(clock)
+    observer(event("job {job_id} submitted", job_id="j1"))
+    observer(event("job {job_id} done", job_id="j1"))
+    assert out.getvalue() == ""
+    clock.clock.advance(0.05)
+    assert out.getvalue().count("\n") == 2 and "job j1 done" in out.getvalue()
+    assert not clock.clock.getDelayedCalls()
+
+
+def test_batched_output_writes_warnings_and_big_batches_at_once():
+    """A warning (with what is held before it) and a batch over the limit are written at once."""
+    clock = _RunningClock()
+    out, observer, _ = _batched_observer(clock)
+    observer(event("job {job_id} submitted", job_id="j1"))
+    observer(event("worker {w} lost", LogLevel.warn, w="w1"))
+    assert out.getvalue().count("\n") == 2
+    assert not clock.clock.getDelayedCalls()
+    for k in range(10):
+        observer(event("job {job_id} submitted", job_id=f"j{k}" + "x" * 40))
+    assert out.getvalue().count("\n") >= 6  # written when the held text passed 300 characters
+
+
+def test_batched_output_writes_at_once_when_the_reactor_is_not_running():
+    """Before the reactor runs and after it stops every line is written as it comes."""
+    clock = _RunningClock()
+    clock.running = False
+    out, observer, batched = _batched_observer(clock)
+    observer(event("clusterd server starting"))
+    assert out.getvalue().count("\n") == 1
+    clock.running = True
+    observer(event("job {job_id} submitted", job_id="j1"))
+    batched.flush_now()  # what the shutdown trigger and atexit call
+    assert out.getvalue().count("\n") == 2 and not clock.clock.getDelayedCalls()
