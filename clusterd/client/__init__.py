@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from clusterd.client.aio import AsyncCluster, AsyncJob
 from clusterd.client.blocking import BlockingClient, parse_address
 from clusterd.client.errors import (
     ClusterError,
@@ -55,6 +54,7 @@ __all__ = [
 ]
 
 _LAZY = {"Client", "ClientProtocol", "connect", "DEFAULT_TIMEOUT"}
+_LAZY_AIO = {"AsyncCluster", "AsyncJob"}  # asyncio costs ~40 ms to import: only when asked
 
 
 def __getattr__(name: str) -> Any:
@@ -63,4 +63,8 @@ def __getattr__(name: str) -> Any:
         from clusterd.client import api
 
         return getattr(api, name)
+    if name in _LAZY_AIO:
+        from clusterd.client import aio
+
+        return getattr(aio, name)
     raise AttributeError(f"module 'clusterd.client' has no attribute {name!r}")
