@@ -22,8 +22,9 @@ from __future__ import annotations
 import os
 import re
 
-__all__ = ["InputFiles", "REF"]
+__all__ = ["InputFiles", "REF", "MAX_OPEN"]
 
+MAX_OPEN = 64  # input files held open at once (reopened when needed)
 REF = "@"  # an inputs row whose text starts with it names bytes in its job's input file
 _JOB = re.compile(r"[A-Za-z0-9_-]{1,100}")
 _REF = re.compile(r"@(\d{1,18}):(\d{1,18})")
@@ -49,19 +50,34 @@ class InputFiles:
     def append(self, job: str, data: bytes) -> str:
         """Append ``data`` to ``job``'s file; the reference its row keeps. Durable only after
         :meth:`flush`."""
-        fd = self._fds.get(job)
-        if fd is None:
-            if not os.path.isdir(self.dir):
-                os.makedirs(self.dir, mode=0o700, exist_ok=True)
-            fd = os.open(self.path(job), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            self._fds[job] = fd
-            self._dir_dirty = True
+        fd = self._fd(job)
         offset = os.lseek(fd, 0, os.SEEK_END)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
         self._dirty.add(job)
         return f"{REF}{offset}:{len(data)}"
+
+    def _fd(self, job: str) -> int:
+        """``job``'s open file, most recently used last. At most MAX_OPEN stay open: many jobs
+        streaming at once must not use up the server's descriptors, which its connections
+        need; the least recently used one is made durable (if written) and closed."""
+        fd = self._fds.pop(job, None)
+        if fd is None:
+            if not os.path.isdir(self.dir):
+                os.makedirs(self.dir, mode=0o700, exist_ok=True)
+            fd = os.open(self.path(job), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self._dir_dirty = True
+        self._fds[job] = fd
+        while len(self._fds) > MAX_OPEN:
+            old = next(iter(self._fds))
+            old_fd = self._fds.pop(old)
+            if old in self._dirty:
+                self._dirty.discard(old)
+                if self.sync:
+                    os.fsync(old_fd)
+            os.close(old_fd)
+        return fd
 
     def flush(self) -> None:
         """Make what was appended durable: before the commit whose rows name it."""

@@ -269,3 +269,21 @@ def test_an_input_file_that_cannot_be_written_breaks_the_journal_and_commits_not
     reopened = SqliteJournal(path, QueueReactor())
     assert all(not r.chunks for r in reopened.load().jobs)
     result_of(reopened.close())
+
+
+def test_input_files_keep_a_bounded_number_open_and_lose_no_bytes(tmp_path):
+    """Many jobs streaming at once hold at most MAX_OPEN input files open (descriptors are
+    the connections' too); a file closed to make room is reopened and every byte reads back."""
+    from clusterd.server.sqlite_inputs import MAX_OPEN, InputFiles
+
+    files = InputFiles(str(tmp_path / "j.sqlite"))
+    n = MAX_OPEN * 3
+    refs = {}
+    for round_ in range(2):
+        for i in range(n):
+            refs[(i, round_)] = files.append(f"j{i}", f"job {i} part {round_} ".encode())
+            assert len(files._fds) <= MAX_OPEN
+        files.flush()
+    for (i, round_), ref in refs.items():
+        assert files.read(f"j{i}", ref) == f"job {i} part {round_} ".encode()
+    files.close()
