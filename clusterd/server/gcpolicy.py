@@ -56,11 +56,17 @@ class GcPolicy(Service):
         gc.unfreeze()
 
     def tick(self) -> None:
-        """Freeze what is alive now; every ``full_every`` s, first collect everything once."""
+        """Freeze what is alive now, after collecting the young generations; every
+        ``full_every`` s, first collect everything once."""
         self._since_full += self.freeze_every
         if self._since_full >= self.full_every:
             self._since_full = 0.0
             gc.unfreeze()
             found = gc.collect()
             self.log.debug("full garbage collection: {n} unreachable objects", n=found)
+        else:
+            # Young cycles (a failed request's Failure and its frames) are garbage already:
+            # collect them (the young generations only, cheap) so the freeze keeps only what
+            # is alive; a flood of failing requests then cannot pile up frozen garbage.
+            gc.collect(1)
         gc.freeze()

@@ -37,3 +37,20 @@ def test_the_policy_freezes_what_is_alive_and_collects_it_fully_later():
     finally:
         policy.stopService()
     assert gc.get_freeze_count() == 0
+
+
+def test_a_cycle_already_garbage_at_a_tick_is_collected_not_frozen():
+    """Cyclic garbage that exists when the policy freezes (a failed request's Failure and its
+    frames) is collected first, so a flood of such garbage never waits for the full
+    collection."""
+    clock = Clock()
+    policy = GcPolicy(clock, freeze_every=1.0, full_every=600.0)
+    try:
+        policy.startService()
+        cycle = _Cycle()
+        gone = weakref.ref(cycle)
+        del cycle  # garbage already, reachable only from itself
+        clock.advance(1.0)
+        assert gone() is None
+    finally:
+        policy.stopService()
