@@ -90,6 +90,8 @@ class Job:
         self._durable = Waiters()
         self._ended = Waiters()
         self._watchers: list[Callable[[Job], None]] = []
+        # Called after each take while a streamed upload waits for room (server/streams.py).
+        self.on_take: Callable[[], None] | None = None
 
     # -- queue ---------------------------------------------------------------------------------
 
@@ -116,6 +118,8 @@ class Job:
         self.tally.queued -= 1
         if self.state == JobState.QUEUED:
             self.state = JobState.RUNNING
+        if self.on_take is not None:
+            self.on_take()
         return index
 
     def requeue(self, index: int, front: bool = True) -> bool:

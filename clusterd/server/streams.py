@@ -59,6 +59,7 @@ class InputStream:
         self.done = False  # the '.' line arrived
         self.held = False
         self._unwatch: Callable[[], None] | None = None
+        self._take_call: Any = None  # a check for room, after a sub-task was dispatched
 
     @classmethod
     def refused(cls) -> InputStream:
@@ -158,16 +159,37 @@ class InputStream:
             return
         self.held = True
         self._hold(True)
+        # Room comes back when a result arrives or when workers take queued sub-tasks (they
+        # prefetch beyond their slots): waiting for results alone would let the workers drain
+        # the queue and idle while the client's next pieces wait in TCP buffers.
         self._unwatch = self.job.watch(self._on_progress)
+        self.job.on_take = self._taken
 
     def _on_progress(self, job: Any) -> None:
         if job.is_final or self.core.wants_more(job):
             self._release()
 
+    def _taken(self) -> None:
+        """A sub-task was dispatched: look for room on the next turn, out of the dispatch loop
+        (reading more pieces queues and dispatches more)."""
+        if self._take_call is None:
+            self._take_call = self.core.clock.callLater(0, self._check_room)
+
+    def _check_room(self) -> None:
+        self._take_call = None
+        if self.held:
+            self._on_progress(self.job)
+
     def _release(self) -> None:
         if self._unwatch is not None:
             self._unwatch()
             self._unwatch = None
+        if self.job is not None and self.job.on_take == self._taken:
+            self.job.on_take = None
+        if self._take_call is not None:
+            if self._take_call.active():
+                self._take_call.cancel()
+            self._take_call = None
         if self.held:
             self.held = False
             self._hold(False)

@@ -291,6 +291,26 @@ def test_flow_control_pauses_reading_until_work_is_done(factory, core):
     w.lose()
 
 
+def test_a_held_upload_resumes_when_workers_take_sub_tasks_before_any_result(factory, core, clock):
+    """A held upload reads again on the next turn after a worker takes queued sub-tasks,
+    without waiting for a result: workers prefetch, and must not drain the queue and idle
+    while the next pieces wait in TCP buffers."""
+    c = LineConn(factory)
+    c.send('RUN sum @ {"size":1000,"chunks":100}\n')
+    for i in range(20):
+        c.send(json.dumps(list(range(i * 10, i * 10 + 10))).join(["+", "\n"]))
+    assert c.tr.producerState == "paused"
+    job = core.get("j1")
+    cut = job.total  # sub-tasks cut from the pieces read so far; the rest wait unread
+    w = Worker(factory, slots=4)  # takes sub-tasks, answers none
+    assert job.queued < 8 and w.collect()
+    assert job.total == cut  # nothing read from inside the dispatch loop
+    clock.advance(0)
+    assert job.total > cut and job.queued == 8  # read again, until enough is queued
+    c.lose()
+    w.lose()
+
+
 def test_streamed_job_survives_restart_from_journaled_inputs(clock, journal, factory):
     """A sealed streamed job resumes from its journaled sub-task inputs; an unsealed one fails
     with UPLOAD_INCOMPLETE."""
