@@ -144,7 +144,10 @@ def _wordcount_ascii(text: str) -> dict[str, int]:
     other than [A-Za-z0-9_'] leaves tokens; a token without an apostrophe is exactly one word,
     and a token with one holds the words ``_WORD`` finds in it (no match can cross the bytes
     that separate tokens, since they are neither word characters nor apostrophes)."""
-    tokens = Counter(text.encode("ascii").translate(_ASCII_WORD_BYTES).lower().split())
+    raw = text.encode("ascii").translate(_ASCII_WORD_BYTES).lower()
+    if b"'" not in raw:  # every token is a word: count them as str, no per-word decode
+        return dict(Counter(raw.decode("ascii").split()))
+    tokens = Counter(raw.split())
     counts = {t.decode("ascii"): n for t, n in tokens.items() if b"'" not in t}
     for t, n in tokens.items():
         if b"'" in t:
