@@ -339,3 +339,18 @@ def test_transcript_replays(case: Case, env: Env) -> None:
     assert case.blocks, f"{case.title!r} has a setup but no transcript"
     cluster = env.cluster_for(case)
     Replay(env, cluster, case.title).run(case.blocks)
+
+
+def test_a_new_section_is_a_case_and_an_unknown_setup_fails(tmp_path: Path) -> None:
+    """Every ``### `` section with a fenced block is a case, and a setup the harness cannot
+    start fails the case instead of skipping it."""
+    doc = "\n## 7. T\n```sh\nmkdir -p /tmp/cd && cd /tmp/cd\n```\n### New\n```sh\nfrob --x\n```\n"
+    doc += "```\n> PING\nOK PONG\n```\n### Prose only\ntext\n## 8. N\n"
+    intro, cases = section7(doc)
+    assert [c.title for c in cases] == ["New"] and len(intro) == 1
+    assert cases[0].setup == ["frob --x\n"] and cases[0].blocks == ["> PING\nOK PONG\n"]
+    with pytest.raises(pytest.fail.Exception, match="cannot run: frob --x"):
+        Env(tmp_path).build(cases[0].setup, "New")
+    odd = "twistd -n --pidfile= clusterd-gateway --listen tcp:7490\n"
+    with pytest.raises(pytest.fail.Exception, match="cannot start"):
+        Env(tmp_path).build([odd], "Odd")

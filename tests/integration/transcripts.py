@@ -93,6 +93,8 @@ def without(args: list[str], *names: str) -> list[str]:
 #
 # Written down here, and as narrow as possible. A reply line and the doc's line are equal when
 # they are equal after:
+#   0. (before anything) the doc's ports (7480, 7481, 7488, 8488, …) and scratch directories
+#      (/tmp/cd*) are replaced by this run's free ports and tmp_path directories (Env.local);
 #   1. times: the values of "submitted", "finished", "elapsed", "uptime", "connected" and
 #      "last_seen" become "<t>"; the "nonce" of a greeting becomes "<nonce>";
 #   2. addresses: the value of "address" becomes "<addr>";
@@ -101,9 +103,9 @@ def without(args: list[str], *names: str) -> list[str]:
 #      per-worker "done"/"failed" counters become "<n>";
 #   4. a "traceback" (the worker's, with its file paths and line numbers) becomes its last
 #      line, the exception; the doc shows "Traceback (most recent call last):\n  …\n<that line>";
-#   5. volatile counters: STATS "subtasks_dispatched" (a cancelled or timed-out sub-task may or
-#      may not have been sent yet) becomes "<n>".
-# Everything else (job ids, states, counts, messages, results) must match exactly.
+# Everything else (job ids, states, counts, messages, results, every STATS counter) must match
+# exactly: counters such as "subtasks_dispatched" are deterministic because a "… later" comment
+# makes the replay wait for the state the doc saw (Replay.settle), never for a fixed time.
 
 _TIMES = {"submitted", "finished", "elapsed", "uptime", "connected", "last_seen"}
 _JSON_TAIL = re.compile(r"^(OK |HELLO clusterd \d+ |(?:RESULT|PROGRESS) \S+ |FAILED \S+ \S+ )(.*)$")
@@ -132,8 +134,6 @@ def _norm(value: object) -> object:
             v = {"*": sum(v.values())} if v else {}
         elif k == "traceback" and isinstance(v, str):
             v = "<traceback> " + v.strip().splitlines()[-1]
-        elif k == "subtasks_dispatched":
-            v = "<n>"
         elif k == "worker" and isinstance(v, str) and re.fullmatch(r"w\d+", v):
             v = "w?"
         out[k] = _norm(v)
@@ -151,3 +151,9 @@ def normalise(line: str) -> str:
             return line
         return m.group(1) + json.dumps(_norm(value), separators=(",", ":"), ensure_ascii=False)
     return line
+
+
+def fenced_after(marker: str, text: str | None = None) -> str:
+    """The first fenced block after the first occurrence of ``marker`` in PROTOCOL.md."""
+    text = PROTOCOL.read_text() if text is None else text
+    return _FENCE.search(text, text.index(marker)).group(2)
