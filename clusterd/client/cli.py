@@ -164,6 +164,8 @@ async def _job_command(client: Any, args: argparse.Namespace, reactor: Any) -> i
         info = tasks[args.task]
     if args.chunks is not None and args.chunks < 1:
         raise UsageError("--chunks must be a positive integer")
+    if getattr(args, "format", None) is not None and not args.input_ref:
+        raise UsageError("--format is for an input named by --input-ref")
     options = {"timeout": args.timeout, "attempts": args.attempts, "key": args.key}
     # Pieces well within the server's line limit, even if escaping grows them 8-fold.
     max_line = int(client.server_info.get("max_line", 16 << 20))

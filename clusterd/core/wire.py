@@ -62,8 +62,8 @@ __all__ = [
 
 
 CLIENT_VERBS: dict[str, str] = {
-    "RUN": "RUN <task> <input-json|@> [<options-json>]  submit a job and wait for its result; @: the input follows as +<json> piece lines ended by a . line",
-    "SUBMIT": "SUBMIT <task> <input-json|@> [<options-json>]  submit a job; replies OK <job-id> once it is recorded",
+    "RUN": "RUN <task> <input-json|@|&> [<options-json>]  submit a job and wait for its result; @: the input follows as +<json> or $<n> piece lines ended by a . line; &: the input is the file or URL named by the ref option",
+    "SUBMIT": "SUBMIT <task> <input-json|@|&> [<options-json>]  submit a job; replies OK <job-id> once it is recorded",
     "WAIT": "WAIT <job-id>  wait for a job's result",
     "STATUS": "STATUS <job-id>  a job's state and progress",
     "WATCH": "WATCH <job-id>  PROGRESS lines until the job ends, then its result",

@@ -132,7 +132,8 @@ def _retried(stats: dict) -> int:
 
 
 def test_cli_input_ref_path_and_url(cluster, data, web):
-    """clusterd run --input-ref takes a path (made absolute, stat for its size) or a URL (HEAD)."""
+    """clusterd run --input-ref takes a path (made absolute, stat for its size) or a URL (HEAD);
+    an unreadable path or a --format without --input-ref is a usage error."""
     env = {"CLUSTERD_SERVER": cluster.address, "PATH": "/usr/bin:/bin"}
     want = dict(Counter((data / "words.txt").read_text(encoding="utf-8").split()))
     for ref in ("words.txt", f"{web}/words.txt"):
@@ -157,6 +158,15 @@ def test_cli_input_ref_path_and_url(cluster, data, web):
         stdin=subprocess.DEVNULL,
     )
     assert bad.returncode == 2 and "cannot read nothing-here" in bad.stderr
+    stray = subprocess.run(
+        [CLI, "run", "wordcount", '"a b"', "--format", "text"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert stray.returncode == 2 and "--format is for an input named by --input-ref" in stray.stderr
 
 
 def test_reference_job_resumes_after_server_sigkill(fresh_cluster, data):
