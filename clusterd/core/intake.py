@@ -109,6 +109,10 @@ class Intake:
         # One record, the cut in it. Lazy: a RUN's client sees no id before the end, and a
         # SUBMIT's OK hurries the journal (ServerProtocol), so a short RUN's acceptance can
         # share its end's commit.
+        return self._accept(job, encoded)
+
+    def _accept(self, job: Job, encoded: str) -> Job:
+        """Journal a whole job's acceptance with its cut (``encoded``), and queue it."""
         self._endings.record_acceptance(job, lazy=True, cut=encoded)
         if job.total == 0:
             self._endings.combine(job)
@@ -134,14 +138,7 @@ class Intake:
         fmt = ranges[0].format if ranges else "text"
         job.ref = {"url": options["ref"], "size": options["size"], "format": fmt}
         job.input_size = options["size"]
-        encoded = encode_ranges(ranges) if self.owner.journal.durable else ""
-        self._endings.record_acceptance(job, lazy=True, cut=encoded)
-        if job.total == 0:
-            self._endings.combine(job)
-        else:
-            self._ring.add(job)
-            self._pump()
-        return job
+        return self._accept(job, encode_ranges(ranges) if self.owner.journal.durable else "")
 
     def open_stream(
         self, task_name: str, options: dict[str, Any] | None = None

@@ -48,28 +48,14 @@ def do_body(ticket: int, sub: Any) -> str:
     """The JSON object of a ``DO`` line for sub-task ``sub`` under ``ticket``; an input by
     reference goes as ``"ref"`` (the range to read) instead of ``"input"``; a text chunk held
     as bytes goes as a JSON string, to a worker that takes no binary DO."""
+    body = {"id": ticket, "job": sub.job, "index": sub.index, "task": sub.task}
+    body["attempt"] = sub.attempt
     ref = getattr(sub, "ref", None)
     if ref is not None:
-        return dumps(
-            {
-                "id": ticket,
-                "job": sub.job,
-                "index": sub.index,
-                "task": sub.task,
-                "attempt": sub.attempt,
-                "ref": ref.wire(),
-            }
-        )
-    return dumps(
-        {
-            "id": ticket,
-            "job": sub.job,
-            "index": sub.index,
-            "task": sub.task,
-            "attempt": sub.attempt,
-            "input": text_input(sub.input),
-        }
-    )
+        body["ref"] = ref.wire()
+    else:
+        body["input"] = text_input(sub.input)
+    return dumps(body)
 
 
 def do_bytes_header(ticket: int, sub: Any) -> bytes:
