@@ -126,7 +126,9 @@ class Execution:
             if journal.durable:
                 # No waiter: a result that cannot be written breaks the journal, and then the
                 # job's end fails to be recorded, so nothing of it is ever shown.
-                journal.note(ResultRecorded(job.id, index, dumps(result)))
+                journal.note(ResultRecorded(job.id, index, dumps(result)), job.result_durable)
+            else:
+                job.result_durable()
             for other in list(job.inflight.get(index, ())):
                 other.d.cancel()  # a speculative copy lost the race
             if job.complete():

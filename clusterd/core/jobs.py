@@ -63,7 +63,8 @@ class Job:
         self.ref: dict[str, Any] | None = None  # an input by reference: its url, size, format
         self.options = options or JobOptions(None, 1)
         self.results = results_for(self.total, merge)  # by index, or folded (merge)
-        self.done = 0
+        self.done = 0  # results recorded (what completion counts)
+        self.shown_done = 0  # of those, results known durable: the progress clients see
         self.running = 0
         self.next_index = 0
         self.retry: deque[int] = deque()
@@ -159,6 +160,7 @@ class Job:
                 self.results.put(index, value)
                 self.chunks[index] = None
                 self.done += 1
+                self.shown_done += 1  # read back from the journal: durable
                 self.recovered += 1
         self.next_index = self.total
         self.retry = deque(i for i in range(self.total) if not self.results.has(i))
@@ -209,7 +211,7 @@ class Job:
         self.chunks, self.results = [], results_for(0, None)
         self.next_index = self.total
         if ended.state == JobState.DONE:
-            self.done = self.total
+            self.done = self.shown_done = self.total
         self.settle()
 
     # -- results -------------------------------------------------------------------------------
@@ -226,8 +228,14 @@ class Job:
         self.durations_sum += duration
         self.durations_n += 1
         self.failures.pop(index, None)
-        self._notify()
         return True
+
+    def result_durable(self) -> None:
+        """One recorded result is now durable (its journal record committed, or there is no
+        journal): progress may count it. Progress never shows a result a crash could lose, so
+        it never goes back after a restart."""
+        self.shown_done += 1
+        self._notify()
 
     def complete(self) -> bool:
         """Whether all results are in, the input sealed and the job not ended: it can combine.
@@ -342,7 +350,7 @@ class Job:
 
     def progress(self) -> dict[str, Any]:
         """The job's progress as a PROGRESS line carries it: sub-tasks done and in all."""
-        return {"done": self.done, "total": self.total}
+        return {"done": self.shown_done, "total": self.total}
 
     @property
     def visible_state(self) -> str:
@@ -360,7 +368,7 @@ class Job:
             "task": self.task,
             "state": self.visible_state,
             "total": self.total,
-            "done": self.done,
+            "done": self.shown_done,
             "running": 0 if final else self.running,
             "queued": 0 if final else self.queued,
             "retrying": 0 if final else len(self.retrying),

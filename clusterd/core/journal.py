@@ -11,6 +11,7 @@ in the order they were appended. :class:`MemoryJournal` keeps them in a dict, fo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,10 +148,11 @@ class IJournal(Interface):
     def load():  # noqa: N805
         """The :class:`Recovered` jobs, read back (raises JournalError if unreadable)."""
 
-    def note(record):  # noqa: N805
-        """Queue a record nobody waits for (a sub-task's result), with no Deferred. If it
-        cannot be made durable the journal breaks (``failure``), so every record appended after
-        it fails, the job's end included: the gate still holds."""
+    def note(record, then=None):  # noqa: N805
+        """Queue a record nobody waits for (a sub-task's result), with no Deferred; ``then``,
+        if given, is called on the reactor once it is durable (never if it cannot be: then the
+        journal breaks, ``failure``, and every record appended after it fails, the job's end
+        included: the gate still holds)."""
 
     def forget(job_ids):  # noqa: N805
         """Drop these ended jobs' records (retention ran out)."""
@@ -190,8 +192,8 @@ class NullJournal:
         """The same as :meth:`close`: a Deferred already fired with None."""
         return self.close()
 
-    def note(self, record: Record) -> None:
-        """Nothing is kept."""
+    def note(self, record: Record, then: Callable[[], None] | None = None) -> None:
+        """Nothing is kept (and nothing is ever durable: ``then`` is not called)."""
 
     def forget(self, job_ids: list[str]) -> None:
         """Nothing is kept, so nothing to forget."""
@@ -212,7 +214,8 @@ class MemoryJournal:
         self.hold = hold
         self.failure: JournalError | None = None
         self.jobs: dict[str, JobRecord] = {}
-        self.pending: list[tuple[Record, Deferred[None]]] = []
+        # Each record with its Deferred, or a note's "then" callable, or None.
+        self.pending: list[tuple[Record, Any]] = []
         self.appended: list[Record] = []
         self.next_seq = 1  # never lowered by forget(): ids are not reused
         self.lazy: list[Record] = []  # records appended with lazy=True
@@ -228,7 +231,7 @@ class MemoryJournal:
         self.failure = JournalError(message)
         pending, self.pending = self.pending, []
         for _, d in pending:
-            if d is not None:
+            if isinstance(d, Deferred):  # a note's "then" is never called: not durable
                 d.errback(self.failure)
 
     def append(self, record: Record, lazy: bool = False) -> Deferred[None]:
@@ -245,11 +248,12 @@ class MemoryJournal:
             self.flush()
         return d
 
-    def note(self, record: Record) -> None:
-        """Keep ``record`` like :meth:`append`, with no Deferred (dropped once broken)."""
+    def note(self, record: Record, then: Callable[[], None] | None = None) -> None:
+        """Keep ``record`` like :meth:`append`, with no Deferred (dropped once broken);
+        ``then()`` once it is flushed."""
         if self.failure is None:
             self.appended.append(record)
-            self.pending.append((record, None))
+            self.pending.append((record, then))
             if not self.hold:
                 self.flush()
 
@@ -262,8 +266,10 @@ class MemoryJournal:
             if isinstance(record, JobAccepted):
                 self.next_seq = max(self.next_seq, record.seq + 1)
         for _, d in pending:
-            if d is not None:
+            if isinstance(d, Deferred):
                 d.callback(None)
+            elif d is not None:
+                d()  # a note's "then"
 
     def hurry(self) -> None:
         """Count the call, so tests can check who asked for durability at once."""

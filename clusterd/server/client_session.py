@@ -287,7 +287,7 @@ class ClientSession:
         def progress(j: Job) -> None:
             """Emit a PROGRESS line when the job's whole percent done has changed."""
             # At most ~100 lines per job: one per whole percent, plus the first.
-            pct = j.done * 100 // j.total if j.total else 100
+            pct = j.shown_done * 100 // j.total if j.total else 100
             if pct != last[0] and not j.is_final:
                 last[0] = pct
                 self.replies.emit(reply, progress_line(j))

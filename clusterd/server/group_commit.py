@@ -89,12 +89,13 @@ class GroupCommitWriter:
             self._urgent.set()
         return d
 
-    def note(self, record: Any) -> None:
-        """Queue a record nobody waits for (a sub-task's result): no Deferred, no waiter to
-        fire. A failure to write it breaks the journal, so a later record (the job's end)
-        fails and nothing is shown."""
+    def note(self, record: Any, then: Any = None) -> None:
+        """Queue a record nobody waits for (a sub-task's result): no Deferred; ``then()`` is
+        called on the reactor once it is committed (a job's durable progress). A failure to
+        write it breaks the journal, so ``then`` is never called and a later record (the
+        job's end) fails: nothing is shown."""
         if self.failure is None:
-            self._put_lazy(record)
+            self._queue.put((record, then, time.monotonic()))
 
     def hurry(self) -> None:
         """Somebody now waits for what is queued (a SUBMIT's id): commit it without lingering."""
@@ -193,7 +194,10 @@ class GroupCommitWriter:
         answers = self._answers
         for _ in range(min(FIRE_PER_TURN, len(answers))):
             d, failure = answers.popleft()
-            if failure is None:
+            if type(d) is not Deferred:  # a note's "then": only once durable
+                if failure is None:
+                    d()
+            elif failure is None:
                 d.callback(None)
             else:
                 d.errback(failure)

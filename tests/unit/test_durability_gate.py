@@ -169,3 +169,26 @@ def test_nothing_stalls_before_a_task_has_a_measured_run_time(registry):
     clock.advance(3600)
     assert core.check_stalls() == 0 and w.closed == 0
     w.lose_all()
+
+
+def test_progress_counts_a_result_only_once_it_is_durable(registry):
+    """STATUS's done (and WATCH's progress) counts a result only after its journal record
+    commits, so progress a client saw never goes back after a crash; without a journal it
+    counts at once."""
+    journal = MemoryJournal(hold=True)
+    core = Scheduler(registry, Clock(), journal=journal)
+    worker = add_worker(core, "w1", slots=4)
+    job = core.submit("sum", [1, 2, 3, 4], 4)
+    journal.flush()
+    seen: list[int] = []
+    job.watch(lambda j: seen.append(j.progress()["done"]))
+    for sub, d in worker.pending()[:3]:  # three of the four answered: the job goes on
+        worker.answer(sub, d)
+    assert job.done == 3 and core.job_status(job)["done"] == 0 and max(seen, default=0) == 0
+    journal.flush()
+    assert core.job_status(job)["done"] == 3 and seen[-1] == 3 and seen == sorted(seen)
+    bare = Scheduler(registry, Clock())  # no journal: nothing to wait for
+    w2 = add_worker(bare, "w2", slots=4)
+    job2 = bare.submit("sum", [1, 2], 2)
+    w2.answer_all()
+    assert bare.job_status(job2)["done"] == 2

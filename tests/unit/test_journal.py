@@ -824,3 +824,23 @@ def test_a_whole_inputs_cut_is_one_value_read_back_as_written(tmp_path, registry
     w.answer_all()
     assert job.result == 10
     core.stop()
+
+
+def test_a_note_calls_then_on_the_reactor_once_committed_and_never_if_it_failed(tmp_path):
+    """A noted record's ``then`` runs on the reactor after its commit (a job's durable
+    progress), and never for a record the journal failed to write."""
+    reactor = QueueReactor()
+    j = SqliteJournal(str(tmp_path / "journal.db"), reactor)
+    j.start()
+    seen: list[str] = []
+    j.append(accepted("j1", 1))
+    j.note(ResultRecorded("j1", 0, "3"), lambda: seen.append("r0"))
+    closed = j.close()
+    j._thread.join(10)
+    assert seen == []  # nothing runs off the reactor thread
+    reactor.run_calls()
+    assert seen == ["r0"] and result_of(closed) is None
+    broken = SqliteJournal(str(tmp_path / "other.db"), QueueReactor())
+    broken.failure = JournalError("disk full")
+    broken.note(ResultRecorded("j1", 1, "4"), lambda: seen.append("r1"))
+    assert seen == ["r0"]

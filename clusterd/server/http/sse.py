@@ -55,7 +55,7 @@ class EventStreams:
         last = [-1]
 
         def progress(j: Job) -> None:
-            pct = j.done * 100 // j.total if j.total else 100
+            pct = j.shown_done * 100 // j.total if j.total else 100
             if pct != last[0] and not j.is_final and not request._disconnected:
                 last[0] = pct
                 request.write(event("progress", dumps(j.progress())))
