@@ -278,17 +278,20 @@ class Job:
         self.results = results_for(0, None)
         self.retry.clear()
         self.retrying.clear()
+        # Watchers stay until the end is durable: results recorded before the end become
+        # durable with it (or just before it), and progress may still count them.
         self._notify()
-        self._watchers.clear()
 
     def settle(self) -> None:
         """The end is durable: waiters hear of it, and views show it."""
         self._ended.fire(self)
+        self._watchers.clear()
 
     def settle_failed(self, error: BaseException) -> None:
         """The end could not be made durable: every waiter fails with ``error``, so no client
         is shown an end that a restart would not find."""
         self._ended.fail(error)
+        self._watchers.clear()
 
     @property
     def is_final(self) -> bool:
@@ -331,7 +334,8 @@ class Job:
         return self._durable.add()
 
     def watch(self, fn: Callable[[Job], None]) -> Callable[[], None]:
-        """Call ``fn(job)`` on each result and at the end (never for an ended job)."""
+        """Call ``fn(job)`` on each durable result and at the end, until the end is durable
+        (never for an ended job)."""
         if self.is_final:
             return lambda: None
         self._watchers.append(fn)

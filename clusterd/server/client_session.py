@@ -288,7 +288,7 @@ class ClientSession:
             """Emit a PROGRESS line when the job's whole percent done has changed."""
             # At most ~100 lines per job: one per whole percent, plus the first.
             pct = j.shown_done * 100 // j.total if j.total else 100
-            if pct != last[0] and not j.is_final:
+            if pct != last[0] and not j.settled:
                 last[0] = pct
                 self.replies.emit(reply, progress_line(j))
 

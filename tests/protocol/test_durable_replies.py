@@ -151,3 +151,26 @@ def test_a_job_not_yet_durable_is_unknown_to_every_other_request(factory, journa
     journal.flush()
     assert conn.lines() == ["OK j1"]
     assert [j["id"] for j in ok_json(other.ask("JOBS")[0])] == ["j1"]
+
+
+def test_watch_counts_results_as_they_become_durable_even_when_the_end_comes_with_them(
+    factory, journal
+):
+    """WATCH's PROGRESS lines count only durable results: none while the results wait for
+    their commit, then every one of them, then the final line, even when the last results
+    commit together with the job's end."""
+    worker = WorkerConn(factory, slots=2)
+    conn = Conn(factory)
+    assert conn.ask('SUBMIT sum [1,2] {"chunks": 2}') == []
+    journal.flush()
+    assert conn.lines() == ["OK j1"]
+    assert conn.ask("WATCH j1") == ['PROGRESS j1 {"done":0,"total":2}']
+    worker.answer_all()  # both results and the end wait in the journal together
+    assert conn.lines() == []
+    assert ok_json(Conn(factory).ask("STATUS j1")[0])["done"] == 0
+    journal.flush()
+    assert conn.lines() == [
+        'PROGRESS j1 {"done":1,"total":2}',
+        'PROGRESS j1 {"done":2,"total":2}',
+        "RESULT j1 3",
+    ]

@@ -56,7 +56,7 @@ class EventStreams:
 
         def progress(j: Job) -> None:
             pct = j.shown_done * 100 // j.total if j.total else 100
-            if pct != last[0] and not j.is_final and not request._disconnected:
+            if pct != last[0] and not j.settled and not request._disconnected:
                 last[0] = pct
                 request.write(event("progress", dumps(j.progress())))
 
