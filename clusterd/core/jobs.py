@@ -59,7 +59,7 @@ class Job:
         self.chunks = chunks
         self.total = len(chunks)
         self.sealed = sealed  # False while a streamed input is still arriving
-        self.input_size = 0  # streamed jobs: items or characters received
+        self.input_size = 0  # streamed jobs: items (list inputs) or bytes (text) received
         self.ref: dict[str, Any] | None = None  # an input by reference: its url, size, format
         self.options = options or JobOptions(None, 1)
         self.results = results_for(self.total, merge)  # by index, or folded (merge)
