@@ -25,6 +25,7 @@ from clusterd.testing import (
 
 __all__ = [
     "ManualOffload",
+    "restart",
     "result_of",
     "deterministic",
     "FakeWorker",
@@ -114,3 +115,16 @@ class ManualOffload:
                 d.callback(value)
             n += 1
         return n
+
+
+def restart(registry, journal, at: float = 100.0, **settings):
+    """A fresh scheduler over the same journal, as after a crash and restart, recovered."""
+    from twisted.internet.task import Clock
+
+    from clusterd.core.scheduler import Scheduler
+
+    clock = Clock()
+    clock.advance(at)
+    core = Scheduler(registry, clock, journal=journal, **settings)
+    core.recover()
+    return core

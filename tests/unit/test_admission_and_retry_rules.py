@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 from helpers import add_worker as add
 from twisted.internet.defer import fail
-from twisted.internet.task import Clock
 
 from clusterd.core.errors import task_failed
 from clusterd.core.jobs import JobState
@@ -16,13 +15,6 @@ from clusterd.core.scheduler import Scheduler
 from clusterd.core.wire import ErrorCode, WireError, parse_job_request
 from clusterd.tasks import Registry
 from clusterd.tasks.builtins import TASKS
-
-
-@pytest.fixture
-def clock():
-    c = Clock()
-    yield c
-    assert c.getDelayedCalls() == []
 
 
 def test_cancelled_jobs_do_not_count_towards_the_queue_limit(clock):

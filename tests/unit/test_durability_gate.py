@@ -3,7 +3,6 @@ counters never drift, and sub-tasks that make no progress are taken back."""
 
 from __future__ import annotations
 
-import pytest
 from helpers import add_worker, deterministic, result_of
 from hypothesis import given
 from hypothesis import strategies as st
@@ -15,11 +14,6 @@ from clusterd.core.scheduler import Scheduler, TaskFailed
 from clusterd.core.wire import ErrorCode
 from clusterd.tasks import Registry
 from clusterd.tasks.builtins import TASKS
-
-
-@pytest.fixture
-def registry():
-    return Registry(TASKS)
 
 
 def test_recovery_resumes_the_split_its_results_were_computed_for(registry):

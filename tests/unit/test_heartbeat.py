@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 from twisted.internet.task import Clock
 
 from clusterd.heartbeat import Heartbeat
@@ -14,13 +13,6 @@ class Peer:
     def __init__(self) -> None:
         self.pings: list[float] = []
         self.timeouts: list[float] = []
-
-
-@pytest.fixture
-def clock():
-    c = Clock()
-    yield c
-    assert c.getDelayedCalls() == []
 
 
 def beat(clock: Clock, peer: Peer, interval: float = 5.0, timeout: float = 15.0) -> Heartbeat:

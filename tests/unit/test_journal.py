@@ -8,7 +8,7 @@ import sqlite3
 import time
 
 import pytest
-from helpers import QueueReactor, result_of
+from helpers import QueueReactor, restart, result_of
 from helpers import add_worker as add
 from twisted.internet.task import Clock
 from twisted.logger import Logger
@@ -29,28 +29,6 @@ from clusterd.server.protocol import final_reply
 from clusterd.server.sqlite_journal import SqliteJournal, _Forget
 from clusterd.tasks import Registry
 from clusterd.tasks.builtins import TASKS
-
-
-@pytest.fixture
-def clock():
-    c = Clock()
-    yield c
-    assert c.getDelayedCalls() == []
-
-
-@pytest.fixture
-def registry():
-    return Registry(TASKS)
-
-
-def restart(registry, journal, at: float = 100.0, **settings) -> Scheduler:
-    """A fresh scheduler over the same journal, as after a crash and restart, recovered."""
-    clock = Clock()
-    clock.advance(at)
-    core = Scheduler(registry, clock, journal=journal, **settings)
-    core.recover()
-    return core
-
 
 # -- durability gates ----------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from collections import Counter, deque
 
 import pytest
 from helpers import add_worker as add
-from helpers import deterministic, result_of
+from helpers import deterministic, restart, result_of
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
@@ -31,26 +31,6 @@ def today(text: str, chunks: int) -> str:
     """wordcount's answer as the unfolded path gives it: every result, combined in order."""
     t = Registry(TASKS).get("wordcount")
     return json.dumps(t.combine([t.run(c) for c in t.split(text, chunks)]))
-
-
-@pytest.fixture
-def clock():
-    c = Clock()
-    yield c
-    assert c.getDelayedCalls() == []
-
-
-@pytest.fixture
-def registry():
-    return Registry(TASKS)
-
-
-def restart(registry, journal) -> Scheduler:
-    clock = Clock()
-    clock.advance(100)
-    core = Scheduler(registry, clock, journal=journal)
-    core.recover()
-    return core
 
 
 @deterministic

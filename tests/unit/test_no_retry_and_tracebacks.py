@@ -8,7 +8,6 @@ import json
 
 import pytest
 from helpers import add_worker as add
-from twisted.internet.task import Clock
 
 from clusterd.client.errors import JobFailed, RemoteTraceback, raise_for
 from clusterd.core.errors import NotRetryable, TaskFailed, task_failed
@@ -23,13 +22,6 @@ from clusterd.tasks.builtins import TASKS
 from clusterd.worker.pool import PoolService
 
 TB = 'Traceback (most recent call last):\n  File "m.py", line 3, in f\nValueError: bad\n'
-
-
-@pytest.fixture
-def clock():
-    c = Clock()
-    yield c
-    assert c.getDelayedCalls() == []
 
 
 def test_not_retryable_failure_fails_the_job_at_once(clock):

@@ -21,13 +21,6 @@ from clusterd.tasks.builtins import TASKS
 from clusterd.worker.pool import PoolService
 
 
-@pytest.fixture
-def clock():
-    c = Clock()
-    yield c
-    assert c.getDelayedCalls() == []
-
-
 def _answer(w, seconds: float) -> None:
     sub, d = w.pending()[0]
     d.callback(TimedResult(w.registry.get(sub.task).run(sub.input), seconds))

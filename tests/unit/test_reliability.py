@@ -8,7 +8,6 @@ import pytest
 from helpers import FakeWorker, result_of
 from helpers import add_worker as add
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
 
 from clusterd.core.errors import task_failed
 from clusterd.core.jobs import JobState
@@ -16,18 +15,6 @@ from clusterd.core.scheduler import Scheduler, SchedulerConfig, SubTask, TaskFai
 from clusterd.core.wire import ErrorCode, WireError, parse_job_request
 from clusterd.tasks import Registry, Task
 from clusterd.tasks.builtins import TASKS
-
-
-@pytest.fixture
-def clock():
-    c = Clock()
-    yield c
-    assert c.getDelayedCalls() == []
-
-
-@pytest.fixture
-def registry():
-    return Registry(TASKS)
 
 
 @pytest.fixture

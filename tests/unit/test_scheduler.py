@@ -6,25 +6,11 @@ import pytest
 from helpers import add_worker as add
 from helpers import result_of
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.task import Clock
 
 from clusterd.core.jobs import JobState
 from clusterd.core.scheduler import Scheduler, SubTask, TaskFailed, WorkerLost
 from clusterd.core.wire import ErrorCode, WireError
 from clusterd.tasks import Registry, Task, TaskInputError
-from clusterd.tasks.builtins import TASKS
-
-
-@pytest.fixture
-def clock():
-    c = Clock()
-    yield c
-    assert c.getDelayedCalls() == []
-
-
-@pytest.fixture
-def registry():
-    return Registry(TASKS)
 
 
 @pytest.fixture
