@@ -82,6 +82,19 @@ def done_body(done: dict[str, Any]) -> str:
     return dumps(done)
 
 
+def error_fields(msg: dict[str, Any]) -> tuple[str, str, str, bool]:
+    """What an ``ERROR`` object (or a pool child's failed reply) reports: its type, message,
+    traceback (``""`` when absent or not a string) and whether a retry is worth it (only
+    ``"retry": false`` says no)."""
+    tb = msg.get("traceback")
+    return (
+        str(msg.get("type", "Error")),
+        str(msg.get("message", "")),
+        tb if isinstance(tb, str) else "",
+        msg.get("retry") is not False,
+    )
+
+
 def error_body(
     ticket: Any,
     job: Any,

@@ -27,6 +27,7 @@ from clusterd.core.messages import (
     byte_size,
     do_body,
     do_bytes_header,
+    error_fields,
     is_answer,
     line_size,
 )
@@ -356,10 +357,4 @@ class WorkerSession:
 def answer_failure(msg: dict[str, Any]) -> Exception:
     """The failure an ERROR object reports: its type, message and (optional) ``traceback``;
     ``"retry": false`` makes it a NotRetryable (docs/PROTOCOL.md §5, ERROR)."""
-    tb = msg.get("traceback")
-    return task_failed(
-        str(msg.get("type", "Error")),
-        str(msg.get("message", "")),
-        tb if isinstance(tb, str) else "",
-        msg.get("retry") is not False,
-    )
+    return task_failed(*error_fields(msg))

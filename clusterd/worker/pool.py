@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 
 from clusterd.core import jsoncodec
 from clusterd.core.framing import LineFramer
+from clusterd.core.messages import error_fields
 from clusterd.core.refs import RefRange
 
 __all__ = ["PoolService", "ChildDied", "RunResult"]
@@ -135,13 +136,7 @@ class _TaskError(Exception):
     @classmethod
     def from_reply(cls, r: dict[str, Any]) -> _TaskError:
         """The error a child's ``{"ok": false, ...}`` reply describes."""
-        tb = r.get("traceback")
-        return cls(
-            str(r.get("type", "Error")),
-            str(r.get("message", "")),
-            tb if isinstance(tb, str) else "",
-            r.get("retry") is not False,
-        )
+        return cls(*error_fields(r))
 
 
 class PoolService(Service):
