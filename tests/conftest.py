@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from twisted.internet.task import Clock
 from twisted.logger import eventAsText, globalLogPublisher
 
 _HERE = str(Path(__file__).parent)
@@ -44,3 +45,21 @@ def no_logged_errors():
     finally:
         globalLogPublisher.removeObserver(observer)
     assert not seen, eventAsText(seen[0])
+
+
+@pytest.fixture
+def clock():
+    """A Clock; the test fails if it leaves a delayed call behind (a timer never cancelled).
+    Test modules that need another clock define their own, which takes precedence."""
+    c = Clock()
+    yield c
+    assert c.getDelayedCalls() == []
+
+
+@pytest.fixture
+def registry():
+    """The built-in tasks."""
+    from clusterd.tasks import Registry
+    from clusterd.tasks.builtins import TASKS
+
+    return Registry(TASKS)
